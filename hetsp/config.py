@@ -1,0 +1,282 @@
+"""One typed config tree, loaded from TOML, with command-line overrides.
+
+No torch and no PuLP here (the solver reads `PlannerConfig`/`ClusterConfig`).
+Every section is a dataclass; loading checks every key and type and raises
+`ConfigError` naming the file and the key path (``model.hidden_size``).
+Overrides use the same path syntax: ``--set train.steps=20``; the value is
+parsed as TOML when it can be (numbers, booleans, lists, quoted strings)
+and taken as a plain string otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output_dir: str = "runs"
+    seed: int = 0
+    resume: bool = False  # continue from the newest checkpoint in the run folder
+
+
+@dataclass
+class ModelConfig:
+    # "llama" (a stock transformers LlamaForCausalLM), "hybrid" (models.HybridForCausalLM),
+    # or any other name registered in hetsp.model_registry.
+    family: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    vocab_size: int = 0  # 0: take it from the tokenizer
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    # Family-specific options passed to the model's config (e.g. layer_pattern for hybrid).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # "stdlib": the Python standard library's source files (embedded default corpus);
+    # a local file or folder (text/json/jsonl/parquet), or a hub dataset name.
+    dataset: str = "stdlib"
+    dataset_config: str = ""
+    split: str = "train"
+    text_field: str = "text"
+    # "bytes": built-in byte-level tokenizer; otherwise a local transformers tokenizer folder.
+    tokenizer: str = "bytes"
+    max_seq_len: int = 2048
+    long_policy: Literal["split", "drop"] = "split"
+    tokens_per_batch: int = 16384
+    validation_fraction: float = 0.02
+    num_proc: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    ranks_per_node: int = 0  # 0: all ranks on one node
+    memory_per_rank_gb: float = 0.0  # 0: unknown (memory constraints use tokens_per_rank)
+    tokens_per_rank: int = 4096  # activation budget of one rank, in tokens
+    peak_tflops: float = 0.0  # 0: unknown (looked up from the device when possible)
+    intra_node_gbps: float = 100.0
+    inter_node_gbps: float = 12.5
+
+
+@dataclass
+class PlannerConfig:
+    name: str = "static"  # static | random | greedy | milp | ...
+    group_size: int = 1  # static planner: the one group size
+    cost_model: str = "ring"
+    time_limit_s: float = 1.0
+    allowed_group_sizes: list[int] = field(default_factory=list)  # empty: 1..world
+    seed: int = 0
+    # Planner-specific options, passed through untouched.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttentionConfig:
+    # auto | torch_cpu | flash_attn | triton | reference
+    kernel: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0 disables clipping
+    zero_stage: int = 1
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    objective: str = "lm"
+    eval_every: int = 25
+    eval_batches: int = 2
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {path} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            if a is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, a, path, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {path} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {path} must be a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_coerce(v, item_tp, f"{path}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {path} must be a table, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {path} must be a table, got {type(value).__name__} {value!r}")
+        return _build(tp, value, path, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {path} must be a boolean, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {path} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {path} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {path} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"config field {path}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], path: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else key
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key_path!r} (known keys here: {sorted(names)})")
+        kwargs[key] = _coerce(value, hints[key], key_path, where)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key name")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge ``a.b.c=value`` overrides into a raw config dict (checked later by `_build`)."""
+    for text in overrides:
+        parts, value = _parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {text!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], where: str = "<dict>") -> Config:
+    return _build(Config, data, "", where)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (None: all defaults) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    if overrides:
+        apply_overrides(data, overrides)
+        where += " (with --set overrides)"
+    return config_from_dict(data, where)
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The whole tree as TOML text (written into every run folder)."""
+    lines: list[str] = []
+    for sec_name, sec in cfg.to_dict().items():
+        lines.append(f"[{sec_name}]")
+        nested = []
+        for k, v in sec.items():
+            if isinstance(v, dict):
+                nested.append((k, v))
+            else:
+                lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in nested:
+            lines.append(f"[{sec_name}.{k}]")
+            for kk, vv in v.items():
+                lines.append(f"{kk} = {_toml_value(vv)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {v!r} as TOML")

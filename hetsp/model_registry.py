@@ -1,0 +1,72 @@
+"""Model families by name: `build_model(model_cfg, vocab_size)` for the runtime.
+
+A family is a function ``(ModelConfig, vocab_size) -> transformers PretrainedConfig``;
+the model itself is built with ``AutoModelForCausalLM.from_config``, so any
+causal LM that transformers knows (stock or registered by `models/`) works.
+Families register lazily so that importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from hetsp.config import ConfigError, ModelConfig
+
+ConfigBuilder = Callable[[ModelConfig, int], Any]
+_FAMILIES: dict[str, ConfigBuilder] = {}
+# Families provided by other modules, imported on first use: name -> module that registers it.
+_LAZY: dict[str, str] = {"hybrid": "models", "bamba": "models.hf_clients"}
+
+
+def register_family(name: str, builder: ConfigBuilder) -> None:
+    _FAMILIES[name] = builder
+
+
+def family_names() -> list[str]:
+    return sorted(set(_FAMILIES) | set(_LAZY))
+
+
+def _llama(cfg: ModelConfig, vocab_size: int) -> Any:
+    from transformers import LlamaConfig
+
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"model.hidden_size ({cfg.hidden_size}) must be divisible by model.num_heads ({cfg.num_heads})")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(f"model.num_heads ({cfg.num_heads}) must be divisible by model.num_kv_heads ({cfg.num_kv_heads})")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        **cfg.extra,
+    )
+
+
+register_family("llama", _llama)
+
+
+def build_hf_config(cfg: ModelConfig, vocab_size: int) -> Any:
+    """The transformers config of the model `cfg` describes."""
+    if cfg.family not in _FAMILIES and cfg.family in _LAZY:
+        importlib.import_module(_LAZY[cfg.family])
+    if cfg.family not in _FAMILIES:
+        raise ConfigError(f"model.family: unknown family {cfg.family!r}; known: {family_names()}")
+    return _FAMILIES[cfg.family](cfg, vocab_size)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str | None = None, device: Any = None) -> Any:
+    """A randomly initialised causal LM (on `device`, e.g. "meta" for a dry run)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_cfg = build_hf_config(cfg, vocab_size)
+    if attn_implementation is not None:
+        hf_cfg._attn_implementation = attn_implementation
+    with torch.device(device or "cpu"):
+        return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)

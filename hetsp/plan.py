@@ -1,0 +1,158 @@
+"""Execution plans: which ranks process which sequences of a global batch.
+
+Pure data, no torch and no PuLP (the solver imports this module). A `Plan`
+is a list of micro-batches; each micro-batch is a set of disjoint groups;
+each group is a contiguous range of global ranks ``[start, start + size)``
+with the indices of the batch sequences it processes. Every rank runs every
+micro-batch: a rank in no group (or in a group with no sequences) still
+takes part in the collectives of that micro-batch with an empty workload.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+
+class PlanError(ValueError):
+    """A plan that cannot be executed as given."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """A contiguous range of global ranks and the sequences it processes."""
+
+    start: int
+    size: int
+    seqs: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seqs", tuple(int(s) for s in self.seqs))
+
+    @property
+    def ranks(self) -> range:
+        return range(self.start, self.start + self.size)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+    def num_tokens(self, lengths: Sequence[int]) -> int:
+        return sum(lengths[s] for s in self.seqs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "size": self.size, "seqs": list(self.seqs)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Group":
+        return cls(int(d["start"]), int(d["size"]), tuple(d.get("seqs", ())))
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    groups: tuple[Group, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(self.groups))
+
+    def group_of(self, rank: int) -> Group | None:
+        """The group holding `rank` in this micro-batch, or None if it is idle."""
+        for g in self.groups:
+            if g.start <= rank < g.stop:
+                return g
+        return None
+
+    def seqs(self) -> list[int]:
+        return [s for g in self.groups for s in g.seqs]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A full plan for one global batch.
+
+    `lengths[i]` is the token count of batch sequence i (as fed to the model,
+    i.e. after any truncation). `meta` carries free-form planner information
+    (planner name, solve time, optimality, estimated time); it never changes
+    what is executed.
+    """
+
+    lengths: tuple[int, ...]
+    micro_batches: tuple[MicroBatch, ...]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lengths", tuple(int(x) for x in self.lengths))
+        object.__setattr__(self, "micro_batches", tuple(self.micro_batches))
+
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.micro_batches)
+
+    def groups(self) -> Iterable[Group]:
+        for mb in self.micro_batches:
+            yield from mb.groups
+
+    def group_sizes(self) -> dict[int, int]:
+        """How many non-empty groups of each size the plan uses."""
+        counts: dict[int, int] = {}
+        for g in self.groups():
+            if g.seqs:
+                counts[g.size] = counts.get(g.size, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def validate(self, num_ranks: int) -> "Plan":
+        """Check that the plan is executable on `num_ranks` ranks; return self.
+
+        Every sequence appears exactly once, groups of one micro-batch are
+        disjoint, every group lies inside [0, num_ranks) and has size >= 1.
+        """
+        if num_ranks < 1:
+            raise PlanError(f"num_ranks must be >= 1, got {num_ranks}")
+        for i, n in enumerate(self.lengths):
+            if n < 1:
+                raise PlanError(f"sequence {i} has length {n}; every sequence needs at least 1 token")
+        seen: dict[int, tuple[int, int]] = {}
+        for m, mb in enumerate(self.micro_batches):
+            used = [False] * num_ranks
+            for g_idx, g in enumerate(mb.groups):
+                if g.size < 1:
+                    raise PlanError(f"micro-batch {m} group {g_idx}: size {g.size} < 1")
+                if g.start < 0 or g.stop > num_ranks:
+                    raise PlanError(
+                        f"micro-batch {m} group {g_idx}: ranks [{g.start}, {g.stop}) outside the world of {num_ranks}"
+                    )
+                for r in g.ranks:
+                    if used[r]:
+                        raise PlanError(f"micro-batch {m}: rank {r} is in two groups")
+                    used[r] = True
+                for s in g.seqs:
+                    if not 0 <= s < len(self.lengths):
+                        raise PlanError(f"micro-batch {m} group {g_idx}: sequence index {s} out of range")
+                    if s in seen:
+                        raise PlanError(f"sequence {s} appears twice (micro-batches {seen[s][0]} and {m})")
+                    seen[s] = (m, g_idx)
+        missing = [i for i in range(len(self.lengths)) if i not in seen]
+        if missing:
+            raise PlanError(f"sequences {missing[:10]}{'...' if len(missing) > 10 else ''} are in no group")
+        return self
+
+    # ---- JSON form (one object per plan; run folders store one per line) ----
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lengths": list(self.lengths),
+            "micro_batches": [[g.to_dict() for g in mb.groups] for mb in self.micro_batches],
+            "meta": self.meta,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        mbs = tuple(MicroBatch(tuple(Group.from_dict(g) for g in mb)) for mb in d["micro_batches"])
+        return cls(tuple(d["lengths"]), mbs, dict(d.get("meta", {})))
+
+    @classmethod
+    def from_json(cls, s: str) -> "Plan":
+        return cls.from_dict(json.loads(s))
