@@ -84,6 +84,9 @@ class PlannerConfig:
     time_limit_s: float = 1.0
     allowed_group_sizes: list[int] = field(default_factory=list)  # empty: 1..world
     seed: int = 0
+    # A sequence longer than the largest group can hold: "error" (name it) or "drop" (plan the
+    # rest; Plan.meta lists the dropped indices and maps plan sequences back to the input).
+    long_policy: Literal["error", "drop"] = "error"
     # Planner-specific options, passed through untouched.
     options: dict[str, Any] = field(default_factory=dict)
 

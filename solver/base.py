@@ -1,0 +1,145 @@
+"""The planner interface: lengths and a world size in, a validated `Plan` out.
+
+Every planner subclasses `Planner` and implements `_plan(lengths, num_ranks)`;
+`Planner.plan` checks the input, drops sequences that cannot fit when the
+config says so, times the solve, validates the plan and fills `Plan.meta`
+with at least ``planner``, ``solve_s``, ``status`` and ``est_time_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from hetsp.plan import Plan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hetsp.config import ClusterConfig, ModelConfig, PlannerConfig
+
+    from .costs.base import CostModel
+
+log = logging.getLogger("solver")
+
+
+class PlanningError(ValueError):
+    """An input no plan can serve (a sequence longer than any group can hold, an empty batch)."""
+
+
+def check_lengths(lengths: Sequence[int]) -> list[int]:
+    """Return `lengths` as a list of ints; ValueError for an empty batch or a length < 1."""
+    out = []
+    for i, n in enumerate(lengths):
+        if isinstance(n, bool) or int(n) != n:
+            raise PlanningError(f"sequence {i} has non-integer length {n!r}")
+        if n < 1:
+            raise PlanningError(f"sequence {i} has length {n}; every sequence needs at least 1 token")
+        out.append(int(n))
+    if not out:
+        raise PlanningError("empty batch: no sequence lengths to plan")
+    return out
+
+
+def check_num_ranks(num_ranks: int, cluster: "ClusterConfig") -> None:
+    if int(num_ranks) != num_ranks or num_ranks < 1:
+        raise PlanningError(f"num_ranks must be a positive integer, got {num_ranks!r}")
+    rpn = cluster.ranks_per_node
+    if rpn < 0:
+        raise PlanningError(f"cluster.ranks_per_node must be >= 0 (0: one node), got {rpn}")
+    if rpn > num_ranks:
+        raise PlanningError(
+            f"cluster.ranks_per_node = {rpn} is more than the {num_ranks} ranks of the world; "
+            f"set it to at most {num_ranks} (or 0 for one node)"
+        )
+
+
+class Planner:
+    """Base class. Subclasses set `name` and implement `_plan`.
+
+    `_plan(lengths, num_ranks)` gets checked lengths (all of them fit) and
+    returns ``(plan, status, extra_meta)``; `status` is a short word
+    (``"heuristic"``, ``"optimal"``, ``"time_limit"``, ``"fallback"``...).
+    """
+
+    name = "base"
+    uses_memory = True  # False: the planner ignores memory (random)
+
+    def __init__(
+        self,
+        planner: "PlannerConfig",
+        cluster: "ClusterConfig",
+        model: "ModelConfig | None" = None,
+    ) -> None:
+        self.cfg = planner
+        self.cluster = cluster
+        self.model = model
+        self._costs: dict[int, Any] = {}
+
+    # ---- hooks -------------------------------------------------------------
+    def max_fit_length(self, num_ranks: int) -> int | None:
+        """Longest sequence this planner can place on `num_ranks` ranks (None: no limit)."""
+        return None
+
+    def _plan(self, lengths: list[int], num_ranks: int) -> tuple[Plan, str, dict[str, Any]]:
+        raise NotImplementedError
+
+    # ---- shared helpers -----------------------------------------------------
+    def cost_model(self, num_ranks: int) -> "CostModel":
+        """The configured cost model for a world of `num_ranks` (cached). Raises ValueError if unusable."""
+        if num_ranks not in self._costs:
+            from .costs import build_cost_model
+
+            self._costs[num_ranks] = build_cost_model(self.cfg, self.cluster, self.model, num_ranks)
+        return self._costs[num_ranks]
+
+    def _estimate(self, plan: Plan, num_ranks: int) -> tuple[float | None, str | None]:
+        try:
+            cm = self.cost_model(num_ranks)
+        except (ValueError, ImportError) as e:
+            return None, f"no time estimate: {e}"
+        from .simulate import simulate
+
+        return simulate(plan, cm).total_s, None
+
+    # ---- the interface -------------------------------------------------------
+    def plan(self, lengths: Sequence[int], num_ranks: int) -> Plan:
+        """Plan one global batch of sequences with these `lengths` on `num_ranks` ranks."""
+        lengths = check_lengths(lengths)
+        check_num_ranks(num_ranks, self.cluster)
+        t0 = time.perf_counter()
+        kept = list(range(len(lengths)))
+        dropped: list[int] = []
+        limit = self.max_fit_length(num_ranks) if self.uses_memory else None
+        if limit is not None:
+            too_long = [i for i, n in enumerate(lengths) if n > limit]
+            if too_long:
+                policy = getattr(self.cfg, "long_policy", "error")
+                if policy != "drop":
+                    i = too_long[0]
+                    raise PlanningError(
+                        f"sequence {i} has {lengths[i]} tokens but the longest that fits on {num_ranks} ranks "
+                        f"with this planner is {limit} ({len(too_long)} sequence(s) too long); shorten or split "
+                        f"it (data.long_policy), add ranks or memory, or set planner.long_policy = 'drop'"
+                    )
+                dropped = too_long
+                kept = [i for i in kept if lengths[i] <= limit]
+                if not kept:
+                    raise PlanningError(
+                        f"all {len(lengths)} sequences are longer than {limit} tokens, the longest that fits; "
+                        "nothing left to plan"
+                    )
+        work = [lengths[i] for i in kept]
+        plan, status, extra = self._plan(work, num_ranks)
+        solve_s = time.perf_counter() - t0
+        plan.validate(num_ranks)
+        est, note = self._estimate(plan, num_ranks)
+        meta: dict[str, Any] = {"planner": self.name, "solve_s": solve_s, "status": status, "est_time_s": est}
+        if note:
+            meta["est_note"] = note
+        if dropped:
+            meta["dropped"] = dropped
+            meta["num_dropped"] = len(dropped)
+            meta["source_index"] = kept  # plan sequence j is input sequence source_index[j]
+        meta.update(extra)
+        meta.update({k: v for k, v in plan.meta.items() if k not in meta})
+        return Plan(plan.lengths, plan.micro_batches, meta)
