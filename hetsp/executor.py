@@ -1,0 +1,127 @@
+"""Runs one `Plan` on this rank: shard, forward, loss, backward, per micro-batch.
+
+Legend: T = tokens held by this rank in a micro-batch, V = vocabulary.
+
+Every rank runs every micro-batch of the plan. A rank that the plan leaves
+idle in a micro-batch (in no group, or in a group without sequences) runs
+the model on one placeholder token as a group of one, with weight zero: it
+still takes part in every collective the model makes (ZeRO-3 parameter
+gathers, gradient reduce-scatters), adds exactly zero to every gradient,
+and no kernel ever sees an empty tensor. So no plan can deadlock the job.
+
+The step loss is the sum of unit losses (target tokens for language
+modelling) over the whole global batch divided by the number of units in
+the global batch, whatever the plan. DeepSpeed averages gradients over the
+data-parallel world, so each micro-batch's local loss sum is scaled by
+world_size / num_units before backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from hetsp.attention import make_shard_context
+from hetsp.layout import shard_layout
+from hetsp.objectives.lm import IGNORE_INDEX
+from hetsp.plan import Group, Plan
+
+
+@dataclass
+class MicroBatchInputs:
+    """What this rank feeds the model for one micro-batch."""
+
+    input_ids: torch.Tensor  # (1, T) int64
+    labels: torch.Tensor  # (T,) int64, IGNORE_INDEX where there is no target
+    shard: Any  # hetsp.attention.ShardContext
+    weight: float  # 1.0, or 0.0 for a placeholder on an idle rank
+    group: Group | None
+
+
+@dataclass
+class StepResult:
+    loss_sum: float  # this rank's sum of unit losses
+    num_units: int  # units in the whole global batch
+    num_local_tokens: int
+    micro_batch_tokens: list[int] = field(default_factory=list)
+
+
+def micro_batch_inputs(
+    plan: Plan,
+    mb_index: int,
+    sequences: Sequence[Sequence[int]],
+    rank: int,
+    device: torch.device,
+    objective: Any,
+    kernel: str = "auto",
+    placeholder_token: int = 0,
+) -> MicroBatchInputs:
+    """Shard this rank's part of micro-batch `mb_index` (pure data movement, no model)."""
+    group = plan.micro_batches[mb_index].group_of(rank)
+    if group is None or not group.seqs:
+        shard = make_shard_context([1], rank, 1, rank, device, kernel=kernel)
+        ids = torch.tensor([[placeholder_token]], dtype=torch.long, device=device)
+        labels = torch.full((1,), IGNORE_INDEX, dtype=torch.long, device=device)
+        return MicroBatchInputs(ids, labels, shard, 0.0, group)
+    lengths = [plan.lengths[s] for s in group.seqs]
+    for s, n in zip(group.seqs, lengths):
+        if len(sequences[s]) != n:
+            raise ValueError(f"plan says sequence {s} has {n} tokens but the batch has {len(sequences[s])}")
+    packed_ids = [t for s in group.seqs for t in sequences[s]]
+    packed_labels = [t for s in group.seqs for t in objective.labels(sequences[s])]
+    layout = shard_layout(lengths, group.size, rank - group.start)
+    index = torch.tensor(layout.token_index, dtype=torch.long)
+    ids = torch.tensor(packed_ids, dtype=torch.long)[index].to(device)[None]
+    labels = torch.tensor(packed_labels, dtype=torch.long)[index].to(device)
+    shard = make_shard_context(lengths, group.start, group.size, rank, device, kernel=kernel)
+    return MicroBatchInputs(ids, labels, shard, 1.0, group)
+
+
+def forward_loss(model: Callable[..., Any], inputs: MicroBatchInputs, objective: Any) -> torch.Tensor:
+    """This rank's sum of unit losses for one micro-batch (times its weight)."""
+    out = model(input_ids=inputs.input_ids, position_ids=inputs.shard.positions[None], hetsp_shard=inputs.shard)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return objective.loss_sum(logits[0], inputs.labels) * inputs.weight
+
+
+def run_plan(
+    engine: Any,
+    plan: Plan,
+    sequences: Sequence[Sequence[int]],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    objective: Any,
+    kernel: str = "auto",
+    train: bool = True,
+) -> StepResult:
+    """Forward (and backward when `train`) of every micro-batch of `plan` on this rank.
+
+    `engine` is a DeepSpeed engine when training (its `backward` and
+    `set_gradient_accumulation_boundary` are used; the caller calls
+    `engine.step()` afterwards), or any callable model for evaluation.
+    """
+    num_units = objective.num_units(plan.lengths)
+    if num_units == 0:
+        raise ValueError("the global batch has no target tokens (every sequence has a single token)")
+    scale = world_size / num_units
+    total = 0.0
+    local_tokens = 0
+    per_mb = []
+    num_mb = plan.num_micro_batches
+    for m in range(num_mb):
+        inputs = micro_batch_inputs(plan, m, sequences, rank, device, objective, kernel)
+        n_tok = inputs.input_ids.shape[1] if inputs.weight else 0
+        local_tokens += n_tok
+        per_mb.append(n_tok)
+        if train:
+            engine.set_gradient_accumulation_boundary(m == num_mb - 1)
+            loss_sum = forward_loss(engine, inputs, objective)
+            engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        else:
+            with torch.no_grad():
+                loss_sum = forward_loss(engine, inputs, objective)
+        total += float(loss_sum.detach())
+    return StepResult(total, num_units, local_tokens, per_mb)

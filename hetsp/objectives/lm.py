@@ -1,0 +1,34 @@
+"""Next-token language modelling: the unit is a target token."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class LanguageModeling:
+    name = "lm"
+
+    @staticmethod
+    def labels(seq: Sequence[int]) -> list[int]:
+        """Targets of one whole sequence: token t predicts token t+1; the last token has none.
+
+        Shifting happens on the whole sequence, before any layout cuts it, so a
+        shard boundary never loses a target.
+        """
+        return list(seq[1:]) + [IGNORE_INDEX]
+
+    @staticmethod
+    def num_units(lengths: Sequence[int]) -> int:
+        return sum(max(0, n - 1) for n in lengths)
+
+    @staticmethod
+    def loss_sum(logits_TV: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+        """Sum of token cross-entropies (fp32) over the targets in `labels_T`."""
+        if logits_TV.shape[0] == 0:
+            return logits_TV.float().sum() * 0.0
+        return F.cross_entropy(logits_TV.float(), labels_T, ignore_index=IGNORE_INDEX, reduction="sum")

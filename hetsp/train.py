@@ -1,0 +1,260 @@
+"""The per-rank training program: ``python -m hetsp.train CONFIG [--set k=v] [--resume] [--dry-run]``.
+
+Started by `hetsp-launch` (simulated ranks or torchrun). Reads the torchrun
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
+TORCHELASTIC_RESTART_COUNT) and HETSP_DEVICE / HETSP_DIST_BACKEND, set by
+the launcher. One step: rank 0 plans the batch (in the background, one step
+ahead) and broadcasts the plan; every rank derives the same batch from
+(seed, step), executes the plan, and DeepSpeed updates the parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from hetsp.config import Config, ConfigError, config_to_toml, load_config
+
+log = logging.getLogger("hetsp.train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hetsp.train", description=__doc__.split("\n")[0])
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder")
+    p.add_argument("--dry-run", action="store_true", help="print model size, memory and first plans; no training")
+    return p.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    level = os.environ.get("HETSP_LOG_LEVEL", "INFO" if rank == 0 else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Planning:
+    """Rank 0 plans step t+1 in a background thread while step t trains; plans are broadcast."""
+
+    def __init__(self, cfg: Config, data: Any, world_size: int, rank: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.data = data
+        self._pending: dict[int, Future] = {}
+        self._pool = None
+        if rank == 0:
+            import solver
+
+            self.planner = solver.get_planner(cfg.planner.name, cfg.planner, cfg.cluster, cfg.model)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="hetsp-planner")
+
+    def _plan_lengths(self, lengths: list[int]) -> Any:
+        t0 = time.perf_counter()
+        plan = self.planner.plan(lengths, self.world_size)
+        plan.meta.setdefault("wall_s", time.perf_counter() - t0)
+        return plan
+
+    def prefetch(self, step: int) -> None:
+        if self._pool is not None and step not in self._pending:
+            lengths = [len(s) for s in self.data.train_batch(step)]
+            self._pending[step] = self._pool.submit(self._plan_lengths, lengths)
+
+    def plan_for(self, step: int, sequences: list[list[int]] | None = None) -> Any:
+        """The plan of training step `step` (or, with `sequences`, of that batch), on every rank."""
+        import torch.distributed as dist
+
+        from hetsp.plan import Plan
+
+        payload = [None]
+        if self.rank == 0:
+            if sequences is not None:
+                plan = self._plan_lengths([len(s) for s in sequences])
+            else:
+                self.prefetch(step)
+                plan = self._pending.pop(step).result()
+            payload = [plan.to_json()]
+        dist.broadcast_object_list(payload, src=0)
+        return Plan.from_json(payload[0]).validate(self.world_size)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _device() -> Any:
+    import torch
+
+    name = os.environ.get("HETSP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if dev.index is None:
+            dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def train(cfg: Config, resume: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from hetsp import checkpoint
+    from hetsp.attention import register_attention
+    from hetsp.data import build_data
+    from hetsp.engine import build_engine
+    from hetsp.executor import run_plan
+    from hetsp.metrics import MetricsLogger
+    from hetsp.model_registry import build_model
+    from hetsp.objectives import get_objective
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = _device()
+    torch.manual_seed(cfg.run.seed)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+    objective = get_objective(cfg.train.objective)
+    data = build_data(cfg.data, cfg.run.seed)
+    if rank == 0:
+        log.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.stats.items()))
+    model = build_model(cfg.model, data.vocab_size, attn_implementation=register_attention())
+    try:
+        from hetsp.ssm_parallel import parallelize
+    except ImportError:
+        parallelize = None
+    if parallelize is not None:
+        model = parallelize(model)
+    num_params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        log.info("model: %s, %.2fM parameters, %d ranks on %s", cfg.model.family, num_params / 1e6, world_size, device)
+    engine = build_engine(model, cfg.train, world_size, device)
+
+    start = 0
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if (resume or cfg.run.resume or restarted) and checkpoint.latest_step(run_dir) is not None:
+        start = checkpoint.load(engine, run_dir)
+        if rank == 0:
+            log.info("resumed from step %d (%s)", start, checkpoint.checkpoint_dir(run_dir))
+    elif resume and rank == 0:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", checkpoint.checkpoint_dir(run_dir))
+
+    planning = Planning(cfg, data, world_size, rank)
+    metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start)
+    ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
+    val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
+    kernel = cfg.attention.kernel
+    try:
+        for step in range(start, cfg.train.steps):
+            t0 = time.perf_counter()
+            batch = data.train_batch(step)
+            plan = planning.plan_for(step)
+            if step + 1 < cfg.train.steps:
+                planning.prefetch(step + 1)
+            t_plan = time.perf_counter() - t0
+            metrics.log_plan(step, plan)
+            res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel)
+            engine.step()
+            stats = torch.tensor([res.loss_sum, float(res.num_local_tokens)], dtype=torch.float64)
+            dist.all_reduce(stats)
+            dt = time.perf_counter() - t0
+            record = {
+                "loss": stats[0].item() / res.num_units,
+                "lr": engine.get_lr()[0],
+                "tokens": sum(plan.lengths),
+                "step_time_s": dt,
+                "plan_time_s": t_plan,
+                "solve_s": plan.meta.get("solve_s"),
+                "num_micro_batches": plan.num_micro_batches,
+                "group_sizes": plan.group_sizes(),
+                "tokens_per_s": sum(plan.lengths) / dt,
+                "epoch": data.epoch_of(step),
+            }
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if device.type == "cuda":
+                record["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
+            metrics.log_step(step + 1, record)
+            done = step + 1
+            if val and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                metrics.log_eval(done, evaluate(engine, planning, val, rank, world_size, device, objective, kernel))
+            if cfg.train.checkpoint_every > 0 and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
+                checkpoint.save(engine, run_dir, done, ckpt_meta, cfg.train.keep_checkpoints)
+    finally:
+        planning.close()
+        metrics.close()
+
+
+def evaluate(engine: Any, planning: Planning, val: list, rank: int, world_size: int, device: Any, objective: Any, kernel: str) -> float:
+    """Mean unit loss over the held-out batches (each executed under its own plan)."""
+    import torch
+    import torch.distributed as dist
+
+    from hetsp.executor import run_plan
+
+    engine.eval()
+    loss, units = 0.0, 0
+    for batch in val:
+        plan = planning.plan_for(-1, sequences=batch)
+        res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel, train=False)
+        t = torch.tensor([res.loss_sum], dtype=torch.float64)
+        dist.all_reduce(t)
+        loss += t.item()
+        units += res.num_units
+    engine.train()
+    return loss / max(1, units)
+
+
+def init_distributed() -> None:
+    import torch
+    import torch.distributed as dist
+
+    backend = os.environ.get("HETSP_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = datetime.timedelta(seconds=float(os.environ.get("HETSP_DIST_TIMEOUT_S", "600")))
+    dist.init_process_group(backend, timeout=timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from hetsp.dry_run import dry_run
+
+        return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+    import torch.distributed as dist
+
+    init_distributed()
+    try:
+        from hetsp.preflight import check_world
+
+        check_world(cfg, dist.get_world_size())
+        train(cfg, args.resume)
+    except ValueError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
