@@ -1,0 +1,90 @@
+"""Rank functions for whole-step tests (importable by reference from the rank pool)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from hetsp.config import ModelConfig
+from hetsp.plan import Plan
+
+TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_position_embeddings=512)
+VOCAB = 37
+
+
+def tiny_model(attn: str, dtype=torch.float32, model_cfg: ModelConfig = TINY):
+    from hetsp.model_registry import build_model
+
+    torch.manual_seed(1234)
+    return build_model(model_cfg, VOCAB, attn_implementation=attn).to(dtype)
+
+
+class LocalEngine:
+    """The slice of DeepSpeed's engine API the executor uses, on a plain module (no optimizer)."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_gradient_accumulation_boundary(self, flag):
+        pass
+
+    def backward(self, loss, scale_wrt_gas=False):
+        loss.backward()
+
+
+def plan_step(cases, kernel="auto", dtype=torch.float64):
+    """For each (sequences, plan_json): global loss and data-parallel-averaged grads (rank 0 returns them)."""
+    from hetsp.attention import register_attention
+    from hetsp.executor import run_plan
+    from hetsp.objectives.lm import LanguageModeling
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for sequences, plan_json in cases:
+        model = tiny_model(register_attention(), dtype)
+        plan = Plan.from_json(plan_json).validate(world)
+        res = run_plan(LocalEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), kernel)
+        loss = torch.tensor([res.loss_sum], dtype=torch.float64)
+        dist.all_reduce(loss)
+        grads = {}
+        for name, p in model.named_parameters():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g)
+            grads[name] = g / world
+        out.append((loss.item() / res.num_units, grads) if rank == 0 else None)
+    return out
+
+
+def deepspeed_step(sequences, plan_json, zero_stage, steps=1):
+    """Parameters after `steps` DeepSpeed steps of the same batch under `plan_json` (gathered, on rank 0)."""
+    import deepspeed
+
+    from hetsp.attention import register_attention
+    from hetsp.config import TrainConfig
+    from hetsp.engine import build_engine
+    from hetsp.executor import run_plan
+    from hetsp.objectives.lm import LanguageModeling
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    train = TrainConfig(steps=steps, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, zero_stage=zero_stage, dtype="fp32")
+    engine = build_engine(tiny_model(register_attention(), torch.float32), train, world, torch.device("cpu"))
+    plan = Plan.from_json(plan_json)
+    losses = []
+    for _ in range(steps):
+        res = run_plan(engine, plan, sequences, rank, world, torch.device("cpu"), LanguageModeling())
+        engine.step()
+        t = torch.tensor([res.loss_sum], dtype=torch.float64)
+        dist.all_reduce(t)
+        losses.append(t.item() / res.num_units)
+    params = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=zero_stage == 3):
+            params[name] = p.detach().clone()
+    engine.destroy()
+    return (losses, params) if rank == 0 else None
