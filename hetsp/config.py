@@ -64,6 +64,11 @@ class DataConfig:
     tokens_per_batch: int = 16384
     validation_fraction: float = 0.02
     num_proc: int = 1
+    add_bos: bool = False  # start every document with the tokenizer's bos token (eos always ends it)
+    max_documents: int = 0  # > 0: keep only the first N documents (in source order; stdlib: sorted paths)
+    validation_seed: int = 0  # picks the held-out documents; independent of run.seed on purpose
+    # Local .txt/.md files: one document per "document" (file), "paragraph" or "line".
+    text_sample_by: Literal["document", "paragraph", "line"] = "document"
 
 
 @dataclass
@@ -115,6 +120,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
+    # Stop this run after this many steps (0: run to `steps`); the schedule still spans
+    # `steps`, and a checkpoint is written at the stop so `--resume` continues exactly.
+    stop_after: int = 0
 
 
 @dataclass

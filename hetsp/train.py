@@ -152,12 +152,13 @@ def train(cfg: Config, resume: bool) -> None:
     ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
     kernel = cfg.attention.kernel
+    end = cfg.train.steps if cfg.train.stop_after <= 0 else min(cfg.train.steps, start + cfg.train.stop_after)
     try:
-        for step in range(start, cfg.train.steps):
+        for step in range(start, end):
             t0 = time.perf_counter()
             batch = data.train_batch(step)
             plan = planning.plan_for(step)
-            if step + 1 < cfg.train.steps:
+            if step + 1 < end:
                 planning.prefetch(step + 1)
             t_plan = time.perf_counter() - t0
             metrics.log_plan(step, plan)
@@ -187,7 +188,7 @@ def train(cfg: Config, resume: bool) -> None:
             done = step + 1
             if val and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 metrics.log_eval(done, evaluate(engine, planning, val, rank, world_size, device, objective, kernel))
-            if cfg.train.checkpoint_every > 0 and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps):
+            if cfg.train.checkpoint_every > 0 and (done % cfg.train.checkpoint_every == 0 or done == end):
                 checkpoint.save(engine, run_dir, done, ckpt_meta, cfg.train.keep_checkpoints)
     finally:
         planning.close()
