@@ -1,0 +1,196 @@
+"""`hetsp-export`: a DeepSpeed ZeRO checkpoint (stage 1, 2 or 3) to a Hugging Face model folder.
+
+Expected files (as written by `hetsp.checkpoint.save`)::
+
+    RUN/config.toml                          the run's hetsp config (the model section is used)
+    RUN/checkpoints/latest                   DeepSpeed's pointer to the newest tag
+    RUN/checkpoints/TAG/*_model_states.pt    DeepSpeed model states (shapes, buffers, shared params)
+    RUN/checkpoints/TAG/*_optim_states.pt    one per rank: the fp32 master weights, partitioned
+    RUN/checkpoints/TAG/hetsp_meta.json      {"vocab_size": int, "step": int, ...}
+
+CHECKPOINT_DIR is ``RUN/checkpoints`` (the tag comes from ``--tag`` or the
+``latest`` file) or one tag folder itself. ``config.toml`` is looked up in
+the tag folder, then CHECKPOINT_DIR, then its parent (the run folder);
+``hetsp_meta.json`` in the tag folder, then CHECKPOINT_DIR.
+
+The fp32 master weights are consolidated with DeepSpeed's own
+``zero_to_fp32`` reader, loaded into the model that
+`hetsp.model_registry.build_model` builds from the config (on the meta
+device, so no second copy is initialised) and written with
+``save_pretrained`` (safetensors). ``AutoModelForCausalLM.from_pretrained``
+loads the result; for families that `models/` registers with transformers
+(e.g. ``hybrid``), import ``models`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hetsp.export")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ExportError(ValueError):
+    """A checkpoint folder that cannot be exported as given; the message says what is missing."""
+
+
+def resolve_checkpoint(checkpoint_dir: Path, tag: str | None) -> tuple[Path, str]:
+    """(DeepSpeed checkpoint root, tag) for CHECKPOINT_DIR as given on the command line."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise ExportError(f"checkpoint folder {checkpoint_dir} does not exist")
+    if any(checkpoint_dir.glob("*_model_states.pt")):
+        if tag is not None and tag != checkpoint_dir.name:
+            raise ExportError(f"{checkpoint_dir} is the folder of tag {checkpoint_dir.name!r}, but --tag {tag!r} was given")
+        return checkpoint_dir.parent, checkpoint_dir.name
+    tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and any(p.glob("*_model_states.pt")))
+    if tag is None:
+        latest = checkpoint_dir / "latest"
+        if not latest.is_file():
+            raise ExportError(
+                f"{checkpoint_dir} has no 'latest' file; pass --tag (tags found: {tags or 'none'})"
+            )
+        tag = latest.read_text().strip()
+    if not (checkpoint_dir / tag).is_dir():
+        raise ExportError(f"tag {tag!r} not found in {checkpoint_dir} (tags found: {tags or 'none'})")
+    if not any((checkpoint_dir / tag).glob("*_model_states.pt")):
+        raise ExportError(f"{checkpoint_dir / tag} holds no DeepSpeed *_model_states.pt file")
+    return checkpoint_dir, tag
+
+
+def _first_file(name: str, folders: list[Path]) -> Path:
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    raise ExportError(f"{name} not found; looked in: {', '.join(str(f) for f in folders)}")
+
+
+def read_meta(root: Path, tag: str) -> dict[str, Any]:
+    path = _first_file("hetsp_meta.json", [root / tag, root])
+    meta = json.loads(path.read_text())
+    if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
+        raise ExportError(f"{path}: 'vocab_size' must be a positive integer, got {meta.get('vocab_size')!r}")
+    return meta
+
+
+def read_config(root: Path, tag: str) -> Any:
+    from hetsp.config import load_config
+
+    return load_config(_first_file("config.toml", [root / tag, root, root.parent]))
+
+
+def match_keys(state: dict[str, Any], expected: set[str]) -> dict[str, Any]:
+    """`state` with its keys renamed to the model's, or ExportError naming the mismatch.
+
+    A training wrapper may have put a prefix on every name (``module.``); it is stripped.
+    """
+    if set(state) == expected:
+        return state
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in state}):
+        if all(k.startswith(prefix) for k in state) and {k[len(prefix):] for k in state} == expected:
+            log.info("stripping the prefix %r from every checkpoint key", prefix)
+            return {k[len(prefix):]: v for k, v in state.items()}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    raise ExportError(
+        "checkpoint parameters do not match the model built from config.toml: "
+        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+        f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+        "Was the checkpoint written with this config (model section) and vocab size?"
+    )
+
+
+def consolidate(root: Path, tag: str) -> dict[str, Any]:
+    """The full fp32 state dict of a ZeRO 1/2/3 checkpoint (name -> CPU tensor)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not any((root / tag).glob("*_optim_states.pt")):
+        raise ExportError(
+            f"{root / tag} holds no *_optim_states.pt files: only ZeRO (stage 1, 2 or 3) checkpoints "
+            "with optimizer states can be consolidated"
+        )
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+
+
+def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: str = "float32",
+           overwrite: bool = False) -> Path:
+    """Write a Hugging Face folder for the checkpoint; return `out_dir`."""
+    import torch
+
+    from hetsp.model_registry import build_model
+
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"output folder {out_dir} exists and is not empty; choose another or pass --overwrite")
+    root, tag = resolve_checkpoint(Path(checkpoint_dir), tag)
+    meta = read_meta(root, tag)
+    cfg = read_config(root, tag)
+    log.info("exporting %s (tag %s, step %s, model family %s)", root, tag, meta.get("step"), cfg.model.family)
+
+    state = consolidate(root, tag)
+    model = build_model(cfg.model, meta["vocab_size"], device="meta")
+    state = match_keys(state, set(model.state_dict()))
+    torch_dtype = getattr(torch, dtype)
+    state = {k: v.to(torch_dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (rotary frequencies) stay on the meta device: they are not saved,
+    # and from_pretrained recomputes them from the config.
+    model.config.torch_dtype = torch_dtype
+    model.config.dtype = torch_dtype
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    _export_tokenizer(cfg.data.tokenizer, out_dir)
+    (out_dir / "hetsp_export.json").write_text(
+        json.dumps({"source": str(root.resolve()), "tag": tag, "meta": meta, "dtype": dtype}, indent=1)
+    )
+    log.info("wrote %s", out_dir)
+    return out_dir
+
+
+def _export_tokenizer(tokenizer: str, out_dir: Path) -> None:
+    """Copy a transformers tokenizer folder next to the model; the built-in byte tokenizer has no files."""
+    if tokenizer == "bytes":
+        log.info("data.tokenizer is the built-in byte-level tokenizer: no tokenizer files are written")
+        return
+    if not Path(tokenizer).is_dir():
+        log.warning("data.tokenizer %r is not a local folder: no tokenizer files are written", tokenizer)
+        return
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out_dir)
+    log.info("copied the tokenizer from %s", tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hetsp-export",
+        description="Turn a hetsp DeepSpeed checkpoint (ZeRO 1, 2 or 3) into a Hugging Face model folder.",
+    )
+    parser.add_argument("checkpoint_dir", type=Path, help="RUN/checkpoints, or one tag folder inside it")
+    parser.add_argument("out_dir", type=Path, help="folder to write (config.json, model.safetensors)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one named in 'latest')")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from hetsp.config import ConfigError
+
+    try:
+        out = export(args.checkpoint_dir, args.out_dir, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite)
+    except (ExportError, ConfigError) as e:
+        print(f"hetsp-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
