@@ -20,12 +20,14 @@ from ..config import DataConfig
 class Sequences:
     """Training sequences: sequence i is ``tokens[starts[i] : starts[i] + lengths[i]]``.
 
-    tokens: (total,) uint16/int32; starts, lengths: (num_sequences,) int64.
+    tokens: (total,) uint16/int32; starts, lengths, documents: (num_sequences,) int64, where
+    documents[i] is the source row (document index) that sequence i comes from.
     """
 
     tokens: np.ndarray
     starts: np.ndarray
     lengths: np.ndarray
+    documents: np.ndarray
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -97,6 +99,7 @@ def make_sequences(
     eos = [tokenizer.eos_token_id]
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
+    sources: list[int] = []
     for d in doc_ids.tolist():
         body = tokens[offsets[d] : offsets[d + 1]]
         seq = np.concatenate([np.asarray(bos, tokens.dtype), body, np.asarray(eos, tokens.dtype)])
@@ -116,12 +119,14 @@ def make_sequences(
                 counts["split_pieces"] += 1
                 pieces.append(piece)
                 lengths.append(len(piece))
+                sources.append(d)
         else:
             pieces.append(seq)
             lengths.append(n)
+            sources.append(d)
     lengths_arr = np.asarray(lengths, dtype=np.int64)
     starts = np.zeros(len(lengths), dtype=np.int64)
     if len(lengths) > 1:
         np.cumsum(lengths_arr[:-1], out=starts[1:])
     flat = np.concatenate(pieces) if pieces else np.zeros(0, tokens.dtype)
-    return Sequences(flat, starts, lengths_arr)
+    return Sequences(flat, starts, lengths_arr, np.asarray(sources, dtype=np.int64))
