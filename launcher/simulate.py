@@ -1,0 +1,85 @@
+"""`--simulate N`: N ranks as child processes of the launcher on this host."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from .devices import Arrangement
+from .rank_env import BACKEND_VAR, DEVICE_VAR, RUN_DIR_VAR
+from .ranks import ChildProcess, describe_exit, log
+from .supervise import Outcome, supervise
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rank_environ(base: dict[str, str], *, rank: int, world: int, master_port: int, device: str,
+                 backend: str, threads: int, run_dir: str | None) -> dict[str, str]:
+    """The torchrun-style environment of simulated rank `rank` (single node: local rank = rank)."""
+    env = dict(base)
+    env.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+        GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
+        PYTHONUNBUFFERED="1",
+    )
+    env[DEVICE_VAR] = device
+    env[BACKEND_VAR] = backend
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    if run_dir is not None:
+        env[RUN_DIR_VAR] = run_dir
+    return env
+
+
+def run_simulated(module: str, rank_args: list[str], num_ranks: int, arrangement: Arrangement, *,
+                  threads: int, all_ranks: bool, run_dir: str | None) -> int:
+    """Run every rank to the end; 0 if all exit 0, 1 if one fails, 128+signal if interrupted."""
+    port = free_port()
+    log_dir = None
+    if run_dir is not None:
+        log_dir = Path(run_dir) / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+    base = dict(os.environ)
+    children = [
+        ChildProcess(
+            f"rank {r}",
+            [sys.executable, "-m", module, *rank_args],
+            rank_environ(base, rank=r, world=num_ranks, master_port=port, device=arrangement.devices[r],
+                         backend=arrangement.backend, threads=threads, run_dir=run_dir),
+            prefix=f"[rank {r}] ",
+            show=all_ranks or r == 0,
+            log_path=None if log_dir is None else log_dir / f"rank_{r}.log",
+        )
+        for r in range(num_ranks)
+    ]
+    outcome = supervise(children, stop_grace_s=5.0)
+    return report(outcome, children)
+
+
+def report(outcome: Outcome, children: list[ChildProcess]) -> int:
+    """Log how the job ended (the failed rank's last lines included); return the exit status."""
+    if outcome.ok:
+        log(f"all {len(children)} rank(s) finished")
+        return 0
+    others = [f"{n}: {describe_exit(c)}" for n, c in outcome.exits.items() if n != outcome.first_failure]
+    if outcome.first_failure is not None:
+        name = outcome.first_failure
+        child = next(c for c in children if c.name == name)
+        lines = child.tail()
+        log(f"{name} failed ({describe_exit(outcome.exits[name])}); stopped the other ranks")
+        log(f"last {len(lines)} line(s) of {name}:")
+        for line in lines:
+            log(f"  | {line}")
+        if others:
+            log("other ranks: " + ", ".join(others))
+        return 1
+    sig = outcome.signal_received
+    log(f"received {signal.Signals(sig).name}: stopped all ranks ({', '.join(others)})")
+    return 128 + sig

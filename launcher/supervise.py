@@ -1,0 +1,108 @@
+"""Run a set of children to completion: the first one that fails, or a SIGINT/SIGTERM to the
+launcher, stops all the others (SIGTERM to each process group, SIGKILL after a grace period)."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .ranks import ChildProcess
+
+POLL_S = 0.2
+
+
+@dataclass
+class Outcome:
+    exits: dict[str, int] = field(default_factory=dict)  # child name -> exit code, in exit order
+    first_failure: str | None = None  # name of the first child that exited non-zero
+    stopped: list[str] = field(default_factory=list)  # children the supervisor had to stop
+    signal_received: int | None = None  # SIGINT/SIGTERM that stopped the job
+
+    @property
+    def ok(self) -> bool:
+        return self.first_failure is None and self.signal_received is None
+
+
+class _SignalTrap:
+    """While active, SIGINT/SIGTERM are recorded; a second one kills every child at once."""
+
+    def __init__(self, children: list[ChildProcess]):
+        self.children = children
+        self.received: int | None = None
+        self._saved: dict[int, object] = {}
+
+    def __enter__(self) -> "_SignalTrap":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            for child in self.children:
+                child.signal_group(signal.SIGKILL)
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+def supervise(children: list[ChildProcess], *, stop_grace_s: float = 5.0) -> Outcome:
+    """Start `children`, wait for all of them to exit 0, or stop them all at the first failure."""
+    outcome = Outcome()
+    exits: queue.Queue[tuple[str, int]] = queue.Queue()
+    with _SignalTrap(children) as trap:
+        started: list[ChildProcess] = []
+        try:
+            for child in children:
+                child.start()
+                started.append(child)
+        except BaseException:  # e.g. the interpreter cannot be executed
+            for child in started:
+                child.signal_group(signal.SIGKILL)
+                child.wait()
+            raise
+        for child in children:
+            child.start_reader()
+            threading.Thread(target=lambda c=child: exits.put((c.name, c.wait())), daemon=True).start()
+
+        pending = {c.name for c in children}
+        while pending and trap.received is None:
+            try:
+                name, code = exits.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            pending.discard(name)
+            outcome.exits[name] = code
+            if code != 0:
+                outcome.first_failure = name
+                break
+        outcome.signal_received = trap.received
+        if pending:
+            _stop(children, pending, exits, outcome, stop_grace_s)
+    for child in children:
+        child.signal_group(signal.SIGKILL)  # leftovers the children started in their groups
+        child.join_output(timeout=2.0)
+    return outcome
+
+
+def _stop(children, pending: set[str], exits: queue.Queue, outcome: Outcome, grace_s: float) -> None:
+    outcome.stopped = sorted(pending, key=[c.name for c in children].index)
+    by_name = {c.name: c for c in children}
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        for name in pending:
+            by_name[name].signal_group(sig)
+        deadline = time.monotonic() + wait_s
+        while pending and time.monotonic() < deadline:
+            try:
+                name, code = exits.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            pending.discard(name)
+            outcome.exits.setdefault(name, code)
+        if not pending:
+            return
