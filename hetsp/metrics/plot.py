@@ -1,0 +1,106 @@
+"""`hetsp-plot RUN_DIR [--out DIR]`: PNG plots of a run folder's metrics.jsonl.
+
+Writes ``loss.png`` (train loss per step, validation loss per evaluation) and
+``throughput.png`` (tokens/s in total and per rank, and MFU when it was
+recorded) into --out (default: RUN_DIR/plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from hetsp.metrics.jsonl import read_jsonl
+
+
+class PlotError(ValueError):
+    """A run folder that cannot be plotted; the message says what is missing."""
+
+
+def load_records(run_dir: Path) -> list[dict[str, Any]]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PlotError(f"run folder {run_dir} does not exist")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise PlotError(f"{path} does not exist: is {run_dir} a hetsp run folder (written by hetsp-launch)?")
+    records = read_jsonl(path)
+    if not any(r.get("kind", "train") == "train" for r in records):
+        raise PlotError(f"{path} holds no training steps yet")
+    return records
+
+
+def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if r.get("kind", "train") == kind and r.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write the PNG files for `run_dir`; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = load_records(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = Path(run_dir).resolve().name
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*_series(records, "train", "loss"), label="train", linewidth=1)
+    val_steps, val = _series(records, "eval", "val_loss")
+    if not val_steps:  # validation loss may also ride on step records
+        val_steps, val = _series(records, "train", "val_loss")
+    if val_steps:
+        ax.plot(val_steps, val, "o-", label="validation", markersize=4)
+    ax.set(xlabel="step", ylabel="loss", title=f"{name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    loss_png = out_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(loss_png, dpi=120)
+    plt.close(fig)
+
+    steps, total = _series(records, "train", "tokens_per_s")
+    mfu_steps, mfu = _series(records, "train", "mfu")
+    fig, axes = plt.subplots(2 if mfu_steps else 1, 1, figsize=(7, 6 if mfu_steps else 4), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    ax.plot(steps, total, label="total", linewidth=1)
+    rank_steps, per_rank = _series(records, "train", "tokens_per_s_per_rank")
+    if rank_steps:
+        ax.plot(rank_steps, per_rank, label="per rank", linewidth=1)
+    ax.set(ylabel="tokens/s", title=f"{name}: throughput")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if mfu_steps:
+        axes[1][0].plot(mfu_steps, [100 * m for m in mfu], linewidth=1)
+        axes[1][0].set(ylabel="MFU (%)")
+        axes[1][0].grid(alpha=0.3)
+    axes[-1][0].set(xlabel="step")
+    throughput_png = out_dir / "throughput.png"
+    fig.tight_layout()
+    fig.savefig(throughput_png, dpi=120)
+    plt.close(fig)
+    return [loss_png, throughput_png]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hetsp-plot", description="PNG plots of loss and throughput of a run folder.")
+    parser.add_argument("run_dir", type=Path, help="run folder holding metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNG files (default: RUN_DIR/plots)")
+    args = parser.parse_args(argv)
+    try:
+        paths = plot_run(args.run_dir, args.out)
+    except (PlotError, ValueError) as e:
+        print(f"hetsp-plot: error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

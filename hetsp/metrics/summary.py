@@ -1,0 +1,91 @@
+"""End-of-run summary of metrics.jsonl records: a dict (summary.json) and a text table."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(records: Iterable[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """Totals and means over the "train" and "eval" records of a run.
+
+    tokens_per_s is total tokens over total step time (a time-weighted mean);
+    plan_time_share is the summed planning time over the summed step time.
+    """
+    records = list(records)
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    losses = [r["loss"] for r in train if r.get("loss") is not None]
+    val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    tokens = sum(r.get("tokens", 0) or 0 for r in train)
+    step_time = sum(r.get("step_time_s", 0.0) or 0.0 for r in train)
+    plan_time = sum(r.get("plan_time_s", 0.0) or 0.0 for r in train)
+    mems = [r["peak_mem_bytes"] for r in train if r.get("peak_mem_bytes") is not None]
+    mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+    tokens_per_s = tokens / step_time if step_time > 0 else None
+    return {
+        "steps": len(train),
+        "last_step": max((r["step"] for r in train), default=None),
+        "tokens": tokens,
+        "mean_loss": _mean(losses),
+        "last_loss": losses[-1] if losses else None,
+        "best_val_loss": min(val) if val else None,
+        "last_val_loss": val[-1] if val else None,
+        "train_time_s": step_time,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_rank": tokens_per_s / world_size if tokens_per_s is not None else None,
+        "world_size": world_size,
+        "plan_time_share": plan_time / step_time if step_time > 0 else None,
+        "mean_mfu": _mean(mfus),
+        "peak_mem_bytes": max(mems) if mems else None,
+    }
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "int":
+        return f"{value:,}"
+    if kind == "loss":
+        return f"{value:.4f}"
+    if kind == "rate":
+        return f"{value:,.0f}"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "s":
+        return f"{value:.1f} s"
+    if kind == "bytes":
+        return f"{value / 2**30:.2f} GiB"
+    return str(value)
+
+
+ROWS = (
+    ("steps", "steps", "int"),
+    ("tokens", "tokens", "int"),
+    ("mean_loss", "mean train loss", "loss"),
+    ("last_loss", "last train loss", "loss"),
+    ("best_val_loss", "best val loss", "loss"),
+    ("train_time_s", "time in steps", "s"),
+    ("tokens_per_s", "tokens/s (total)", "rate"),
+    ("tokens_per_s_per_rank", "tokens/s (per rank)", "rate"),
+    ("plan_time_share", "planning time share", "pct"),
+    ("mean_mfu", "MFU (mean)", "pct"),
+    ("peak_mem_bytes", "peak memory (rank 0)", "bytes"),
+)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A two-column text table of `summarize`'s result."""
+    # MFU is left out, not shown as a guess, when the device peak is unknown.
+    cells = [
+        (label, _fmt(summary.get(key), kind))
+        for key, label, kind in ROWS
+        if not (key == "mean_mfu" and summary.get(key) is None)
+    ]
+    width = max(len(label) for label, _ in cells)
+    value_width = max(len(v) for _, v in cells)
+    rule = "-" * (width + value_width + 3)
+    lines = [rule] + [f"{label:<{width}} | {v:>{value_width}}" for label, v in cells] + [rule]
+    return "\n".join(lines)
