@@ -263,3 +263,15 @@ def test_everything_dropped(tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", ["x" * 100, "y" * 200])
     with pytest.raises(ValueError, match="no training sequences left"):
         build_data(small_config(path, long_policy="drop", validation_fraction=0), 0)
+
+
+def test_concurrent_access_matches_sequential(jsonl_corpus):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = small_config(jsonl_corpus, tokens_per_batch=64)
+    reference = build_data(cfg, seed=2)
+    expected = [reference.train_batch(s) for s in range(80)]
+    dm = build_data(cfg, seed=2)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(dm.train_batch, [79 - s if s % 2 else s for s in range(80)]))
+    assert got == [expected[79 - s if s % 2 else s] for s in range(80)]

@@ -9,6 +9,7 @@ so every rank computes the same batch from (seed, step) and resuming needs no re
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -40,7 +41,10 @@ def cut_by_budget(lengths: np.ndarray, budget: int) -> np.ndarray:
 
 
 class EpochSchedule:
-    """Maps a step to the indices of its sequences; pure function of (lengths, budget, seed, step)."""
+    """Maps a step to the indices of its sequences; pure function of (lengths, budget, seed, step).
+
+    Thread-safe: the training loop may ask for a later step's batch from a planning thread.
+    """
 
     def __init__(self, lengths: np.ndarray, budget: int, seed: int, cache_epochs: int = 4) -> None:
         if len(lengths) == 0:
@@ -51,9 +55,14 @@ class EpochSchedule:
         self._first_step = [0]  # _first_step[e]: first step of epoch e (known for e < len)
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_epochs = cache_epochs
+        self._lock = threading.RLock()
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, bounds) of one epoch, cached for the few most recent epochs."""
+        with self._lock:
+            return self._epoch_locked(epoch)
+
+    def _epoch_locked(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch in self._cache:
             self._cache.move_to_end(epoch)
             return self._cache[epoch]
@@ -67,19 +76,21 @@ class EpochSchedule:
     def epoch_of(self, step: int) -> int:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        while self._first_step[-1] <= step:
-            e = len(self._first_step) - 1
-            _, bounds = self._epoch(e)
-            self._first_step.append(self._first_step[-1] + len(bounds) - 1)
-        # _first_step is ascending: the epoch is the last e with _first_step[e] <= step.
-        return int(np.searchsorted(self._first_step, step, side="right") - 1)
+        with self._lock:
+            while self._first_step[-1] <= step:
+                e = len(self._first_step) - 1
+                _, bounds = self._epoch_locked(e)
+                self._first_step.append(self._first_step[-1] + len(bounds) - 1)
+            # _first_step is ascending: the epoch is the last e with _first_step[e] <= step.
+            return int(np.searchsorted(self._first_step, step, side="right") - 1)
 
     def batches_in_epoch(self, epoch: int) -> int:
         return len(self._epoch(epoch)[1]) - 1
 
     def indices(self, step: int) -> np.ndarray:
         """Sequence indices of the global batch of `step`, in batch order: (k,) int64."""
-        e = self.epoch_of(step)
-        order, bounds = self._epoch(e)
-        k = step - self._first_step[e]
-        return order[bounds[k] : bounds[k + 1]]
+        with self._lock:
+            e = self.epoch_of(step)
+            order, bounds = self._epoch_locked(e)
+            k = step - self._first_step[e]
+            return order[bounds[k] : bounds[k + 1]]

@@ -84,7 +84,7 @@ class HFTokenizer:
         return self.hf.decode(list(ids))
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        out = self.hf(list(texts), add_special_tokens=False)["input_ids"]
+        out = self.hf(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         return [np.asarray(ids, dtype=np.int64) for ids in out]
 
     def __repr__(self) -> str:
