@@ -1,0 +1,47 @@
+"""Point-to-point ring exchange on the default process group.
+
+A group is the contiguous global ranks [group_start, group_start + group_size); sends
+go to the next rank of the group, receives come from the previous one. Every exchange
+is one batched isend/irecv pair, so the ring cannot deadlock and groups need no
+communicator of their own. Empty messages are skipped on both sides (both know sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# Distinct tags keep the K/V stream and the travelling gradient stream apart (gloo matches by tag).
+TAG_KV = 17
+TAG_DKV = 18
+
+
+class RingExchange:
+    """Send `send` to the next rank and receive a tensor of `recv_shape` from the previous one."""
+
+    def __init__(self, group_start: int, group_size: int, rank_in_group: int):
+        self.next = group_start + (rank_in_group + 1) % group_size
+        self.prev = group_start + (rank_in_group - 1) % group_size
+
+    def start(self, send: torch.Tensor, recv_shape: tuple[int, ...], tag: int) -> "_Pending":
+        recv = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
+        send = send.contiguous()
+        ops = []
+        if send.numel():
+            ops.append(dist.P2POp(dist.isend, send, self.next, tag=tag))
+        if recv.numel():
+            ops.append(dist.P2POp(dist.irecv, recv, self.prev, tag=tag))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        return _Pending(works, send, recv)
+
+
+class _Pending:
+    def __init__(self, works, send: torch.Tensor, recv: torch.Tensor):
+        self._works = works
+        self._send = send  # kept alive until the send completes
+        self._recv = recv
+
+    def wait(self) -> torch.Tensor:
+        for w in self._works:
+            w.wait()
+        return self._recv

@@ -1,0 +1,92 @@
+"""The interface every local block kernel implements.
+
+Legend: T tokens (packed segments), H query heads, K key/value heads, D head dim.
+
+A block kernel computes attention of packed query segments against packed key
+segments (segment i of q attends only segment i of k) and returns the
+block-normalised output with its log-sum-exp, so that a ring can merge blocks.
+Callers guarantee that no segment is empty (a zero-length q or k crashes some
+kernels) and that causal blocks have equal query and key lengths per segment,
+so the causal alignment (stated per kernel) never changes the result inside
+hetsp; it matters only to direct callers.
+
+forward(q_THD, k_TKD, v_TKD, seg, causal, scale) -> (out_THD in q's dtype, lse_TH)
+backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg, causal, scale) -> (dq, dk, dv)
+    The backward must use the `out` and `lse` it is given (the final merged ones
+    of the ring), never recompute a block-local softmax. dk and dv have K heads.
+lse is float64 for float64 inputs and float32 otherwise ("accumulation dtype").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of merged outputs, log-sum-exps and gradient accumulators for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Segments:
+    """Matching query and key segments of one block (none empty).
+
+    cu_q, cu_k: cumulative lengths as Python ints (len = num segments + 1).
+    max_q, max_k: longest segment. Device copies (int32) are made on first use.
+    """
+
+    cu_q: tuple[int, ...]
+    cu_k: tuple[int, ...]
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.cu_q) - 1
+
+    @property
+    def max_q(self) -> int:
+        return max((b - a for a, b in zip(self.cu_q, self.cu_q[1:])), default=0)
+
+    @property
+    def max_k(self) -> int:
+        return max((b - a for a, b in zip(self.cu_k, self.cu_k[1:])), default=0)
+
+    def device_cu(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cu_q, cu_k) as int32 tensors on `device`."""
+        key = str(device)
+        if key not in self._device_cache:
+            self._device_cache[key] = (
+                torch.tensor(self.cu_q, dtype=torch.int32, device=device),
+                torch.tensor(self.cu_k, dtype=torch.int32, device=device),
+            )
+        return self._device_cache[key]
+
+
+@dataclass(frozen=True)
+class BlockKernel:
+    """A named pair of block functions and the causal alignment they use."""
+
+    name: str
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    causal_alignment: str  # "top_left" or "bottom_right" (when q and k lengths differ)
+    note: str = ""
+
+    def __repr__(self) -> str:
+        return f"BlockKernel({self.name!r}, causal_alignment={self.causal_alignment!r})"
+
+
+def repeat_kv(x_TKD: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(T, K, D) -> (T, H, D), query head h using kv head h // (H / K)."""
+    groups = num_heads // x_TKD.shape[1]
+    return x_TKD if groups == 1 else x_TKD.repeat_interleave(groups, dim=1)
+
+
+def reduce_kv(dx_THD: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Inverse of `repeat_kv` for gradients: (T, H, D) -> (T, K, D), summing each group."""
+    t, h, d = dx_THD.shape
+    return dx_THD if h == num_kv_heads else dx_THD.view(t, num_kv_heads, h // num_kv_heads, d).sum(2)
+

@@ -1,0 +1,101 @@
+"""Plain-torch block kernel (the reference twin of every fast kernel) and full varlen attention.
+
+Legend: T tokens, H query heads, K kv heads, D head dim. Works in any float dtype and
+computes in the accumulation dtype (float64 for float64 inputs, else float32).
+Causal alignment: bottom-right (query i of a segment with nq queries and nk keys sees
+keys j <= i + nk - nq), like flash-attn.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import BlockKernel, Segments, acc_dtype, reduce_kv, repeat_kv
+
+
+def _mask(nq: int, nk: int, device: torch.device) -> torch.Tensor:
+    """(nq, nk) bool, True where the key is visible (bottom-right causal)."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return j <= i + (nk - nq)
+
+
+def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float):
+    """Block attention per segment: (out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype)."""
+    acc = acc_dtype(q_THD.dtype)
+    num_heads = q_THD.shape[1]
+    out = torch.empty(q_THD.shape, dtype=acc, device=q_THD.device)
+    lse = torch.empty(q_THD.shape[:2], dtype=acc, device=q_THD.device)
+    for a, b, c, e in zip(seg.cu_q, seg.cu_q[1:], seg.cu_k, seg.cu_k[1:]):
+        q = q_THD[a:b].to(acc).transpose(0, 1)  # H, nq, D
+        k = repeat_kv(k_TKD[c:e], num_heads).to(acc).transpose(0, 1)
+        v = repeat_kv(v_TKD[c:e], num_heads).to(acc).transpose(0, 1)
+        s = (q @ k.transpose(1, 2)) * scale
+        if causal:
+            s = s.masked_fill(~_mask(b - a, e - c, q.device), float("-inf"))
+        l = torch.logsumexp(s, dim=-1)  # H, nq
+        p = torch.exp(s - l[..., None])
+        out[a:b] = (p @ v).transpose(0, 1)
+        lse[a:b] = l.transpose(0, 1)
+    return out.to(q_THD.dtype), lse
+
+
+def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float):
+    """Gradients of a block given the final merged `out` and `lse`: (dq, dk, dv) in acc dtype.
+
+    P = exp(S - lse), dV = P^T dO, dP = dO V^T, D = rowsum(dO * O), dS = P (dP - D).
+    """
+    acc = acc_dtype(q_THD.dtype)
+    num_heads, num_kv = q_THD.shape[1], k_TKD.shape[1]
+    dq = torch.zeros(q_THD.shape, dtype=acc, device=q_THD.device)
+    dk = torch.zeros((k_TKD.shape[0], num_heads, k_TKD.shape[2]), dtype=acc, device=q_THD.device)
+    dv = torch.zeros_like(dk)
+    for a, b, c, e in zip(seg.cu_q, seg.cu_q[1:], seg.cu_k, seg.cu_k[1:]):
+        q = q_THD[a:b].to(acc).transpose(0, 1)
+        k = repeat_kv(k_TKD[c:e], num_heads).to(acc).transpose(0, 1)
+        v = repeat_kv(v_TKD[c:e], num_heads).to(acc).transpose(0, 1)
+        do = dout_THD[a:b].to(acc).transpose(0, 1)
+        o = out_THD[a:b].to(acc).transpose(0, 1)
+        s = (q @ k.transpose(1, 2)) * scale
+        if causal:
+            s = s.masked_fill(~_mask(b - a, e - c, q.device), float("-inf"))
+        p = torch.exp(s - lse_TH[a:b].to(acc).transpose(0, 1)[..., None])
+        dv[c:e] = (p.transpose(1, 2) @ do).transpose(0, 1)
+        dp = do @ v.transpose(1, 2)
+        ds = p * (dp - (do * o).sum(-1, keepdim=True))
+        dq[a:b] = (ds @ k).transpose(0, 1) * scale
+        dk[c:e] = (ds.transpose(1, 2) @ q).transpose(0, 1) * scale
+    return dq, reduce_kv(dk, num_kv), reduce_kv(dv, num_kv)
+
+
+REFERENCE_KERNEL = BlockKernel(
+    name="reference",
+    forward=block_forward_ref,
+    backward=block_backward_ref,
+    causal_alignment="bottom_right",
+    note="plain torch, per segment, float64-capable",
+)
+
+
+def varlen_attention_ref(q_THD, k_TKD, v_TKD, cu_seqlens, causal: bool = True, softmax_scale: float | None = None):
+    """Full attention over packed sequences with autograd (single process; the tests' ground truth).
+
+    q (T, H, D), k/v (T, K, D), cu_seqlens: ints or tensor, len = num sequences + 1.
+    Returns (T, H, D) in q's dtype, computed in the accumulation dtype.
+    """
+    cu = [int(x) for x in cu_seqlens]
+    scale = softmax_scale if softmax_scale is not None else q_THD.shape[-1] ** -0.5
+    acc = acc_dtype(q_THD.dtype)
+    num_heads = q_THD.shape[1]
+    outs = []
+    for a, b in zip(cu, cu[1:]):
+        if b == a:
+            continue
+        q = q_THD[a:b].to(acc).transpose(0, 1)
+        k = repeat_kv(k_TKD[a:b], num_heads).to(acc).transpose(0, 1)
+        v = repeat_kv(v_TKD[a:b], num_heads).to(acc).transpose(0, 1)
+        s = (q @ k.transpose(1, 2)) * scale
+        if causal:
+            s = s.masked_fill(~_mask(b - a, b - a, q.device), float("-inf"))
+        outs.append((torch.softmax(s, -1) @ v).transpose(0, 1))
+    return torch.cat(outs).to(q_THD.dtype)

@@ -1,0 +1,90 @@
+"""Which query rows meet which key rows at each step of the ring (pure data from layouts).
+
+At step t, rank r holds the K/V block of rank src = (r - t) mod d. Under the zigzag
+layout (hetsp/layout.py) a causal ring has three kinds of blocks:
+  t = 0:      local queries against local keys, causal (local order is position order);
+  src < r:    every local query sees only chunk `src` (the first half) of the visiting block;
+  src > r:    only local chunk 2d-1-r (the second half) sees the whole visiting block.
+Both off-diagonal kinds are full (unmasked) blocks. Segments where either side is empty
+are dropped so that no empty block reaches a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hetsp.layout import ShardLayout
+
+from .kernels.base import Segments
+
+
+@dataclass
+class RingStep:
+    """One block of the ring for one rank.
+
+    src:     rank in group whose K/V block is visiting.
+    q_rows:  local query rows taking part (None: all rows, in order).
+    k_rows:  rows of the visiting block taking part (None: all of them).
+    seg:     matching query/key segments over the selected rows.
+    causal:  whether the block is masked (only the diagonal block).
+    """
+
+    src: int
+    q_rows: tuple[int, ...] | None
+    k_rows: tuple[int, ...] | None
+    seg: Segments
+    causal: bool
+
+    @property
+    def empty(self) -> bool:
+        return self.seg.num_segments == 0
+
+
+def _pieces(lay: ShardLayout, which: str) -> list[tuple[int, int]]:
+    """Per sequence, (local offset, length) of the whole local part, the first or second half."""
+    out = []
+    for i in range(lay.num_sequences):
+        p0, p1 = 2 * i, 2 * i + 1
+        if which == "all":
+            out.append((lay.cu_seqlens[i], lay.local_lengths[i]))
+        elif which == "first":
+            out.append((lay.piece_offsets[p0], lay.piece_lengths[p0]))
+        else:
+            out.append((lay.piece_offsets[p1], lay.piece_lengths[p1]))
+    return out
+
+
+def _block(src: int, q_parts, k_parts, causal: bool, num_q: int, num_k: int) -> RingStep:
+    q_rows: list[int] = []
+    k_rows: list[int] = []
+    cu_q, cu_k = [0], [0]
+    for (qo, qn), (ko, kn) in zip(q_parts, k_parts):
+        if qn == 0 or kn == 0:
+            continue
+        q_rows.extend(range(qo, qo + qn))
+        k_rows.extend(range(ko, ko + kn))
+        cu_q.append(cu_q[-1] + qn)
+        cu_k.append(cu_k[-1] + kn)
+    qr = None if len(q_rows) == num_q else tuple(q_rows)
+    kr = None if len(k_rows) == num_k else tuple(k_rows)
+    return RingStep(src=src, q_rows=qr, k_rows=kr, seg=Segments(tuple(cu_q), tuple(cu_k)), causal=causal)
+
+
+def ring_steps(layouts: list[ShardLayout], rank: int, causal: bool) -> list[RingStep]:
+    """The d blocks rank `rank` computes, step 0 first (`layouts`: every rank's layout)."""
+    d = len(layouts)
+    me = layouts[rank]
+    steps = []
+    for t in range(d):
+        src = (rank - t) % d
+        other = layouts[src]
+        if t == 0:
+            q, k, blk_causal = _pieces(me, "all"), _pieces(me, "all"), causal
+        elif not causal:
+            q, k, blk_causal = _pieces(me, "all"), _pieces(other, "all"), False
+        elif src < rank:
+            q, k, blk_causal = _pieces(me, "all"), _pieces(other, "first"), False
+        else:
+            q, k, blk_causal = _pieces(me, "second"), _pieces(other, "all"), False
+        steps.append(_block(src, q, k, blk_causal, me.num_tokens, other.num_tokens))
+    return steps

@@ -1,0 +1,98 @@
+"""Functions the ring attention tests send to ranks (importable by reference).
+
+Inputs are drawn in the test process and passed in whole; each rank slices its shard with
+the layout the runtime uses and returns its shard's results for the test to reassemble.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _my_group(groups):
+    rank = dist.get_rank()
+    for gi, (start, size, lengths) in enumerate(groups):
+        if start <= rank < start + size:
+            return gi, start, size, lengths
+    return None
+
+
+def ring_cases(cases):
+    """For each case run ring attention fwd+bwd on this rank's group.
+
+    case: dict(groups=[(start, size, lengths)], inputs=[(q, k, v, dout) per group, full packed],
+               causal, scale, kernel). Returns per case (group index, out, dq, dk, dv) of this
+    rank's shard, or None if the rank is in no group.
+    """
+    from hetsp.attention import make_shard_context, ring_attention
+
+    results = []
+    for case in cases:
+        mine = _my_group(case["groups"])
+        if mine is None:
+            results.append(None)
+            continue
+        gi, start, size, lengths = mine
+        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"))
+        idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
+        q, k, v, dout = (x.index_select(0, idx) for x in case["inputs"][gi])
+        q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
+        out = ring_attention(q, k, v, ctx, causal=case["causal"], softmax_scale=case.get("scale"))
+        out.backward(dout)
+        results.append((gi, out.detach(), q.grad, k.grad, v.grad))
+    return results
+
+
+def ring_bad_input(lengths, start, size):
+    """Call ring attention wrongly in several ways; return the ValueError messages (rank-local checks only)."""
+    from hetsp.attention import make_shard_context, ring_attention
+
+    msgs = []
+    rank = dist.get_rank()
+    ctx = make_shard_context(lengths, start, size, rank, "cpu") if start <= rank < start + size else None
+    n = ctx.layout.num_tokens if ctx else 0
+
+    def attempt(fn):
+        try:
+            fn()
+            msgs.append(None)
+        except ValueError as e:
+            msgs.append(str(e))
+
+    q = torch.randn(n, 4, 8)
+    kv = torch.randn(n, 2, 8)
+    if ctx is not None:
+        attempt(lambda: ring_attention(torch.randn(n + 1, 4, 8), kv, kv, ctx))
+        attempt(lambda: ring_attention(q, kv.double(), kv.double(), ctx))
+        attempt(lambda: ring_attention(torch.randn(n, 3, 8), kv, kv, ctx))
+        attempt(lambda: ring_attention(q, torch.randn(n, 2, 4), torch.randn(n, 2, 4), ctx))
+    attempt(lambda: make_shard_context(lengths, 2, dist.get_world_size(), 2, "cpu"))
+    attempt(lambda: make_shard_context(lengths, 0, 2, 5 + rank, "cpu"))
+    return msgs
+
+
+def llama_ring_grads(cfg_dict, state_dict, groups, ids_per_group, weights_per_group, kernel="auto"):
+    """Run a tiny LlamaForCausalLM under ring attention on this rank's group.
+
+    Loss = sum over local tokens of (logits * weights[token]). Returns (group index,
+    local logits, {param name: grad}) or None when the rank is in no group.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetsp.attention import make_shard_context, register_attention
+
+    mine = _my_group(groups)
+    if mine is None:
+        return None
+    gi, start, size, lengths = mine
+    cfg = LlamaConfig(**cfg_dict)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=register_attention(), torch_dtype=torch.float64)
+    model.load_state_dict(state_dict)
+    ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=kernel)
+    idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
+    ids = ids_per_group[gi].index_select(0, idx)
+    logits = model(input_ids=ids[None], position_ids=ctx.positions[None], hetsp_shard=ctx).logits[0]
+    loss = (logits * weights_per_group[gi].index_select(0, idx)).sum()
+    loss.backward()
+    return gi, logits.detach(), {n: p.grad for n, p in model.named_parameters()}
