@@ -70,7 +70,8 @@ def run_torchrun(module: str, rank_args: list[str], *, nnodes: int, node_rank: i
     if run_dir is not None:
         env[RUN_DIR_VAR] = run_dir
     log("starting: " + shlex.join(cmd))
-    child = ChildProcess("torchrun", cmd, env, prefix="", show=True)
+    # torchrun's failure summary (about 10 lines per failed rank) must fit in the kept tail
+    child = ChildProcess("torchrun", cmd, env, prefix="", show=True, tail_lines=200)
     # torchrun needs time to stop its own workers on SIGTERM before it is killed
     outcome = supervise([child], stop_grace_s=20.0)
     if outcome.ok:
@@ -81,7 +82,7 @@ def run_torchrun(module: str, rank_args: list[str], *, nnodes: int, node_rank: i
         return 128 + outcome.signal_received
     code = outcome.exits["torchrun"]
     lines = child.tail()
-    failed = [m for line in lines for m in _FAILED_RANK.finditer(line)]
+    failed = _root_cause(lines)
     who = f"rank {failed[0].group(1)} (local rank {failed[0].group(2)})" if failed else "a rank"
     log(f"torchrun failed ({describe_exit(code)}): {who} failed first")
     if failed:
@@ -91,6 +92,13 @@ def run_torchrun(module: str, rank_args: list[str], *, nnodes: int, node_rank: i
         for line in lines:
             emit(f"[launcher]   | {line}", sys.stderr)
     return 1
+
+
+def _root_cause(lines: list[str]) -> list[re.Match]:
+    """Rank matches in torchrun's "Root Cause (first observed failure)" block, else in all lines."""
+    starts = [i for i, line in enumerate(lines) if "Root Cause" in line]
+    section = lines[starts[-1]:] if starts else lines
+    return [m for line in section for m in _FAILED_RANK.finditer(line)]
 
 
 def _show_rank_log(log_dir: Path, local_rank: int, who: str, num_lines: int = 20) -> None:
