@@ -275,3 +275,17 @@ def test_concurrent_access_matches_sequential(jsonl_corpus):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(dm.train_batch, [79 - s if s % 2 else s for s in range(80)]))
     assert got == [expected[79 - s if s % 2 else s] for s in range(80)]
+
+
+def test_unreachable_hub_fails_fast(monkeypatch, jsonl_corpus):
+    # a closed local port stands in for the hub: no network traffic leaves the machine
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="is not a local path"):
+        build_data(small_config(jsonl_corpus, dataset="someone/corpus_name"), 0)
+
+
+def test_empty_validation_split_is_allowed(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ["only one document"])
+    dm = build_data(small_config(path, validation_fraction=0.5), 0)
+    assert dm.stats["val_documents"] == 0 and dm.val_batches(2) == []
+    assert dm.train_batch(0) == dm.train_batch(1)  # one sequence: every epoch is that one batch

@@ -122,6 +122,11 @@ def build_data(data: DataConfig, seed: int) -> DataModule:
         tokens=train.num_tokens + val.num_tokens,
         tokenize_seconds=round(tok_seconds, 3),
     )
+    if data.validation_fraction > 0 and len(val) == 0:
+        log.warning(
+            "data: validation_fraction = %s but no held-out sequences (%d documents held out): "
+            "validation loss is unavailable", data.validation_fraction, len(val_pos),
+        )
     module = DataModule(data, seed, tokenizer, train, val, stats)
     stats["build_seconds"] = round(time.perf_counter() - t0, 3)
     log.info(

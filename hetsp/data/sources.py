@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sysconfig
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..config import DataConfig
 
@@ -106,13 +108,30 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def _hub_unreachable() -> str:
+    """Why the hub cannot be used right now ('' if it can), checked in seconds, not minutes of retries."""
+    import datasets.config
+
+    if datasets.config.HF_HUB_OFFLINE or getattr(datasets.config, "HF_DATASETS_OFFLINE", False):
+        return "hub access is disabled (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=5).close()
+    except OSError as e:
+        return f"the hub at {endpoint} cannot be reached ({e})"
+    return ""
+
+
 def load_hub(data: DataConfig):
     from datasets import load_dataset
 
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true") or os.environ.get("HF_DATASETS_OFFLINE") in ("1", "true"):
+    reason = _hub_unreachable()
+    if reason:
         raise ValueError(
-            f"data.dataset = {data.dataset!r} is not a local path, and hub access is disabled "
-            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). Use 'stdlib' or a local file or folder."
+            f"data.dataset = {data.dataset!r} is not a local path (no such file or folder: "
+            f"{Path(data.dataset).resolve()}), and {reason}. Use 'stdlib' or a local file or folder."
         )
     try:
         ds = load_dataset(data.dataset, data.dataset_config or None, split=data.split)
