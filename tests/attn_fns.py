@@ -72,13 +72,18 @@ def ring_bad_input(lengths, start, size):
     return msgs
 
 
-def llama_ring_grads(cfg_dict, state_dict, groups, ids_per_group, weights_per_group, kernel="auto"):
+def llama_ring_grads_many(cfg, state_dict, runs):
+    """`llama_ring_grads` for several (groups, ids_per_group, weights_per_group) runs in one call."""
+    return [llama_ring_grads(cfg, state_dict, *run) for run in runs]
+
+
+def llama_ring_grads(cfg, state_dict, groups, ids_per_group, weights_per_group, kernel="auto"):
     """Run a tiny LlamaForCausalLM under ring attention on this rank's group.
 
     Loss = sum over local tokens of (logits * weights[token]). Returns (group index,
     local logits, {param name: grad}) or None when the rank is in no group.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from hetsp.attention import make_shard_context, register_attention
 
@@ -86,8 +91,7 @@ def llama_ring_grads(cfg_dict, state_dict, groups, ids_per_group, weights_per_gr
     if mine is None:
         return None
     gi, start, size, lengths = mine
-    cfg = LlamaConfig(**cfg_dict)
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation=register_attention(), torch_dtype=torch.float64)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=register_attention()).double()
     model.load_state_dict(state_dict)
     ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=kernel)
     idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
