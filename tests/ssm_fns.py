@@ -1,0 +1,270 @@
+"""Rank functions for the sequence-parallel SSM tests (sent to a RankPool).
+
+Every rank draws the same whole packed batch from the case's seed, computes
+the single-process reference, runs its own shard (zigzag layout of
+`hetsp.layout`) and asserts on its outputs and input gradients. Parameter
+gradients are partial sums per rank: they are returned, and the test process
+adds them over each group and compares with the reference.
+
+Shapes: T tokens of the packed batch, C channels, K conv width, H heads,
+P head dim, G B/C groups, N state size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from hetsp.layout import shard_layout
+from hetsp.ssm_parallel import GroupSpec, causal_conv1d_sp, local_segments, pass_states, ssd_scan_sp
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+def my_group(groups):
+    """(start, size) of the group this rank is in, among `groups`."""
+    r = dist.get_rank()
+    for start, size in groups:
+        if start <= r < start + size:
+            return start, size
+    raise AssertionError(f"rank {r} is in none of {groups}")
+
+
+def _docs(lengths):
+    out, off = [], 0
+    for n in lengths:
+        out.append(slice(off, off + n))
+        off += n
+    return out
+
+
+def _close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"rank {dist.get_rank()}, {what}: {m}")
+
+
+# ---------------------------------------------------------------- references
+
+
+def conv_ref(x_TC, w_CK, b_C, lengths):
+    """Causal depthwise conv of each document alone: [T, C]."""
+    k = w_CK.shape[1]
+    return torch.cat(
+        [F.conv1d(F.pad(x_TC[s].t()[None], (k - 1, 0)), w_CK[:, None], b_C, groups=w_CK.shape[0])[0].t() for s in _docs(lengths)]
+    )
+
+
+def ssd_seq(x_LHP, dt_LH, A_H, B_LGN, C_LGN, D_H=None):
+    """Sequential SSD recurrence from a zero state: (y [L, H, P], end state [H, P, N])."""
+    num_heads, rep = x_LHP.shape[1], x_LHP.shape[1] // B_LGN.shape[1]
+    B = B_LGN.repeat_interleave(rep, 1)
+    C = C_LGN.repeat_interleave(rep, 1)
+    h = x_LHP.new_zeros((num_heads, x_LHP.shape[2], B.shape[2]))
+    ys = []
+    for t in range(x_LHP.shape[0]):
+        h = torch.exp(dt_LH[t] * A_H)[:, None, None] * h + (dt_LH[t][:, None, None] * x_LHP[t][:, :, None]) * B[t][:, None, :]
+        y = torch.einsum("hpn,hn->hp", h, C[t])
+        if D_H is not None:
+            y = y + D_H[:, None] * x_LHP[t]
+        ys.append(y)
+    y = torch.stack(ys) if ys else x_LHP.new_zeros(x_LHP.shape)
+    return y, h
+
+
+def diag_seq(x_LC, a_CN, b_CN, c_CN):
+    """Time-invariant complex diagonal recurrence (S4D-like) from zero: (y [L, C], end state [C, N])."""
+    h = torch.zeros_like(a_CN)
+    ys = []
+    for t in range(x_LC.shape[0]):
+        h = a_CN * h + b_CN * x_LC[t][:, None]
+        ys.append((h * c_CN).sum(-1).real)
+    y = torch.stack(ys) if ys else x_LC.new_zeros(x_LC.shape)
+    return y, h
+
+
+def diag_scan_sp(x_TC, a_CN, b_CN, c_CN, segments, group):
+    """`diag_seq` over a rank's segments with `pass_states` (complex states): [T, C]."""
+    ys, ends, decays = [], [], []
+    for off, n in zip(segments.offset, segments.length):
+        y, end = diag_seq(x_TC[off : off + n], a_CN, b_CN, c_CN)
+        ys.append(y)
+        ends.append(end)
+        decays.append(a_CN**n)
+    s_in = pass_states(torch.stack(decays), torch.stack(ends), segments, group)
+    out = []
+    for k, n in enumerate(segments.length):
+        powers = a_CN[None] ** torch.arange(1, n + 1, dtype=x_TC.dtype)[:, None, None]  # [L, C, N]
+        out.append(ys[k] + (powers * s_in[k] * c_CN).sum(-1).real)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- op cases
+
+
+def _draw_op_inputs(op, lengths, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    if op == "conv":
+        return dict(x=r(T, 5), w=r(5, 4, scale=0.5), b=r(5))
+    if op in ("ssd", "ssd_bamba"):
+        H, P, G, N = 4, 3, 2, 5
+        return dict(
+            x=r(T, H, P), dt=torch.rand(T, H, generator=g, dtype=torch.float64).to(dtype) * 0.5 + 0.05,
+            A=-torch.rand(H, generator=g, dtype=torch.float64).to(dtype) - 0.2, B=r(T, G, N), C=r(T, G, N), D=r(H),
+        )
+    if op == "diag":
+        C, N = 3, 4
+        lam = torch.complex(-torch.rand(C, N, generator=g, dtype=torch.float64) - 0.1, torch.randn(C, N, generator=g, dtype=torch.float64))
+        cdt = torch.complex64 if dtype == torch.float32 else torch.complex128
+        return dict(
+            x=r(T, C), a=torch.exp(0.3 * lam).to(cdt),
+            b=torch.complex(r(C, N), r(C, N)).to(cdt), c=torch.complex(r(C, N), r(C, N)).to(cdt),
+        )
+    raise ValueError(op)
+
+
+def _bamba_local(A, D, chunk_size):
+    from transformers.models.bamba import modeling_bamba as mb
+
+    original = getattr(mb, "_hetsp_sp_originals", None) or {}
+    scan = original.get("mamba2_chunk_scan", mb.mamba2_chunk_scan)
+
+    def local(x, dt, b, c):
+        y, end = scan(x[None], dt[None], A, b[None], c[None], chunk_size, D=D, return_final_states=True)
+        return y[0], end[0]
+
+    return local
+
+
+def _run_op(op, inp, lengths, segments, group):
+    """(output, differentiable inputs) of op `op` on `inp`: the reference when segments is None."""
+    if op == "conv":
+        if segments is None:
+            return conv_ref(inp["x"], inp["w"], inp["b"], lengths)
+        return causal_conv1d_sp(inp["x"], inp["w"], inp["b"], segments, group)
+    if op in ("ssd", "ssd_bamba"):
+        if segments is None:
+            return torch.cat([ssd_seq(inp["x"][s], inp["dt"][s], inp["A"], inp["B"][s], inp["C"][s], inp["D"])[0] for s in _docs(lengths)])
+        if op == "ssd":
+            local = lambda x, dt, b, c: ssd_seq(x, dt, inp["A"], b, c, inp["D"])  # noqa: E731
+        else:
+            local = _bamba_local(inp["A"], inp["D"], chunk_size=4)
+        return ssd_scan_sp(local, inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], segments, group)
+    if op == "diag":
+        if segments is None:
+            return torch.cat([diag_seq(inp["x"][s], inp["a"], inp["b"], inp["c"])[0] for s in _docs(lengths)])
+        return diag_scan_sp(inp["x"], inp["a"], inp["b"], inp["c"], segments, group)
+    raise ValueError(op)
+
+
+TOKEN_INPUTS = {"x", "dt", "B", "C"}
+
+
+def op_cases(cases):
+    """Run each case ``(op, groups, lengths_per_group, dtype, seed)``; return per case the local parameter grads.
+
+    Asserts on this rank's outputs and token-input gradients; parameter grads
+    (inputs without a token axis) come back for the test to sum over each group.
+    """
+    results = []
+    for op, groups, lengths_per_group, dtype, seed in cases:
+        start, size = my_group(groups)
+        gi = [g[0] for g in groups].index(start)
+        lengths = lengths_per_group[gi]
+        rank = dist.get_rank() - start
+        inp = _draw_op_inputs(op, lengths, dtype, seed + gi)
+        weight = torch.randn(sum(lengths), *_run_op(op, inp, lengths, None, None).shape[1:],
+                             generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64).to(dtype)
+        ref_in = {k: v.clone().requires_grad_(True) for k, v in inp.items()}
+        ref_out = _run_op(op, ref_in, lengths, None, None)
+        ref_grads = torch.autograd.grad((ref_out * weight).sum(), list(ref_in.values()))
+        ref_grads = dict(zip(ref_in, ref_grads))
+
+        lay = shard_layout(lengths, size, rank)
+        idx = torch.tensor(lay.token_index, dtype=torch.long)
+        sp_in = {k: (v[idx] if k in TOKEN_INPUTS else v).clone().requires_grad_(True) for k, v in inp.items()}
+        segments = local_segments(tuple(lengths), size, rank)
+        out = _run_op(op, sp_in, lengths, segments, GroupSpec(start, size, rank))
+        what = f"{op} {dtype} groups {groups} lengths {lengths}"
+        _close(out.to(dtype), ref_out.detach()[idx].to(dtype), dtype, what + ": output")
+        grads = dict(zip(sp_in, torch.autograd.grad((out * weight[idx]).sum(), list(sp_in.values()))))
+        params = {}
+        for k, gr in grads.items():
+            if k in TOKEN_INPUTS:
+                _close(gr, ref_grads[k][idx], dtype, f"{what}: grad {k}")
+            else:
+                params[k] = (gr, ref_grads[k])
+        results.append((start, params))
+    return results
+
+
+# ---------------------------------------------------------------- model cases
+
+
+def _lm_batch(lengths, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
+    labels = torch.full_like(ids, -100)
+    for s in _docs(lengths):
+        labels[s.start : s.stop - 1] = ids[s.start + 1 : s.stop]  # shifted on the whole sequence
+    return ids, labels
+
+
+VOCAB = 61
+
+
+def _build(family, model_kwargs, attn, seed):
+    from hetsp.config import ModelConfig
+    from hetsp.model_registry import build_model
+
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(family=family, **model_kwargs), VOCAB, attn_implementation=attn)
+
+
+def model_cases(cases):
+    """Run ``(family, model_kwargs, groups, lengths_per_group, seed)`` cases.
+
+    Reference: the same model in one process, each document alone (stock code,
+    eager attention) -- or, with ``reference="packed"``, the whole packed batch
+    with a group-of-one shard. Returns per case (group start, local loss sum,
+    reference loss, local grads, reference grads) with grads as name -> tensor.
+    """
+    from hetsp.attention import make_shard_context, register_attention
+    from hetsp.ssm_parallel import parallelize
+
+    out = []
+    for family, model_kwargs, groups, lengths_per_group, seed, reference in cases:
+        start, size = my_group(groups)
+        gi = [g[0] for g in groups].index(start)
+        lengths = lengths_per_group[gi]
+        ids, labels = _lm_batch(lengths, VOCAB, seed + gi)
+
+        ref = _build(family, model_kwargs, "eager" if reference == "separate" else register_attention(), seed)
+        ref.eval()
+        if reference == "separate":
+            ref_loss = sum(
+                F.cross_entropy(ref(input_ids=ids[s][None], use_cache=False).logits[0].float(), labels[s], reduction="sum", ignore_index=-100)
+                for s in _docs(lengths)
+            )
+        else:
+            ref = parallelize(ref)
+            ctx1 = make_shard_context(lengths, dist.get_rank(), 1, dist.get_rank(), "cpu")
+            logits = ref(input_ids=ids[None], position_ids=ctx1.positions[None], hetsp_shard=ctx1).logits[0]
+            ref_loss = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
+        ref_loss.backward()
+        ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+
+        model = parallelize(_build(family, model_kwargs, register_attention(), seed))
+        model.train()
+        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu")
+        idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
+        logits = model(input_ids=ids[idx][None], position_ids=ctx.positions[None], hetsp_shard=ctx, use_cache=False).logits[0]
+        loss = F.cross_entropy(logits.float(), labels[idx], reduction="sum", ignore_index=-100)
+        loss.backward()
+        grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+        out.append((start, float(loss.detach()), float(ref_loss.detach()), grads, ref_grads))
+    return out
