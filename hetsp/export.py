@@ -127,10 +127,10 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    root, tag = resolve_checkpoint(Path(checkpoint_dir), tag)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"output folder {out_dir} exists and is not empty; choose another or pass --overwrite")
-    root, tag = resolve_checkpoint(Path(checkpoint_dir), tag)
     meta = read_meta(root, tag)
     cfg = read_config(root, tag)
     log.info("exporting %s (tag %s, step %s, model family %s)", root, tag, meta.get("step"), cfg.model.family)

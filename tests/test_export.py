@@ -19,7 +19,7 @@ def _write_run_config(run: Path, tie: bool) -> None:
     (run / "config.toml").write_text(config_to_toml(cfg))
 
 
-@pytest.mark.parametrize("zero_stage,tie", [(1, False), (3, True)])
+@pytest.mark.parametrize("zero_stage,tie", [(1, False), (2, True), (3, True)])
 def test_export_roundtrip(rank_pool, tmp_path, zero_stage, tie):
     from transformers import AutoModelForCausalLM
 
@@ -36,6 +36,12 @@ def test_export_roundtrip(rank_pool, tmp_path, zero_stage, tie):
     for name, value in params.items():
         torch.testing.assert_close(got[name].detach(), value, rtol=0, atol=0, msg=name)
     assert loaded.config.tie_word_embeddings == tie
+    # The step changed the weights, so matching them is not matching a fresh initialisation.
+    from hetsp.model_registry import build_model
+
+    torch.manual_seed(0)
+    initial = dict(build_model(export_fns.tiny_model_config(tie), export_fns.VOCAB_SIZE).named_parameters())
+    assert any(not torch.equal(initial[name].detach(), value) for name, value in params.items())
     if tie:
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     info = json.loads((out / "hetsp_export.json").read_text())
@@ -73,11 +79,14 @@ def test_missing_meta_and_config_are_named(tmp_path, capsys):
 
 
 def test_output_folder_not_overwritten(tmp_path):
+    tag_dir = tmp_path / "checkpoints" / "step1"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"")
     out = tmp_path / "out"
     out.mkdir()
     (out / "x").write_text("keep me")
     with pytest.raises(ExportError, match="--overwrite"):
-        export(tmp_path, out)
+        export(tag_dir, out)
 
 
 def test_match_keys():
