@@ -93,40 +93,43 @@ def make_sequences(
     "split": a sequence longer than max_seq_len is cut into pieces of max_seq_len (the last
     may be shorter; a one-token last piece has no target and is dropped, counted in
     ``tail_tokens_dropped``). "drop": it is removed. `counts` is updated in place.
+    Vectorised: the python work is one slice per document, none per piece.
     """
     max_len = data.max_seq_len
-    bos = [tokenizer.bos_token_id] if data.add_bos else []
-    eos = [tokenizer.eos_token_id]
-    pieces: list[np.ndarray] = []
-    lengths: list[int] = []
-    sources: list[int] = []
-    for d in doc_ids.tolist():
-        body = tokens[offsets[d] : offsets[d + 1]]
-        seq = np.concatenate([np.asarray(bos, tokens.dtype), body, np.asarray(eos, tokens.dtype)])
-        n = len(seq)
-        if n > max_len:
-            counts["long_documents"] += 1
-            if data.long_policy == "drop":
-                counts["long_dropped"] += 1
-                counts["long_dropped_tokens"] += n
-                continue
-            counts["long_split"] += 1
-            for s in range(0, n, max_len):
-                piece = seq[s : s + max_len]
-                if len(piece) < 2:
-                    counts["tail_tokens_dropped"] += len(piece)
-                    continue
-                counts["split_pieces"] += 1
-                pieces.append(piece)
-                lengths.append(len(piece))
-                sources.append(d)
-        else:
-            pieces.append(seq)
-            lengths.append(n)
-            sources.append(d)
-    lengths_arr = np.asarray(lengths, dtype=np.int64)
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    if len(lengths) > 1:
-        np.cumsum(lengths_arr[:-1], out=starts[1:])
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, tokens.dtype)
-    return Sequences(flat, starts, lengths_arr, np.asarray(sources, dtype=np.int64))
+    num_bos = 1 if data.add_bos else 0
+    body_lens = offsets[doc_ids + 1] - offsets[doc_ids]
+    seq_lens = body_lens + num_bos + 1
+    is_long = seq_lens > max_len
+    counts["long_documents"] += int(is_long.sum())
+    if data.long_policy == "drop":
+        counts["long_dropped"] += int(is_long.sum())
+        counts["long_dropped_tokens"] += int(seq_lens[is_long].sum())
+        doc_ids, seq_lens, is_long = doc_ids[~is_long], seq_lens[~is_long], is_long[~is_long]
+    else:
+        counts["long_split"] += int(is_long.sum())
+
+    # One flat array of whole documents: [bos] body eos, back to back.
+    doc_starts = np.zeros(len(doc_ids), dtype=np.int64)
+    np.cumsum(seq_lens[:-1], out=doc_starts[1:])
+    flat = np.empty(int(seq_lens.sum()), dtype=tokens.dtype)
+    is_body = np.ones(len(flat), dtype=bool)
+    if num_bos:
+        flat[doc_starts] = tokenizer.bos_token_id
+        is_body[doc_starts] = False
+    flat[doc_starts + seq_lens - 1] = tokenizer.eos_token_id
+    is_body[doc_starts + seq_lens - 1] = False
+    if len(doc_ids):
+        flat[is_body] = np.concatenate([tokens[offsets[d] : offsets[d + 1]] for d in doc_ids.tolist()])
+
+    # Pieces: document i yields ceil(len / max_len) windows of max_len (the last shorter).
+    num_pieces = -(-seq_lens // max_len)
+    piece_doc = np.repeat(np.arange(len(doc_ids)), num_pieces)
+    first_piece = np.zeros(len(doc_ids), dtype=np.int64)
+    np.cumsum(num_pieces[:-1], out=first_piece[1:])
+    offset_in_doc = (np.arange(len(piece_doc)) - first_piece[piece_doc]) * max_len
+    starts = doc_starts[piece_doc] + offset_in_doc
+    lengths = np.minimum(max_len, seq_lens[piece_doc] - offset_in_doc)
+    keep = lengths >= 2
+    counts["tail_tokens_dropped"] += int(lengths[~keep].sum())
+    counts["split_pieces"] += int((keep & is_long[piece_doc]).sum())
+    return Sequences(flat, starts[keep], lengths[keep], doc_ids[piece_doc[keep]].astype(np.int64))
