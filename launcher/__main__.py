@@ -21,6 +21,14 @@ USAGE_EXIT = 2
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before any rank started
+        print("hetsp-launch: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
         args = parse_args(argv)
         load_config(args.config, list(args.overrides))  # fail here, before any rank starts
         num_gpus = count_gpus(args.device)
@@ -52,7 +60,7 @@ def _simulate(args: LaunchArgs, num_gpus: int) -> int:
     log(f"simulating {n} rank(s) on this host: {arrangement.reason}; OMP_NUM_THREADS={threads} "
         f"({available_cores()} core(s)); running `python -m {args.module}`")
     return run_simulated(args.module, args.rank_args(), n, arrangement, threads=threads,
-                         all_ranks=args.all_ranks, run_dir=args.run_dir)
+                         all_ranks=args.all_ranks, run_dir=args.run_dir, finish_grace_s=args.finish_grace_s)
 
 
 def _torchrun(args: LaunchArgs, num_gpus: int) -> int:

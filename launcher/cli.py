@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder: exported to ranks as HETSP_RUN_DIR; every rank's full output goes to DIR/logs/")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where ranks compute (auto: CUDA when torch sees a GPU)")
+    p.add_argument("--finish-grace", type=float, default=600.0, metavar="SECONDS",
+                   help="--simulate: once a rank has exited 0, how long the others may still run before the "
+                   "job is stopped as hung (default 600)")
     g = p.add_argument_group("multi-node (through torchrun)")
     g.add_argument("--nnodes", type=int, metavar="K", help="number of nodes")
     g.add_argument("--node-rank", type=int, metavar="I", help="this node's index, 0..K-1")
@@ -61,6 +64,7 @@ class LaunchArgs:
     rdzv_endpoint: str | None
     nproc_per_node: int | None  # None: decided from the GPUs
     max_restarts: int
+    finish_grace_s: float
 
     def rank_args(self) -> list[str]:
         """Arguments of the rank program: CONFIG [--set k=v ...] [--resume] [--dry-run]."""
@@ -87,6 +91,8 @@ def parse_args(argv: list[str] | None) -> LaunchArgs:
             raise UsageError(f"--simulate runs on this host only; drop {', '.join(given)} or drop --simulate")
         if ns.simulate < 1:
             raise UsageError(f"--simulate {ns.simulate}: need at least 1 rank")
+    if ns.finish_grace <= 0:
+        raise UsageError(f"--finish-grace {ns.finish_grace}: must be positive (seconds)")
     mode = "torchrun" if given else "simulate"
     nnodes = 1 if ns.nnodes is None else ns.nnodes
     node_rank = 0 if ns.node_rank is None else ns.node_rank
@@ -121,4 +127,5 @@ def parse_args(argv: list[str] | None) -> LaunchArgs:
         rdzv_endpoint=ns.rdzv_endpoint,
         nproc_per_node=ns.nproc_per_node,
         max_restarts=0 if ns.max_restarts is None else ns.max_restarts,
+        finish_grace_s=ns.finish_grace,
     )

@@ -97,7 +97,7 @@ class ChildProcess:
         log_file = open(self.log_path, "a", encoding="utf-8") if self.log_path else None
         try:
             for raw in iter(self._proc.stdout.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                line = final_state(raw.decode("utf-8", "replace"))
                 with self._tail_lock:
                     self._tail.append(line)
                 if log_file is not None:
@@ -139,6 +139,12 @@ class ChildProcess:
     def tail(self) -> list[str]:
         with self._tail_lock:
             return list(self._tail)
+
+
+def final_state(line: str) -> str:
+    """A line without its terminator; of a progress bar redrawn with carriage returns, the last state."""
+    segments = [seg for seg in line.rstrip("\r\n").split("\r") if seg.strip()]
+    return segments[-1] if segments else ""
 
 
 def describe_exit(code: int) -> str:

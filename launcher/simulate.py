@@ -39,7 +39,7 @@ def rank_environ(base: dict[str, str], *, rank: int, world: int, master_port: in
 
 
 def run_simulated(module: str, rank_args: list[str], num_ranks: int, arrangement: Arrangement, *,
-                  threads: int, all_ranks: bool, run_dir: str | None) -> int:
+                  threads: int, all_ranks: bool, run_dir: str | None, finish_grace_s: float) -> int:
     """Run every rank to the end; 0 if all exit 0, 1 if one fails, 128+signal if interrupted."""
     port = free_port()
     log_dir = None
@@ -59,7 +59,7 @@ def run_simulated(module: str, rank_args: list[str], num_ranks: int, arrangement
         )
         for r in range(num_ranks)
     ]
-    outcome = supervise(children, stop_grace_s=5.0)
+    outcome = supervise(children, stop_grace_s=5.0, finish_grace_s=finish_grace_s)
     return report(outcome, children)
 
 
@@ -79,6 +79,17 @@ def report(outcome: Outcome, children: list[ChildProcess]) -> int:
             log(f"  | {line}")
         if others:
             log("other ranks: " + ", ".join(others))
+        return 1
+    if outcome.stragglers:
+        done = [n for n, c in outcome.exits.items() if c == 0 and n not in outcome.stragglers]
+        stuck = outcome.stragglers
+        log(f"{', '.join(done)} finished but {', '.join(stuck)} kept running past the finish grace "
+            "(a rank waiting for a peer that is gone?): stopped them")
+        child = next(c for c in children if c.name == stuck[0])
+        lines = child.tail()
+        log(f"last {len(lines)} line(s) of {stuck[0]}:")
+        for line in lines:
+            log(f"  | {line}")
         return 1
     sig = outcome.signal_received
     log(f"received {signal.Signals(sig).name}: stopped all ranks ({', '.join(others)})")

@@ -20,10 +20,11 @@ class Outcome:
     first_failure: str | None = None  # name of the first child that exited non-zero
     stopped: list[str] = field(default_factory=list)  # children the supervisor had to stop
     signal_received: int | None = None  # SIGINT/SIGTERM that stopped the job
+    stragglers: list[str] = field(default_factory=list)  # still running `finish_grace_s` after one finished
 
     @property
     def ok(self) -> bool:
-        return self.first_failure is None and self.signal_received is None
+        return self.first_failure is None and self.signal_received is None and not self.stragglers
 
 
 class _SignalTrap:
@@ -51,8 +52,13 @@ class _SignalTrap:
             signal.signal(sig, handler)
 
 
-def supervise(children: list[ChildProcess], *, stop_grace_s: float = 5.0) -> Outcome:
-    """Start `children`, wait for all of them to exit 0, or stop them all at the first failure."""
+def supervise(children: list[ChildProcess], *, stop_grace_s: float = 5.0,
+              finish_grace_s: float | None = None) -> Outcome:
+    """Start `children`, wait for all of them to exit 0, or stop them all at the first failure.
+
+    finish_grace_s: once one child has exited 0, how long the others may still run before
+    they are taken as hung (e.g. waiting in a collective for a peer that is gone) and stopped.
+    """
     outcome = Outcome()
     exits: queue.Queue[tuple[str, int]] = queue.Queue()
     with _SignalTrap(children) as trap:
@@ -71,7 +77,12 @@ def supervise(children: list[ChildProcess], *, stop_grace_s: float = 5.0) -> Out
             threading.Thread(target=lambda c=child: exits.put((c.name, c.wait())), daemon=True).start()
 
         pending = {c.name for c in children}
+        first_finish: float | None = None
         while pending and trap.received is None:
+            if first_finish is not None and finish_grace_s is not None \
+                    and time.monotonic() - first_finish > finish_grace_s:
+                outcome.stragglers = [c.name for c in children if c.name in pending]
+                break
             try:
                 name, code = exits.get(timeout=POLL_S)
             except queue.Empty:
@@ -81,6 +92,8 @@ def supervise(children: list[ChildProcess], *, stop_grace_s: float = 5.0) -> Out
             if code != 0:
                 outcome.first_failure = name
                 break
+            if first_finish is None:
+                first_finish = time.monotonic()
         outcome.signal_received = trap.received
         if pending:
             _stop(children, pending, exits, outcome, stop_grace_s)

@@ -17,6 +17,7 @@ import pytest
 from launcher.__main__ import main
 from launcher.devices import simulated_arrangement, threads_per_rank, torchrun_arrangement, available_cores
 from launcher.rank_env import RankEnv, resolve_device
+from launcher.ranks import final_state
 from launcher.simulate import free_port
 from launcher.torchrun import torchrun_command
 
@@ -289,3 +290,16 @@ def test_torchrun_rank_failure_is_named_with_its_last_lines(config):
     assert "rank 1 (local rank 1) failed first" in r.stderr
     assert "[launcher]   | RuntimeError: boom on rank 1" in r.stderr
     assert "[launcher]   | rank 1 line 29" in r.stderr
+
+
+def test_progress_bar_redraws_collapse_to_their_final_state():
+    assert final_state("step 1\n") == "step 1"
+    assert final_state(" 10%|#  \r 50%|#####  \r100%|##########\r\n") == "100%|##########"
+    assert final_state("\n") == ""
+
+
+def test_ranks_still_running_after_another_finished_are_stopped(config):
+    r = launch("finish_early", "--simulate", "3", str(config), "--finish-grace", "3", timeout=30)
+    assert r.returncode == 1
+    assert "rank 1 finished but rank 0, rank 2 kept running past the finish grace" in r.stderr
+    assert "[launcher]   | rank 0 started" in r.stderr
