@@ -259,6 +259,12 @@ def test_empty_corpus(tmp_path):
         build_data(small_config(path), 0)
 
 
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "none.jsonl").write_text("")
+    with pytest.raises(ValueError, match="corpus is empty"):
+        build_data(small_config(tmp_path / "none.jsonl"), 0)
+
+
 def test_everything_dropped(tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", ["x" * 100, "y" * 200])
     with pytest.raises(ValueError, match="no training sequences left"):

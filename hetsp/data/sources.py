@@ -82,6 +82,8 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
         raise ValueError(
             f"data.dataset = {str(path)!r}: the folder mixes file kinds {sorted(kinds)}; keep one kind per folder"
         )
+    if all(p.stat().st_size == 0 for p in files):
+        raise ValueError(f"data.dataset = {str(path)!r}: the corpus is empty (every file has 0 bytes)")
     return kinds.pop(), [str(p) for p in files]
 
 
