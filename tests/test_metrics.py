@@ -14,6 +14,8 @@ from hetsp.metrics.jsonl import read_jsonl
 from hetsp.metrics.plot import main as plot_main
 from hetsp.plan import Group, MicroBatch, Plan
 
+from . import metrics_fns
+
 
 def _record(step: int, **extra):
     rec = {"loss": 5.0 - 0.1 * step, "lr": 1e-3, "tokens": 1000, "step_time_s": 0.5, "plan_time_s": 0.05,
@@ -121,6 +123,29 @@ def test_summary_peak_memory_and_nan(tmp_path):
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert records[0]["grad_norm"] is None  # NaN is written as null, readable by any JSON parser
     assert summarize(records, 1)["peak_mem_bytes"] == 300
+
+
+def test_world_size_from_the_process_group(rank_pool, tmp_path):
+    results = rank_pool(2).run(metrics_fns.log_one_step, str(tmp_path))
+    assert results == [(2, True), (2, False)]
+    (line,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert line["tokens_per_s_per_rank"] == pytest.approx(150.0)
+
+
+def test_comm_and_data_shares(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path / "a", True, 1, world_size=1, progress="off")
+    logger.log_step(0, _record(0))
+    summary = logger.close()
+    assert summary["comm_time_share"] is None and summary["data_time_share"] is None
+    table = capsys.readouterr().out
+    assert "communication" not in table and "data loading" not in table
+    logger = MetricsLogger(tmp_path / "b", True, 2, world_size=1, progress="off")
+    logger.log_step(0, _record(0, comm_s=0.1, data_s=0.05))
+    logger.log_step(1, _record(1, comm_s=0.1, data_s=0.05))
+    summary = logger.close()
+    assert summary["comm_time_share"] == pytest.approx(0.2)
+    assert summary["data_time_share"] == pytest.approx(0.1)
+    assert "communication time share |  20.0%" in capsys.readouterr().out
 
 
 def test_progress_lines(tmp_path, capsys):

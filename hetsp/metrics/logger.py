@@ -46,10 +46,18 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _default_world_size() -> int:
+    torch = sys.modules.get("torch")  # never import torch just for this
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 class MetricsLogger:
     """Rank-0 metrics of a run (see the module docstring for the files).
 
-    world_size: ranks in the job (for tokens/s per rank).
+    world_size: ranks in the job (for tokens/s per rank and MFU); None: the initialised
+    torch.distributed world's size, or 1 without one.
     peak_flops_per_rank: `hetsp.metrics.flops.peak_flops` of the device, or None (MFU then not reported).
     progress: "bar" (tqdm), "lines" (one plain line every `print_every` steps, for
     output that is piped, e.g. through the launcher), "off", or "auto" (bar on a terminal, lines otherwise).
@@ -62,7 +70,7 @@ class MetricsLogger:
         total_steps: int,
         start_step: int = 0,
         *,
-        world_size: int = 1,
+        world_size: int | None = None,
         peak_flops_per_rank: float | None = None,
         progress: Progress = "auto",
         print_every: int = 1,
@@ -71,7 +79,7 @@ class MetricsLogger:
         self.is_rank0 = is_rank0
         self.total_steps = total_steps
         self.start_step = start_step
-        self.world_size = world_size
+        self.world_size = world_size if world_size is not None else _default_world_size()
         self.peak_flops_per_rank = peak_flops_per_rank
         self.print_every = max(1, print_every)
         self.records: list[dict[str, Any]] = []

@@ -22,6 +22,8 @@ def summarize(records: Iterable[dict[str, Any]], world_size: int) -> dict[str, A
     tokens = sum(r.get("tokens", 0) or 0 for r in train)
     step_time = sum(r.get("step_time_s", 0.0) or 0.0 for r in train)
     plan_time = sum(r.get("plan_time_s", 0.0) or 0.0 for r in train)
+    comm_times = [r["comm_s"] for r in train if r.get("comm_s") is not None]
+    data_times = [r["data_s"] for r in train if r.get("data_s") is not None]
     mems = [r["peak_mem_bytes"] for r in train if r.get("peak_mem_bytes") is not None]
     mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
     tokens_per_s = tokens / step_time if step_time > 0 else None
@@ -38,6 +40,8 @@ def summarize(records: Iterable[dict[str, Any]], world_size: int) -> dict[str, A
         "tokens_per_s_per_rank": tokens_per_s / world_size if tokens_per_s is not None else None,
         "world_size": world_size,
         "plan_time_share": plan_time / step_time if step_time > 0 else None,
+        "comm_time_share": sum(comm_times) / step_time if comm_times and step_time > 0 else None,
+        "data_time_share": sum(data_times) / step_time if data_times and step_time > 0 else None,
         "mean_mfu": _mean(mfus),
         "peak_mem_bytes": max(mems) if mems else None,
     }
@@ -71,18 +75,23 @@ ROWS = (
     ("tokens_per_s", "tokens/s (total)", "rate"),
     ("tokens_per_s_per_rank", "tokens/s (per rank)", "rate"),
     ("plan_time_share", "planning time share", "pct"),
+    ("comm_time_share", "communication time share", "pct"),
+    ("data_time_share", "data loading time share", "pct"),
     ("mean_mfu", "MFU (mean)", "pct"),
     ("peak_mem_bytes", "peak memory (rank 0)", "bytes"),
 )
 
+OPTIONAL_ROWS = {"comm_time_share", "data_time_share", "mean_mfu"}
+
 
 def format_table(summary: dict[str, Any]) -> str:
     """A two-column text table of `summarize`'s result."""
-    # MFU is left out, not shown as a guess, when the device peak is unknown.
+    # Rows of figures that were never measured are left out (MFU: not shown as a guess
+    # when the device peak is unknown).
     cells = [
         (label, _fmt(summary.get(key), kind))
         for key, label, kind in ROWS
-        if not (key == "mean_mfu" and summary.get(key) is None)
+        if not (key in OPTIONAL_ROWS and summary.get(key) is None)
     ]
     width = max(len(label) for label, _ in cells)
     value_width = max(len(v) for _, v in cells)
