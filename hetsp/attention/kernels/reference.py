@@ -33,8 +33,8 @@ def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: f
         s = (q @ k.transpose(1, 2)) * scale
         if causal:
             s = s.masked_fill(~_mask(b - a, e - c, q.device), float("-inf"))
-        l = torch.logsumexp(s, dim=-1)  # H, nq
-        p = torch.exp(s - l[..., None])
+        l = torch.logsumexp(s, dim=-1)  # H, nq; -inf for a row that sees no key (then p = 0, out = 0)
+        p = torch.exp(s - torch.where(torch.isfinite(l), l, 0.0)[..., None])
         out[a:b] = (p @ v).transpose(0, 1)
         lse[a:b] = l.transpose(0, 1)
     return out.to(q_THD.dtype), lse
@@ -59,7 +59,8 @@ def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segm
         s = (q @ k.transpose(1, 2)) * scale
         if causal:
             s = s.masked_fill(~_mask(b - a, e - c, q.device), float("-inf"))
-        p = torch.exp(s - lse_TH[a:b].to(acc).transpose(0, 1)[..., None])
+        lse = lse_TH[a:b].to(acc).transpose(0, 1)
+        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
         dv[c:e] = (p.transpose(1, 2) @ do).transpose(0, 1)
         dp = do @ v.transpose(1, 2)
         ds = p * (dp - (do * o).sum(-1, keepdim=True))

@@ -1,0 +1,236 @@
+"""Block kernel in Triton: variable-length flash attention forward and backward with log-sum-exp.
+
+Legend: T tokens, H query heads, K kv heads (G = H / K query heads share one), D head dim.
+Causal alignment: bottom-right (query i of a segment with nq queries and nk keys sees keys
+j <= i + nk - nq), like flash-attn. fp16, bf16 and fp32 inputs (fp32 dots in IEEE precision);
+softmax statistics, lse and dq/dk/dv are fp32. Runs on CUDA, and on CPU tensors under
+TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check it here.
+
+Kernels: `_fwd` (one program per query tile, segment, head), `_bwd_dkdv` (one per key tile,
+segment, kv head; loops over the G query heads of the kv head, so no atomics) and `_bwd_dq`.
+D_i = rowsum(dO_i * O_i) uses the final merged O given by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .base import BlockKernel, Segments
+
+
+def _blocks(device: torch.device) -> tuple[int, int]:
+    if device.type == "cuda":
+        return 64, 64
+    return 16, 16  # interpreter: small tiles keep it quick
+
+
+@triton.jit
+def _fwd(Q, K, V, O, L, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
+         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    h = tl.program_id(2)
+    kh = h // G
+    q0 = tl.load(cu_q + seg)
+    nq = tl.load(cu_q + seg + 1) - q0
+    k0 = tl.load(cu_k + seg)
+    nk = tl.load(cu_k + seg + 1) - k0
+    if pid_m * BLOCK_M < nq:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < nq
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        shift = nk - nq
+        end_n = nk
+        if CAUSAL:
+            end_n = tl.minimum(nk, tl.maximum(0, (pid_m + 1) * BLOCK_M + shift))
+        for start_n in range(0, end_n, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < nk
+            kt = tl.load(K + (k0 + cols)[None, :] * s_kt + kh * s_kh + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(V + (k0 + cols)[:, None] * s_kt + kh * s_kh + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * scale
+            valid = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + shift)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(O + (q0 + offs_m)[:, None] * s_ot + h * s_oh + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(L + (q0 + offs_m) * s_lt + h, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
+              G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    seg = tl.program_id(1)
+    kh = tl.program_id(2)
+    q0 = tl.load(cu_q + seg)
+    nq = tl.load(cu_q + seg + 1) - q0
+    k0 = tl.load(cu_k + seg)
+    nk = tl.load(cu_k + seg + 1) - k0
+    if pid_n * BLOCK_N < nk:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < nk
+        d_ok = offs_d < HEAD_DIM
+        k = tl.load(K + (k0 + offs_n)[:, None] * s_kt + kh * s_kh + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + (k0 + offs_n)[:, None] * s_kt + kh * s_kh + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        shift = nk - nq
+        start_m = 0
+        if CAUSAL:
+            start_m = tl.maximum(0, pid_n * BLOCK_N - shift) // BLOCK_M * BLOCK_M
+        for g in range(G):
+            h = kh * G + g
+            for m in range(start_m, nq, BLOCK_M):
+                offs_m = m + offs_m0
+                row_ok = offs_m < nq
+                q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                do = tl.load(DO + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                lse = tl.load(L + (q0 + offs_m) * s_lt + h, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + (q0 + offs_m) * s_lt + h, mask=row_ok, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                valid = row_ok[:, None] & col_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
+                p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        mask = col_ok[:, None] & d_ok[None, :]
+        tl.store(DK + (k0 + offs_n)[:, None] * s_gt + kh * s_gh + offs_d[None, :], dk * scale, mask=mask)
+        tl.store(DV + (k0 + offs_n)[:, None] * s_gt + kh * s_gh + offs_d[None, :], dv, mask=mask)
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
+            G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    h = tl.program_id(2)
+    kh = h // G
+    q0 = tl.load(cu_q + seg)
+    nq = tl.load(cu_q + seg + 1) - q0
+    k0 = tl.load(cu_k + seg)
+    nk = tl.load(cu_k + seg + 1) - k0
+    if pid_m * BLOCK_M < nq:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < nq
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + (q0 + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(L + (q0 + offs_m) * s_lt + h, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + (q0 + offs_m) * s_lt + h, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        shift = nk - nq
+        end_n = nk
+        if CAUSAL:
+            end_n = tl.minimum(nk, tl.maximum(0, (pid_m + 1) * BLOCK_M + shift))
+        for start_n in range(0, end_n, BLOCK_N):
+            offs_n = start_n + offs_n0
+            col_ok = offs_n < nk
+            k = tl.load(K + (k0 + offs_n)[:, None] * s_kt + kh * s_kh + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + (k0 + offs_n)[:, None] * s_kt + kh * s_kh + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            valid = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        tl.store(DQ + (q0 + offs_m)[:, None] * s_gt + h * s_gh + offs_d[None, :], dq * scale, mask=row_ok[:, None] & d_ok[None, :])
+
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q: torch.Tensor) -> None:
+    if q.dtype not in _SUPPORTED:
+        raise ValueError(f"the triton attention kernel takes fp16, bf16 or fp32, got {q.dtype}; use kernel='reference' for fp64")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton attention kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
+    bm, bn = _blocks(q.device)
+    return dict(
+        G=q.shape[1] // k.shape[1],
+        HEAD_DIM=q.shape[2],
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        CAUSAL=bool(causal),
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float):
+    """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32)."""
+    _check(q_THD)
+    q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    cu_q, cu_k = seg.device_cu(q.device)
+    meta = _meta(q, k, causal)
+    grid = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
+    _fwd[grid](q, k, v, out, lse, cu_q, cu_k, float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+               out.stride(0), out.stride(1), lse.stride(0), **meta)
+    return out, lse
+
+
+def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float):
+    """(dq (Tq, H, D), dk (Tk, K, D), dv) in fp32 from the given final `out` and `lse`."""
+    _check(q_THD)
+    q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
+    do = dout_THD.to(q.dtype).contiguous()
+    lse = lse_TH.float().contiguous()
+    delta = (dout_THD.float() * out_THD.float()).sum(-1).contiguous()  # D_i = rowsum(dO * O), final O
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    cu_q, cu_k = seg.device_cu(q.device)
+    meta = _meta(q, k, causal)
+    grid_kv = (triton.cdiv(seg.max_k, meta["BLOCK_N"]), seg.num_segments, k.shape[1])
+    _bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, float(scale), q.stride(0), q.stride(1),
+                       k.stride(0), k.stride(1), lse.stride(0), dk.stride(0), dk.stride(1), **meta)
+    grid_q = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
+    _bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_q, cu_k, float(scale), q.stride(0), q.stride(1),
+                    k.stride(0), k.stride(1), lse.stride(0), dq.stride(0), dq.stride(1), **meta)
+    return dq, dk, dv
+
+
+TRITON_KERNEL = BlockKernel(
+    name="triton",
+    forward=block_forward,
+    backward=block_backward,
+    causal_alignment="bottom_right",
+    note="Triton varlen flash attention with log-sum-exp",
+)
