@@ -1,0 +1,212 @@
+"""`HybridModel` / `HybridForCausalLM`: pre-norm layers of (mixer, SwiGLU MLP) over a token embedding.
+
+No distributed code: sequence parallelism comes from outside, through the attention
+interface (`config._attn_implementation`), the swappable kernels of every SSM mixer
+(`set_kernels` or `models.kernels.KERNELS`), and forward keyword arguments that reach
+every mixer. Packed rows: pass `cu_seqlens` (int32 boundaries, batch of one row), or a
+`hetsp_shard` object whose `cu_seqlens` attribute is used; documents never share
+state, convolution context or attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache import HybridCache
+from .configuration_hybrid import HybridConfig
+from .kernels import KERNELS, positions_in_segment, segment_ids
+from .layers import RMSNorm, SwiGLU, rotary_cos_sin
+from .mixers import build_mixer
+
+_MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+class HybridDecoderLayer(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.mixer = build_mixer(kind, config, layer_idx)
+        self.owns_residual = getattr(self.mixer, "owns_residual", False)
+        if not self.owns_residual:
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_mixer_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states, **kwargs):
+        if self.owns_residual:
+            hidden_states = self.mixer(hidden_states, **kwargs)
+        else:
+            hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states), **kwargs)
+        return hidden_states + self.mlp(self.post_mixer_layernorm(hidden_states))
+
+
+class HybridPreTrainedModel(PreTrainedModel):
+    config_class = HybridConfig
+    config: HybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["HybridDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # Decoding state lives in HybridCache, created by the forward itself.
+        return False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        if hasattr(module, "reset_ssm_parameters"):
+            module.reset_ssm_parameters()
+
+
+def _mask(batch, length, past, cu_seqlens, attention_mask, dtype, device):
+    """Additive (B, 1, L, past + L) mask: causal, same document, not padding."""
+    q_pos = torch.arange(past, past + length, device=device)
+    k_pos = torch.arange(past + length, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None].expand(batch, length, past + length)
+    if cu_seqlens is not None:
+        seg = segment_ids(batch, length, cu_seqlens, device)
+        allowed = allowed & (seg[:, :, None] == seg[:, None, :])
+    if attention_mask is not None and attention_mask.ndim == 2:
+        allowed = allowed & attention_mask[:, None, -(past + length) :].bool()
+    out = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class HybridModel(HybridPreTrainedModel):
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            [HybridDecoderLayer(config, i, kind) for i, kind in enumerate(config.layer_kinds)]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: HybridCache | None = None,
+        inputs_embeds=None,
+        use_cache: bool | None = None,
+        cu_seqlens=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        kwargs.pop("past_key_values", None)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        if cu_seqlens is None and kwargs.get("hetsp_shard") is not None:
+            cu_seqlens = getattr(kwargs["hetsp_shard"], "cu_seqlens", None)
+        if use_cache and cache is None:
+            cache = HybridCache(len(self.layers))
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("decoding with a cache works on unpacked rows; drop cu_seqlens or the cache")
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            if cu_seqlens is not None:
+                position_ids = positions_in_segment(batch, length, cu_seqlens, device)
+            else:
+                position_ids = (torch.arange(length, device=device) + past)[None].expand(batch, length)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim or 2, self.config.rope_theta, inputs_embeds.dtype)
+        mask = None
+        if self.config._attn_implementation in _MASKED_IMPLEMENTATIONS and "attention" in self.config.layer_kinds:
+            mask = _mask(batch, length, past, cu_seqlens, attention_mask, inputs_embeds.dtype, device)
+        hidden = inputs_embeds
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                position_ids=position_ids,
+                position_embeddings=(cos, sin),
+                attention_mask=mask,
+                cache=cache,
+                cu_seqlens=cu_seqlens,
+                **kwargs,
+            )
+        if cache is not None:
+            cache.seen_tokens += length
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache)
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.model = HybridModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: HybridCache | None = None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+    def set_kernels(self, **overrides) -> None:
+        """Replace sequence kernels of every mixer of this model (names as in `models.kernels.KERNELS`)."""
+        unknown = sorted(set(overrides) - set(KERNELS))
+        if unknown:
+            raise ValueError(f"unknown kernel name(s) {unknown}; valid names are {sorted(KERNELS)}")
+        for layer in self.model.layers:
+            layer.mixer.kernels.maps[0].update(overrides)
+
+    def mixer_metrics(self) -> dict[str, float]:
+        """Activation ratio of every SeqBoat layer in the last forward: {"layers.<i>.seqboat": ratio}."""
+        out = {}
+        for i, layer in enumerate(self.model.layers):
+            ratio = getattr(layer.mixer, "last_activation_ratio", None)
+            if ratio is not None:
+                out[f"layers.{i}.{layer.kind}"] = float(ratio)
+        return out
