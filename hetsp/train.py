@@ -64,7 +64,7 @@ class Planning:
 
     def prefetch(self, step: int) -> None:
         if self._pool is not None and step not in self._pending:
-            lengths = [len(s) for s in self.data.train_batch(step)]
+            lengths = self.data.train_batch_lengths(step)
             self._pending[step] = self._pool.submit(self._plan_lengths, lengths)
 
     def plan_for(self, step: int, sequences: list[list[int]] | None = None) -> Any:
@@ -184,10 +184,10 @@ def train(cfg: Config, resume: bool) -> None:
                 record["grad_norm"] = float(grad_norm)
             if device.type == "cuda":
                 record["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
-            metrics.log_step(step + 1, record)
+            metrics.log_step(step, record)
             done = step + 1
             if val and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                metrics.log_eval(done, evaluate(engine, planning, val, rank, world_size, device, objective, kernel))
+                metrics.log_eval(step, evaluate(engine, planning, val, rank, world_size, device, objective, kernel))
             if cfg.train.checkpoint_every > 0 and (done % cfg.train.checkpoint_every == 0 or done == end):
                 checkpoint.save(engine, run_dir, done, ckpt_meta, cfg.train.keep_checkpoints)
     finally:
@@ -227,6 +227,8 @@ def init_distributed() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     setup_logging(rank)
     try:
         cfg = load_config(args.config, args.overrides)
