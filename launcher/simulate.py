@@ -32,7 +32,7 @@ def rank_environ(base: dict[str, str], *, rank: int, world: int, master_port: in
     )
     env[DEVICE_VAR] = device
     env[BACKEND_VAR] = backend
-    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env["OMP_NUM_THREADS"] = str(threads)
     if run_dir is not None:
         env[RUN_DIR_VAR] = run_dir
     return env
@@ -68,29 +68,29 @@ def report(outcome: Outcome, children: list[ChildProcess]) -> int:
     if outcome.ok:
         log(f"all {len(children)} rank(s) finished")
         return 0
-    others = [f"{n}: {describe_exit(c)}" for n, c in outcome.exits.items() if n != outcome.first_failure]
+    by_name = {c.name: c for c in children}
     if outcome.first_failure is not None:
         name = outcome.first_failure
-        child = next(c for c in children if c.name == name)
-        lines = child.tail()
         log(f"{name} failed ({describe_exit(outcome.exits[name])}); stopped the other ranks")
-        log(f"last {len(lines)} line(s) of {name}:")
-        for line in lines:
-            log(f"  | {line}")
+        _show_tail(by_name[name])
+        others = [f"{n}: {describe_exit(c)}" for n, c in outcome.exits.items() if n != name]
         if others:
             log("other ranks: " + ", ".join(others))
         return 1
     if outcome.stragglers:
         done = [n for n, c in outcome.exits.items() if c == 0 and n not in outcome.stragglers]
-        stuck = outcome.stragglers
-        log(f"{', '.join(done)} finished but {', '.join(stuck)} kept running past the finish grace "
-            "(a rank waiting for a peer that is gone?): stopped them")
-        child = next(c for c in children if c.name == stuck[0])
-        lines = child.tail()
-        log(f"last {len(lines)} line(s) of {stuck[0]}:")
-        for line in lines:
-            log(f"  | {line}")
+        log(f"{', '.join(done)} finished but {', '.join(outcome.stragglers)} kept running past the finish "
+            "grace (waiting for a peer that is gone?): stopped them")
+        _show_tail(by_name[outcome.stragglers[0]])
         return 1
     sig = outcome.signal_received
-    log(f"received {signal.Signals(sig).name}: stopped all ranks ({', '.join(others)})")
+    assert sig is not None
+    log(f"received {signal.Signals(sig).name}: stopped all ranks")
     return 128 + sig
+
+
+def _show_tail(child: ChildProcess) -> None:
+    lines = child.tail()
+    log(f"last {len(lines)} line(s) of {child.name}:")
+    for line in lines:
+        log(f"  | {line}")

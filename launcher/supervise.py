@@ -18,7 +18,6 @@ POLL_S = 0.2
 class Outcome:
     exits: dict[str, int] = field(default_factory=dict)  # child name -> exit code, in exit order
     first_failure: str | None = None  # name of the first child that exited non-zero
-    stopped: list[str] = field(default_factory=list)  # children the supervisor had to stop
     signal_received: int | None = None  # SIGINT/SIGTERM that stopped the job
     stragglers: list[str] = field(default_factory=list)  # still running `finish_grace_s` after one finished
 
@@ -104,7 +103,6 @@ def supervise(children: list[ChildProcess], *, stop_grace_s: float = 5.0,
 
 
 def _stop(children, pending: set[str], exits: queue.Queue, outcome: Outcome, grace_s: float) -> None:
-    outcome.stopped = sorted(pending, key=[c.name for c in children].index)
     by_name = {c.name: c for c in children}
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         for name in pending:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -78,7 +79,7 @@ def run_torchrun(module: str, rank_args: list[str], *, nnodes: int, node_rank: i
         log("torchrun finished")
         return 0
     if outcome.signal_received is not None:
-        log(f"stopped torchrun on signal {outcome.signal_received}")
+        log(f"received {signal.Signals(outcome.signal_received).name}: stopped torchrun")
         return 128 + outcome.signal_received
     code = outcome.exits["torchrun"]
     lines = child.tail()
