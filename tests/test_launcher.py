@@ -119,9 +119,14 @@ def _read_lines(stream, q: queue.Queue) -> None:
     q.put(None)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_launcher_stops_every_rank(config, sig):
-    proc = subprocess.Popen(_launcher_argv("sleep_forever", "--simulate", "2", "--all-ranks", str(config)),
+@pytest.mark.parametrize(
+    "sig, mode",
+    [(signal.SIGTERM, ["--simulate", "2"]), (signal.SIGINT, ["--simulate", "2"]),
+     (signal.SIGTERM, ["--nproc-per-node", "2"])],
+    ids=["simulate-SIGTERM", "simulate-SIGINT", "torchrun-SIGTERM"],
+)
+def test_signal_to_the_launcher_stops_every_rank(config, sig, mode):
+    proc = subprocess.Popen(_launcher_argv("sleep_forever", *mode, "--all-ranks", str(config)),
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
