@@ -143,7 +143,6 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (rotary frequencies) stay on the meta device: they are not saved,
     # and from_pretrained recomputes them from the config.
-    model.config.torch_dtype = torch_dtype
     model.config.dtype = torch_dtype
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

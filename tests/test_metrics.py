@@ -196,6 +196,26 @@ def test_model_flops_match_hand_count(tie):
     assert flops.for_lengths([3, 5]) == pytest.approx(3 * flops.per_token(3) + 5 * flops.per_token(5))
 
 
+def test_attention_layers_counted_once():
+    import torch.nn as nn
+
+    from hetsp.metrics.flops import _count_attention_modules
+
+    class InnerAttention(nn.Module):
+        pass
+
+    class AttentionMixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.core = InnerAttention()
+
+    class Mamba2Mixer(nn.Module):
+        pass
+
+    layers = nn.ModuleList([Mamba2Mixer(), AttentionMixer(), Mamba2Mixer(), AttentionMixer(), Mamba2Mixer()])
+    assert _count_attention_modules(nn.Sequential(layers)) == 2
+
+
 def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
     assert peak_flops("NVIDIA H100 PCIe") == 756.5e12

@@ -90,8 +90,7 @@ class ModelFlops:
     def from_hf_config(cls, hf_config: Any) -> "ModelFlops":
         """From a transformers config: the model is built on the meta device to count parameters.
 
-        Attention layers are the modules named ``*.self_attn`` (the transformers
-        convention; hybrid models have them only in their attention layers).
+        See `from_model` for what counts as an attention layer.
         """
         import torch
         from transformers import AutoModelForCausalLM
@@ -101,8 +100,14 @@ class ModelFlops:
         return cls.from_model(model, hf_config)
 
     @classmethod
-    def from_model(cls, model: Any, hf_config: Any | None = None) -> "ModelFlops":
-        """From a built model (any device, meta included)."""
+    def from_model(cls, model: Any, hf_config: Any | None = None, num_attention_layers: int | None = None) -> "ModelFlops":
+        """From a built model (any device, meta included).
+
+        Attention layers (when `num_attention_layers` is not given) are the outermost
+        modules whose class name contains "Attention" (LlamaAttention, BambaAttention,
+        the hybrid models' AttentionMixer); SSM and convolution mixers contribute through
+        their parameters only (their scans are linear in T and not counted).
+        """
         hf_config = hf_config if hf_config is not None else model.config
         seen: set[int] = set()
         num_params = 0
@@ -114,10 +119,23 @@ class ModelFlops:
         output = model.get_output_embeddings()
         if embed is not None and (output is None or output.weight is not embed.weight):
             num_params -= embed.weight.numel()
-        num_attention_layers = sum(1 for name, _ in model.named_modules() if name.endswith("self_attn"))
+        if num_attention_layers is None:
+            num_attention_layers = _count_attention_modules(model)
         num_heads = getattr(hf_config, "num_attention_heads", 0) or 0
         head_dim = getattr(hf_config, "head_dim", None) or (hf_config.hidden_size // num_heads if num_heads else 0)
         return cls.from_param_count(num_params, num_attention_layers, num_heads * head_dim)
+
+
+def _count_attention_modules(model: Any) -> int:
+    count = 0
+    inside: list[str] = []  # names of attention modules already counted (skip their children)
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if "Attention" in type(module).__name__:
+            inside.append(name)
+            count += 1
+    return count
 
 
 def model_flops_per_token(hf_config_or_param_count: Any, seq_len: int) -> float:

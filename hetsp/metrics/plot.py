@@ -43,6 +43,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = load_records(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
@@ -57,6 +58,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     if val_steps:
         ax.plot(val_steps, val, "o-", label="validation", markersize=4)
     ax.set(xlabel="step", ylabel="loss", title=f"{name}: loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     loss_png = out_dir / "loss.png"
@@ -80,6 +82,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         axes[1][0].set(ylabel="MFU (%)")
         axes[1][0].grid(alpha=0.3)
     axes[-1][0].set(xlabel="step")
+    axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
     throughput_png = out_dir / "throughput.png"
     fig.tight_layout()
     fig.savefig(throughput_png, dpi=120)
