@@ -79,6 +79,10 @@ class ClusterConfig:
     peak_tflops: float = 0.0  # 0: unknown (looked up from the device when possible)
     intra_node_gbps: float = 100.0
     inter_node_gbps: float = 12.5
+    # Ring cost model: the fraction of peak FLOP/s that kernels reach, and the latency of one
+    # point-to-point message (per ring step).
+    compute_efficiency: float = 0.5
+    link_latency_us: float = 10.0
 
 
 @dataclass
@@ -92,6 +96,8 @@ class PlannerConfig:
     # A sequence longer than the largest group can hold: "error" (name it) or "drop" (plan the
     # rest; Plan.meta lists the dropped indices and maps plan sequences back to the input).
     long_policy: Literal["error", "drop"] = "error"
+    flexsp_model: str = "7b"  # cost_model = "flexsp": which published model ("7b", "13b", "30b")
+    profile_path: str = ""  # cost_model = "profile": the measured JSON table
     # Planner-specific options, passed through untouched.
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -67,7 +67,8 @@ class MilpPlanner(CostedPlanner):
             "milp_buckets": num_buckets,
             "milp_micro_batches": m_cap,
         }
-        remaining = limit - (time.perf_counter() - t0)
+        # keep a margin for dealing out the solution and polishing it
+        remaining = 0.85 * limit - (time.perf_counter() - t0)
         if remaining < 0.05:
             meta["fallback"] = "no time left for the MILP after the heuristic"
             return heur, "heuristic", meta
@@ -91,7 +92,7 @@ class MilpPlanner(CostedPlanner):
             return heur, "heuristic", meta
         mbs = res.micro_batches
         if not exact:
-            ls = LocalSearch(table, num_ranks, time.perf_counter() + max(0.02, 0.1 * limit))
+            ls = LocalSearch(table, num_ranks, time.perf_counter() + max(0.02, 0.05 * limit))
             ls.improve(mbs)
         m_cost = plan_cost(mbs, table.fixed)
         meta["milp_est_s"] = m_cost

@@ -20,7 +20,10 @@ comes from `prob.sol_status` (1 = proven optimal, 2 = feasible only).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -49,11 +52,36 @@ class MilpResult:
     note: str = ""
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1 (C-level prints included) for the duration."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout: nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _make_highs(time_limit: float, threads: int | None):
     import pulp
 
     class WarmHiGHS(pulp.HiGHS):
         """PuLP's HiGHS with a warm start taken from the variables' initial values."""
+
+        def createAndConfigureSolver(self, lp):  # noqa: N802 (PuLP's name)
+            # highspy prints a banner on stdout when a solver is made, whatever output_flag says;
+            # it would corrupt --json output.
+            with _quiet_stdout():
+                super().createAndConfigureSolver(lp)
 
         def callSolver(self, lp):  # noqa: N802 (PuLP's name)
             import highspy

@@ -1,0 +1,212 @@
+"""``python -m solver`` / ``hetsp-plan``: plan batches and show the plans next to the baselines.
+
+Examples::
+
+    hetsp-plan --lengths ../shared/data/lengths/wikipedia.txt --ranks 64 --cost-model flexsp \\
+        --flexsp-model 7b --memory-gb 30 --group-sizes 2,4,8,16,64 --round-to 128 --max-length 191872 \\
+        --batch-size 512 --num-batches 5
+    hetsp-plan --run runs/default --ranks 4 --config configs/default.toml --json
+    hetsp-plan --dataset data.jsonl --tokenizer bytes --ranks 8 --plot plan.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hetsp.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetsp-plan", description="Plan batches of sequences over ranks; compare planners.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--lengths", metavar="FILE", help="sequence lengths, one integer per line")
+    src.add_argument("--dataset", help="a datasets dataset (local file/folder or cached hub name)")
+    src.add_argument("--run", metavar="DIR", help="a training run folder: re-plan the batches in its plans.jsonl")
+    p.add_argument("--tokenizer", default="bytes", help="with --dataset: 'bytes' or a local tokenizer folder")
+    p.add_argument("--split", default="train")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--dataset-config", default="")
+    p.add_argument("--step", type=int, default=None, help="with --run: only this step")
+    p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (0: all in one batch)")
+    p.add_argument("--num-batches", type=int, default=1)
+    p.add_argument("--first-batch", type=int, default=0)
+    p.add_argument("--round-to", type=int, default=1, help="round each length up to a multiple of this")
+    p.add_argument("--max-length", type=int, default=0, help="drop (rounded) lengths above this before batching")
+    p.add_argument("--config", help="a hetsp TOML config (its cluster, planner and model sections are used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--planner", help="planner name (default: the config's, else milp)")
+    p.add_argument("--ranks", type=int, help="number of ranks (with --run: taken from the plans when omitted)")
+    p.add_argument("--ranks-per-node", type=int)
+    p.add_argument("--tokens-per-rank", type=int)
+    p.add_argument("--memory-gb", type=float)
+    p.add_argument("--peak-tflops", type=float)
+    p.add_argument("--cost-model", choices=["ring", "profile", "flexsp"])
+    p.add_argument("--flexsp-model", choices=["7b", "13b", "30b"])
+    p.add_argument("--profile", help="a measured cost profile (JSON)")
+    p.add_argument("--group-sizes", help="allowed group sizes, comma separated (default: all)")
+    p.add_argument("--time-limit", type=float, help="planner time limit per batch (s)")
+    p.add_argument("--drop-long", action="store_true", help="drop sequences that fit no group (default: error)")
+    p.add_argument("--static-fill", type=float, default=None, help="static baselines' budget fraction (flexsp: 0.9)")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the plan of each batch (FILE_k.png for batch k > 0)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log which paths the planner takes")
+    return p
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _configs(args):
+    cfg = load_config(args.config, args.set) if (args.config or args.set) else load_config(None)
+    cl, pl, model = cfg.cluster, cfg.planner, cfg.model
+    if args.ranks_per_node is not None:
+        cl.ranks_per_node = args.ranks_per_node
+    if args.tokens_per_rank is not None:
+        cl.tokens_per_rank = args.tokens_per_rank
+    if args.memory_gb is not None:
+        cl.memory_per_rank_gb = args.memory_gb
+    if args.peak_tflops is not None:
+        cl.peak_tflops = args.peak_tflops
+    if args.cost_model:
+        pl.cost_model = args.cost_model
+    if args.flexsp_model:
+        pl.flexsp_model = args.flexsp_model
+    if args.profile:
+        pl.profile_path = args.profile
+        if not args.cost_model:
+            pl.cost_model = "profile"
+    if args.group_sizes:
+        try:
+            pl.allowed_group_sizes = [int(x) for x in args.group_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--group-sizes {args.group_sizes!r}: expected integers separated by commas") from None
+    if args.time_limit is not None:
+        pl.time_limit_s = args.time_limit
+    if args.drop_long:
+        pl.long_policy = "drop"
+    name = args.planner or (pl.name if args.config else "milp")
+    return name, pl, cl, model
+
+
+def _batches(args) -> tuple[list[tuple[int, list[int]]], int | None]:
+    from .inputs import dataset_lengths, read_lengths_file, read_run_plans
+
+    ranks_hint = None
+    if args.run:
+        recs = read_run_plans(args.run)
+        if args.step is not None:
+            recs = [r for r in recs if r[0] == args.step]
+            if not recs:
+                raise UsageError(f"--step {args.step}: no such step in {args.run}")
+        ranks_hint = max(g["start"] + g["size"] for _, p in recs for mb in p["micro_batches"] for g in mb)
+        return [(step, [int(x) for x in p["lengths"]]) for step, p in recs], ranks_hint
+    if args.lengths:
+        lengths = read_lengths_file(args.lengths)
+    else:
+        limit = args.batch_size * (args.first_batch + args.num_batches) if args.batch_size else 0
+        lengths = dataset_lengths(args.dataset, args.tokenizer, args.split, args.text_field, args.dataset_config, limit)
+    if args.round_to < 1:
+        raise UsageError(f"--round-to must be >= 1, got {args.round_to}")
+    r = args.round_to
+    lengths = [(n + r - 1) // r * r for n in lengths]
+    if args.max_length:
+        lengths = [n for n in lengths if n <= args.max_length]
+        if not lengths:
+            raise UsageError(f"every length is over --max-length {args.max_length}")
+    if args.batch_size < 0 or args.num_batches < 1 or args.first_batch < 0:
+        raise UsageError("--batch-size must be >= 0, --num-batches >= 1 and --first-batch >= 0")
+    if not args.batch_size:
+        return [(0, lengths)], None
+    out = []
+    for k in range(args.first_batch, args.first_batch + args.num_batches):
+        b = lengths[k * args.batch_size : (k + 1) * args.batch_size]
+        if not b:
+            break
+        out.append((k, b))
+    if not out:
+        raise UsageError(f"batch {args.first_batch} is past the end of the {len(lengths)} lengths")
+    return out, None
+
+
+def run(args) -> int:
+    from .compare import BASELINES, compare_batch
+    from .report import comparison_table, plan_table, summary_table
+
+    name, pl, cl, model = _configs(args)
+    batches, ranks_hint = _batches(args)
+    num_ranks = args.ranks or ranks_hint
+    if not num_ranks:
+        raise UsageError("--ranks is required")
+    if num_ranks < 1:
+        raise UsageError(f"--ranks must be >= 1, got {num_ranks}")
+    if cl.ranks_per_node > num_ranks:
+        raise UsageError(
+            f"ranks per node ({cl.ranks_per_node}) is more than the {num_ranks} ranks; "
+            "use --ranks-per-node <= --ranks (0: one node)"
+        )
+    fill = args.static_fill if args.static_fill is not None else (0.9 if pl.cost_model == "flexsp" else 1.0)
+    baselines = () if args.no_baselines else BASELINES
+    reports = []
+    for k, lengths in batches:
+        reports.append(compare_batch(k, lengths, num_ranks, name, pl, cl, model, baselines, fill))
+    from . import get_planner
+
+    cm = get_planner(name, pl, cl, model).cost_model(num_ranks)
+    if args.plot:
+        from .plot import plot_plan
+
+        stem = Path(args.plot)
+        for j, rep in enumerate(reports):
+            path = stem if j == 0 else stem.with_name(f"{stem.stem}_{j}{stem.suffix or '.png'}")
+            plot_plan(rep.plan, cm, num_ranks, str(path), f"batch {rep.index}: {rep.rows[name]['est_s']:.3f} s")
+    if args.json:
+        totals = {n: sum(r.rows[n]["est_s"] for r in reports) for n in reports[0].rows}
+        print(
+            json.dumps(
+                {
+                    "planner": name,
+                    "num_ranks": num_ranks,
+                    "cost_model": cm.describe(),
+                    "batches": [r.to_dict() for r in reports],
+                    "totals": totals,
+                    "lower_bound_total_s": sum(r.bound["total_s"] for r in reports),
+                }
+            )
+        )
+        return 0
+    print(f"planner {name} on {num_ranks} ranks, cost model {json.dumps(cm.describe())}")
+    for rep in reports:
+        meta = rep.plan.meta
+        print(f"\n=== batch {rep.index}: {len(rep.lengths)} sequences, {sum(rep.lengths)} tokens")
+        if meta.get("num_dropped"):
+            print(f"dropped {meta['num_dropped']} sequence(s) that fit no group: {meta['dropped'][:10]}")
+        print(plan_table(rep, cm, num_ranks))
+        print()
+        print(comparison_table(rep))
+    if len(reports) > 1:
+        print("\n=== estimated step time (s) per batch")
+        print(summary_table(reports))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from hetsp.plan import PlanError
+
+    try:
+        return run(args)
+    except (ValueError, ConfigError, PlanError, OSError) as e:
+        print(f"hetsp-plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
