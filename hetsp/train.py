@@ -102,6 +102,11 @@ def _device() -> Any:
     return dev
 
 
+def run_dir_for(cfg: Config) -> Path:
+    """The run folder: HETSP_RUN_DIR when the launcher sets it (--run-dir), else output_dir/name."""
+    return Path(os.environ.get("HETSP_RUN_DIR") or Path(cfg.run.output_dir) / cfg.run.name)
+
+
 def train(cfg: Config, resume: bool) -> None:
     import torch
     import torch.distributed as dist
@@ -118,7 +123,7 @@ def train(cfg: Config, resume: bool) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = _device()
     torch.manual_seed(cfg.run.seed)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir = run_dir_for(cfg)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
