@@ -114,9 +114,11 @@ def train(cfg: Config, resume: bool) -> None:
     from hetsp import checkpoint
     from hetsp.attention import register_attention
     from hetsp.data import build_data
-    from hetsp.engine import build_engine
+    from hetsp.engine import build_engine, resolve_dtype
     from hetsp.executor import run_plan
     from hetsp.metrics import MetricsLogger
+    from hetsp.metrics.device import peak_memory_bytes
+    from hetsp.metrics.flops import ModelFlops, peak_flops
     from hetsp.model_registry import build_model
     from hetsp.objectives import get_objective
 
@@ -141,7 +143,10 @@ def train(cfg: Config, resume: bool) -> None:
     num_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
         log.info("model: %s, %.2fM parameters, %d ranks on %s", cfg.model.family, num_params / 1e6, world_size, device)
+    flops = ModelFlops.from_model(model)  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, cfg.train, world_size, device)
+    dtype_name = "bf16" if resolve_dtype(cfg.train, device) == torch.bfloat16 else "fp32"
+    peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops > 0 else peak_flops(device, dtype_name)
 
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -153,7 +158,7 @@ def train(cfg: Config, resume: bool) -> None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", checkpoint.checkpoint_dir(run_dir))
 
     planning = Planning(cfg, data, world_size, rank)
-    metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start)
+    metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size, peak_flops_per_rank=peak)
     ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
     kernel = cfg.attention.kernel
@@ -181,14 +186,13 @@ def train(cfg: Config, resume: bool) -> None:
                 "solve_s": plan.meta.get("solve_s"),
                 "num_micro_batches": plan.num_micro_batches,
                 "group_sizes": plan.group_sizes(),
-                "tokens_per_s": sum(plan.lengths) / dt,
                 "epoch": data.epoch_of(step),
             }
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
-            if device.type == "cuda":
-                record["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
+            record["model_flops"] = flops.for_lengths(plan.lengths)
+            record["peak_mem_bytes"] = peak_memory_bytes(device)
             metrics.log_step(step, record)
             done = step + 1
             if val and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
