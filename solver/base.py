@@ -84,8 +84,16 @@ class Planner:
         raise NotImplementedError
 
     # ---- shared helpers -----------------------------------------------------
+    def use_cost_model(self, cm: "CostModel") -> "Planner":
+        """Use this cost model for every world size instead of building one from the config; returns self."""
+        self._fixed_cost_model = cm
+        return self
+
     def cost_model(self, num_ranks: int) -> "CostModel":
         """The configured cost model for a world of `num_ranks` (cached). Raises ValueError if unusable."""
+        fixed = getattr(self, "_fixed_cost_model", None)
+        if fixed is not None:
+            return fixed
         if num_ranks not in self._costs:
             from .costs import build_cost_model
 

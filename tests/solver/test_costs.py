@@ -1,0 +1,134 @@
+"""Cost models, bucketing, chunking, bounds and the simulator."""
+
+import itertools
+import json
+import random
+
+import pytest
+
+from hetsp.config import ClusterConfig, ModelConfig, PlannerConfig
+from hetsp.plan import Group, MicroBatch, Plan
+from solver.bounds import lower_bound
+from solver.bucketing import bucketize
+from solver.chunking import min_max_chunks, min_micro_batches
+from solver.costs import build_cost_model
+from solver.costs.flexsp import FlexSPCostModel
+from solver.costs.profile import ProfileCostModel
+from solver.costs.ring import RingCostModel
+from solver.simulate import simulate
+
+from .helpers import ToyCost
+
+
+def test_flexsp_constants():
+    cm = FlexSPCostModel("7b", 64, 30.0)
+    assert cm.tokens_per_rank == 6449  # REFERENCE.md: "about 6,449 tokens"
+    # group time in ms, as FlexSP's solver computes it
+    s, d = 10_000, 8
+    a2a = 4 * 2 * 32 * 4096 * s * 2 / 2**20 / d / 96.5
+    assert cm.seq_time(s, d) * 1e3 == pytest.approx((5.128e-6 * s * s + 0.1839576 * s) / d + a2a)
+    assert cm.seq_comm(s, 1) == 0.0 and cm.fixed_s == pytest.approx(0.62936)
+    with pytest.raises(ValueError, match="unknown model"):
+        FlexSPCostModel("70b", 64)
+
+
+def _ring(**kw):
+    model = ModelConfig(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336, vocab_size=128256)
+    cluster = ClusterConfig(ranks_per_node=8, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50, **kw)
+    return build_cost_model(PlannerConfig(cost_model="ring"), cluster, model, 64)
+
+
+def test_ring_overlap_and_bounds():
+    cm = _ring()
+    assert isinstance(cm, RingCostModel)
+    # long sequences hide the ring behind block compute; short ones on many ranks do not
+    assert cm.seq_comm(131072, 8) == 0.0
+    assert cm.seq_comm(1024, 64) > 0.0
+    # packing sequences in a group can only hide more: the per-sequence sum is an upper bound
+    rng = random.Random(0)
+    for _ in range(50):
+        ls = [rng.randint(1, 50_000) for _ in range(rng.randint(1, 6))]
+        d = rng.choice([1, 2, 8, 16, 64])
+        exact = cm.group_time(ls, d)
+        bound = cm.group_overhead_s(d) + sum(cm.seq_time(s, d) for s in ls)
+        assert exact <= bound * (1 + 1e-12)
+        assert exact >= sum(cm.compute_s(s, d) for s in ls)
+    with pytest.raises(ValueError, match="peak_tflops"):
+        build_cost_model(PlannerConfig(cost_model="ring"), ClusterConfig(), ModelConfig(), 4)
+    with pytest.raises(ValueError, match="model's shape"):
+        build_cost_model(PlannerConfig(cost_model="ring"), ClusterConfig(peak_tflops=1), None, 4)
+
+
+def test_ring_memory_from_gb():
+    cm = _ring(memory_per_rank_gb=80.0)
+    assert 1000 < cm.tokens_per_rank < 200_000
+    assert cm.capacity(4) == 4 * cm.tokens_per_rank
+
+
+def test_profile_interpolates(tmp_path):
+    pts = [{"degree": d, "tokens": s, "time_s": (s * s * 1e-6 + s * 1e-3) / d} for d in (1, 4) for s in (1000, 2000, 4000)]
+    data = {"format": "hetsp-profile-v1", "device": "X", "measured_at": "2026-01-01", "fixed_s": 0.1, "tokens_per_rank": 5000, "points": pts}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    cm = build_cost_model(PlannerConfig(cost_model="profile", profile_path=str(path)), ClusterConfig(), None, 4)
+    assert isinstance(cm, ProfileCostModel)
+    for p in pts:
+        assert cm.seq_time(p["tokens"], p["degree"]) == pytest.approx(p["time_s"])
+    assert cm.seq_time(1000, 1) < cm.seq_time(1500, 1) < cm.seq_time(2000, 1)
+    # beyond the last point: the quadratic through the last two is exact for this data
+    assert cm.seq_time(8000, 1) == pytest.approx(8000 * 8000 * 1e-6 + 8.0)
+    # an unmeasured degree sits between its neighbours in rank-time
+    assert 1 * cm.seq_time(2000, 1) >= 2 * cm.seq_time(2000, 2) >= 4 * cm.seq_time(2000, 4) - 1e-12
+    assert cm.describe()["device"] == "X" and cm.fixed_s == 0.1
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ProfileCostModel.load(path)
+    with pytest.raises(ValueError, match="not a hetsp profile"):
+        ProfileCostModel({"points": []})
+
+
+def test_bucketize_is_optimal():
+    rng = random.Random(1)
+    for _ in range(20):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+        q = rng.randint(1, 4)
+        got = bucketize(lengths, q)
+        values = sorted(set(lengths))
+        best = float("inf")
+        for k in range(1, min(q, len(values)) + 1):
+            for cuts in itertools.combinations(values[:-1], k - 1):
+                bounds = list(cuts) + [values[-1]]
+                pad = sum(min(b for b in bounds if b >= s) - s for s in lengths)
+                best = min(best, pad)
+        assert got.padding == pytest.approx(best)
+        assert sorted(i for m in got.members for i in m) == list(range(len(lengths)))
+        for b, m in zip(got.bounds, got.members):
+            assert all(lengths[i] <= b for i in m)
+
+
+def test_min_max_chunks_is_optimal():
+    rng = random.Random(2)
+    for _ in range(30):
+        w = [rng.randint(1, 20) for _ in range(rng.randint(1, 8))]
+        k = rng.randint(1, 4)
+        got = min_max_chunks(w, k)
+        assert got[0][0] == 0 and got[-1][1] == len(w) and len(got) <= k
+        best = min(
+            max(sum(w[a:b]) for a, b in zip((0,) + c, c + (len(w),)))
+            for r in range(0, min(k, len(w)))
+            for c in itertools.combinations(range(1, len(w)), r)
+        )
+        assert max(sum(w[a:b]) for a, b in got) == pytest.approx(best)
+    assert min_max_chunks([1, 1], 1, tokens=[5, 5], max_tokens=6) is None
+    assert min_micro_batches([10, 10, 5], 10) == 3
+
+
+def test_simulator_and_bound():
+    cm = ToyCost(a=0.0, b=1.0, c=0.0, k=100, f=0.5)
+    plan = Plan((10, 20, 30), (MicroBatch((Group(0, 1, (0, 1)), Group(1, 1, (2,)))), MicroBatch((Group(0, 2, ()),))))
+    sim = simulate(plan, cm, 2)
+    assert sim.total_s == pytest.approx(0.5 + 30.0 + 0.5)  # an empty micro-batch still runs: its fixed cost
+    assert sim.idle_rank_s == pytest.approx(0.0)
+    lb = lower_bound([10, 20, 30], cm, [1, 2], 2)
+    assert lb.total_s == pytest.approx(30.0 + 0.5)
+    assert lb.total_s <= sim.total_s
