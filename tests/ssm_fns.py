@@ -205,6 +205,23 @@ def op_cases(cases):
 # ---------------------------------------------------------------- model cases
 
 
+def check_model_results(results, cases, tol):
+    """Loss and every parameter gradient, summed over each group, equal the reference."""
+    for c, case in enumerate(cases):
+        by_group = {}
+        for res in results:
+            start, loss, ref_loss, grads, ref_grads = res[c]
+            by_group.setdefault(start, []).append((loss, ref_loss, grads, ref_grads))
+        for start, members in by_group.items():
+            what = f"{case[0]} groups {case[2]} group {start}"
+            ref_loss, ref_grads = members[0][1], members[0][3]
+            torch.testing.assert_close(sum(m[0] for m in members), ref_loss, rtol=tol["rtol"], atol=tol["atol"], msg=lambda m: f"{what} loss: {m}")
+            assert set(ref_grads) == set(members[0][2]), f"{what}: parameters without gradient differ"
+            for name, ref in ref_grads.items():
+                total = sum(m[2][name] for m in members)
+                torch.testing.assert_close(total, ref, **tol, msg=lambda m: f"{what} grad {name}: {m}")
+
+
 def _lm_batch(lengths, vocab, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (sum(lengths),), generator=g)
@@ -226,44 +243,48 @@ def _build(family, model_kwargs, attn, seed):
 
 
 def model_cases(cases):
-    """Run ``(family, model_kwargs, groups, lengths_per_group, seed)`` cases.
+    """Run ``(family, model_kwargs, groups, lengths_per_group, seed, reference, dtype)`` cases.
 
-    Reference: the same model in one process, each document alone (stock code,
-    eager attention) -- or, with ``reference="packed"``, the whole packed batch
-    with a group-of-one shard. Returns per case (group start, local loss sum,
+    Reference, the same model in one process: "separate" each document alone
+    (stock code, eager attention); "cu_seqlens" the whole packed batch through
+    the model's own packed path; "shard" the whole packed batch as a group of one. Returns per case (group start, local loss sum,
     reference loss, local grads, reference grads) with grads as name -> tensor.
     """
     from hetsp.attention import make_shard_context, register_attention
     from hetsp.ssm_parallel import parallelize
 
     out = []
-    for family, model_kwargs, groups, lengths_per_group, seed, reference in cases:
+    for family, model_kwargs, groups, lengths_per_group, seed, reference, dtype in cases:
         start, size = my_group(groups)
         gi = [g[0] for g in groups].index(start)
         lengths = lengths_per_group[gi]
         ids, labels = _lm_batch(lengths, VOCAB, seed + gi)
 
-        ref = _build(family, model_kwargs, "eager" if reference == "separate" else register_attention(), seed)
+        ref = _build(family, model_kwargs, register_attention() if reference == "shard" else "eager", seed).to(dtype)
         ref.eval()
-        if reference == "separate":
+        if reference == "separate":  # the stock model on each document alone
             ref_loss = sum(
                 F.cross_entropy(ref(input_ids=ids[s][None], use_cache=False).logits[0].float(), labels[s], reduction="sum", ignore_index=-100)
                 for s in _docs(lengths)
             )
-        else:
+        elif reference == "cu_seqlens":  # the model's own packed path
+            cu = torch.tensor([0] + [s.stop for s in _docs(lengths)], dtype=torch.int32)
+            logits = ref(input_ids=ids[None], cu_seqlens=cu, use_cache=False).logits[0]
+            ref_loss = F.cross_entropy(logits.to(dtype), labels, reduction="sum", ignore_index=-100)
+        else:  # "shard": the hetsp path with a group of one
             ref = parallelize(ref)
             ctx1 = make_shard_context(lengths, dist.get_rank(), 1, dist.get_rank(), "cpu")
             logits = ref(input_ids=ids[None], position_ids=ctx1.positions[None], hetsp_shard=ctx1).logits[0]
-            ref_loss = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=-100)
+            ref_loss = F.cross_entropy(logits.to(dtype), labels, reduction="sum", ignore_index=-100)
         ref_loss.backward()
         ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
 
-        model = parallelize(_build(family, model_kwargs, register_attention(), seed))
+        model = parallelize(_build(family, model_kwargs, register_attention(), seed).to(dtype))
         model.train()
         ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu")
         idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
         logits = model(input_ids=ids[idx][None], position_ids=ctx.positions[None], hetsp_shard=ctx, use_cache=False).logits[0]
-        loss = F.cross_entropy(logits.float(), labels[idx], reduction="sum", ignore_index=-100)
+        loss = F.cross_entropy(logits.to(dtype), labels[idx], reduction="sum", ignore_index=-100)
         loss.backward()
         grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
         out.append((start, float(loss.detach()), float(ref_loss.detach()), grads, ref_grads))

@@ -1,8 +1,8 @@
 """transformers' Mamba-2 hybrids (Bamba, GraniteMoeHybrid) under hetsp sequence parallelism.
 
 Reference: the stock model in one process, each document alone, eager
-attention; loss = sum of token losses. fp32: loss rtol 1e-5, gradients
-rtol 1e-4 / atol 1e-5 (sums over up to 4 ranks).
+attention; loss = sum of token losses. fp32: loss and gradients rtol 1e-4 /
+atol 1e-5 (sums over up to 4 ranks).
 """
 
 import pytest
@@ -13,22 +13,6 @@ from . import ssm_fns
 TINY = dict(hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=48,
             extra={"mamba_chunk_size": 4, "mamba_d_state": 8, "attn_layer_indices": [1]})
 GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-def _check(results, cases):
-    for c, case in enumerate(cases):
-        by_group = {}
-        for res in results:
-            start, loss, ref_loss, grads, ref_grads = res[c]
-            by_group.setdefault(start, []).append((loss, ref_loss, grads, ref_grads))
-        for start, members in by_group.items():
-            what = f"{case[0]} groups {case[2]} group {start}"
-            ref_loss, ref_grads = members[0][1], members[0][3]
-            torch.testing.assert_close(sum(m[0] for m in members), ref_loss, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what} loss: {m}")
-            assert set(ref_grads) == set(members[0][2]), f"{what}: parameters without gradient differ"
-            for name, ref in ref_grads.items():
-                total = sum(m[2][name] for m in members)
-                torch.testing.assert_close(total, ref, **GRAD_TOL, msg=lambda m: f"{what} grad {name}: {m}")
 
 
 def test_registry_builds_tiny_families():
@@ -61,5 +45,5 @@ def test_hf_hybrids_match_single_process(rank_pool, world):
     cases = []
     for i, (groups, lengths) in enumerate(layouts):
         for family in ("bamba", "granitemoehybrid"):
-            cases.append((family, TINY, groups, lengths, 100 * world + i, "separate"))
-    _check(rank_pool(world).run(ssm_fns.model_cases, cases), cases)
+            cases.append((family, TINY, groups, lengths, 100 * world + i, "separate", torch.float32))
+    ssm_fns.check_model_results(rank_pool(world).run(ssm_fns.model_cases, cases), cases, GRAD_TOL)

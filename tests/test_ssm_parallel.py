@@ -70,3 +70,33 @@ def test_halo_routes_cover_every_previous_token():
                 for src, rows in halo_routes(lengths, d, r, width).recv.items():
                     if src != r:
                         assert sent[(src, r)] == len(rows)
+
+
+def _hybrid(pattern):
+    return dict(
+        hidden_size=32, num_layers=len(pattern.split(",")), num_heads=4, num_kv_heads=2, intermediate_size=48,
+        extra=dict(layer_pattern=pattern, s4d_state_size=8, ema_dim=4, mamba_d_state=8, mamba_head_dim=16,
+                   mamba_chunk_size=4, seqboat_window=3, seqboat_z_dim=8, seqboat_v_dim=16),
+    )
+
+
+ALL_FIVE = _hybrid("attention,s4d,ema,mamba2,seqboat")
+SSM_ONLY = _hybrid("s4d,ema,mamba2,seqboat")
+# fp64 tight for the SSM kinds; fp32 for all five kinds (the single-process eager attention
+# itself takes its softmax in fp32, so fp64 would not be tighter there).
+MODEL_TOL = {F64: dict(rtol=1e-7, atol=1e-9), F32: dict(rtol=1e-4, atol=1e-5)}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_hybrid_model_matches_single_process(rank_pool, world):
+    """Loss and every gradient of a HybridForCausalLM against the whole packed batch in one process."""
+    cases = []
+    for i, (groups, lengths) in enumerate(LAYOUTS[world]):
+        cases.append(("hybrid", SSM_ONLY, groups, lengths, 7 * world + i, "cu_seqlens", F64))
+        cases.append(("hybrid", ALL_FIVE, groups, lengths, 7 * world + i, "cu_seqlens", F32))
+    results = rank_pool(world).run(ssm_fns.model_cases, cases)
+    for dtype in (F64, F32):
+        picked = [c for c, case in enumerate(cases) if case[-1] == dtype]
+        ssm_fns.check_model_results(
+            [[res[c] for c in picked] for res in results], [cases[c] for c in picked], MODEL_TOL[dtype]
+        )

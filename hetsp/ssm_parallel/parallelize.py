@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from hetsp.ssm_parallel import hf_mamba2
+from hetsp.ssm_parallel import hf_mamba2, hybrid
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,8 @@ def parallelize(model):
     """Install the sequence-parallel SSM/conv functions for every mixer of `model`; return `model`.
 
     Idempotent, and a no-op for models without SSM layers. Recognised:
-    transformers' Mamba-2 hybrids whose modeling file exposes
+    the s4d, ema, mamba2 and seqboat mixers of `models.HybridForCausalLM`
+    (kernel overrides and hooks per mixer), and transformers' Mamba-2 hybrids whose modeling file exposes
     ``causal_conv1d_fn`` / ``mamba2_chunk_scan`` (Bamba, GraniteMoeHybrid).
     The swapped functions act only when the forward gets ``hetsp_shard``.
     """
@@ -24,6 +25,10 @@ def parallelize(model):
         return model
     kinds = set()
     for sub in model.modules():
+        if hybrid.is_hybrid_mixer(sub):
+            hybrid.parallelize_mixer(sub)
+            kinds.add(sub.kind)
+            continue
         cls = type(sub)
         mod = sys.modules.get(cls.__module__)
         if mod is not None and hasattr(sub, "conv1d") and hasattr(sub, "A_log") and hf_mamba2.supports(mod):

@@ -1,0 +1,245 @@
+"""Sequence parallelism for `models.HybridForCausalLM` mixers (s4d, ema, mamba2, seqboat).
+
+Each SSM mixer reads its kernels from ``mixer.kernels`` at call time. For a
+forward with ``hetsp_shard`` of a group of more than one rank, a forward
+pre-hook hands the mixer the rank's *segment* boundaries as ``cu_seqlens``
+(one segment per local zigzag chunk, two per sequence, so no local segment
+spans a gap in its document) and the kernels below, installed in the mixer's
+override map, turn each single-process kernel into its group version:
+
+- scans (``s4d_scan``, ``ema_scan``, ``ssd_scan``): run per segment from a zero
+  state, exchange (decay, end state) per segment, rerun with the incoming state
+  as ``initial_state`` (outputs are affine in it, so that is exact);
+- ``causal_conv1d``: the kernel's per-segment ``halo`` comes from the ranks
+  holding the previous tokens (`halo_exchange`);
+- ``local_attention`` (SeqBoat): the last W activated keys/values of every
+  segment are gathered over the group; each segment attends with the last W
+  activated tokens of all earlier chunks of its document as its prefix.
+
+Groups of one rank, and forwards without ``hetsp_shard``, run the model's own
+kernels untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetsp.ssm_parallel.comm import GroupSpec, group_all_gather, halo_exchange
+from hetsp.ssm_parallel.segments import Segments, halo_routes, segments_of
+from hetsp.ssm_parallel.state import chunk_order, pass_states
+
+SSM_KINDS = ("s4d", "ema", "mamba2", "seqboat")
+_KERNELS_BY_KIND = {
+    "s4d": ("s4d_scan",),
+    "ema": ("ema_scan",),
+    "mamba2": ("causal_conv1d", "ssd_scan"),
+    "seqboat": ("ema_scan", "local_attention"),
+}
+_ACTIVE = "_hetsp_sp_active"  # (Segments, GroupSpec) during a sequence-parallel forward of the mixer
+
+
+def _active(mixer):
+    return getattr(mixer, _ACTIVE, None)
+
+
+def _no_cache(name: str, state) -> None:
+    if state is not None:
+        raise ValueError(
+            f"{name} under sequence parallelism: decoding state (cache) is not supported; run the sharded "
+            "forward with use_cache=False"
+        )
+
+
+def _segment_sum(t_TX: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """``[T, *X] -> [num_segments, *X]``: sum over each segment's tokens."""
+    seg_id = torch.repeat_interleave(
+        torch.arange(segments.num_segments, device=t_TX.device), torch.tensor(segments.length, device=t_TX.device)
+    )
+    out = t_TX.new_zeros((segments.num_segments, *t_TX.shape[1:]))
+    return out.index_add(0, seg_id, t_TX)
+
+
+def _lengths_like(t: torch.Tensor, segments: Segments) -> torch.Tensor:
+    return torch.tensor(segments.length, dtype=t.real.dtype if t.is_complex() else t.dtype, device=t.device)
+
+
+def _lti_scan(name, inner, mixer):
+    """s4d_scan / ema_scan: (u, A, B, C, cu_seqlens, initial_state) with a time-invariant diagonal A."""
+
+    def scan(u, A, B, C, cu_seqlens=None, initial_state=None, **kw):
+        act = _active(mixer)
+        if act is None:
+            return inner(u, A, B, C, cu_seqlens=cu_seqlens, initial_state=initial_state, **kw)
+        _no_cache(name, initial_state)
+        segments, group = act
+        _, end = inner(u, A, B, C, cu_seqlens=cu_seqlens, **kw)
+        steps = _lengths_like(A, segments)[:, None, None]
+        decay = torch.exp(steps * torch.log(A)[None])  # A ** length, per segment
+        s_in = pass_states(decay, end, segments, group).to(end.dtype)
+        return inner(u, A, B, C, cu_seqlens=cu_seqlens, initial_state=s_in, **kw)
+
+    return scan
+
+
+def _ssd_scan(inner, mixer):
+    def ssd_scan(x, dt, A, B, C, chunk_size=64, cu_seqlens=None, initial_states=None, **kw):
+        act = _active(mixer)
+        if act is None:
+            return inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, initial_states=initial_states, **kw)
+        _no_cache("ssd_scan", initial_states)
+        segments, group = act
+        _, end = inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, **kw)
+        log_decay = _segment_sum((dt[0] * A).to(torch.promote_types(dt.dtype, torch.float32)), segments)  # [S, H]
+        s_in = pass_states(log_decay.exp(), end, segments, group).to(end.dtype)
+        return inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, initial_states=s_in, **kw)
+
+    return ssd_scan
+
+
+def _conv(inner, mixer):
+    def causal_conv1d(x, weight, bias=None, cu_seqlens=None, halo=None, **kw):
+        act = _active(mixer)
+        if act is None:
+            return inner(x, weight, bias, cu_seqlens=cu_seqlens, halo=halo, **kw)
+        _no_cache("causal_conv1d", halo)
+        segments, group = act
+        width = weight.shape[1] - 1
+        rows = halo_exchange(x[0], halo_routes(segments.lengths, group.size, group.rank, width), group)
+        return inner(x, weight, bias, cu_seqlens=cu_seqlens, halo=rows.view(segments.num_segments, width, -1), **kw)
+
+    return causal_conv1d
+
+
+def _tails(k, v, seg, num_segments: int, window: int):
+    """Per segment the last `window` activated (k, v), right-aligned: ([S, W, Z], [S, W, E], valid [S, W])."""
+    ids = torch.arange(num_segments, device=seg.device)
+    member = seg[0][None, :] == ids[:, None]  # [S, M]
+    # Rank of each member from the end of its segment: 0 for the last activated token.
+    from_end = member.flip(1).cumsum(1).flip(1) - 1
+    keep = member & (from_end < window)
+    dest = (window - 1 - from_end).clamp(min=0)  # right-aligned slot
+    tk = k.new_zeros((num_segments, window, k.shape[-1]))
+    tv = v.new_zeros((num_segments, window, v.shape[-1]))
+    valid = torch.zeros((num_segments, window), dtype=torch.bool, device=seg.device)
+    s_idx, t_idx = keep.nonzero(as_tuple=True)
+    d_idx = dest[s_idx, t_idx]
+    tk = tk.index_put((s_idx, d_idx), k[0][t_idx])
+    tv = tv.index_put((s_idx, d_idx), v[0][t_idx])
+    valid = valid.index_put((s_idx, d_idx), torch.ones_like(s_idx, dtype=torch.bool))
+    return tk, tv, valid
+
+
+def _local_attention(inner, mixer):
+    def local_attention(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, prefix_seg=None, **kw):
+        act = _active(mixer)
+        if act is None:
+            return inner(q, k, v, seg, window, scale, prefix_k=prefix_k, prefix_v=prefix_v, prefix_seg=prefix_seg, **kw)
+        _no_cache("local_attention", prefix_k)
+        segments, group = act
+        if q.shape[0] != 1:
+            raise ValueError(f"local_attention under sequence parallelism takes one packed row, got batch {q.shape[0]}")
+        S, d, z, e = segments.num_segments, group.size, k.shape[-1], v.shape[-1]
+        num_seqs = S // 2
+        tk, tv, valid = _tails(k, v, seg, S, window)
+        payload = torch.cat([tk, tv, valid[..., None].to(tk.dtype)], -1)  # [S, W, Z + E + 1]
+        gathered = group_all_gather(payload, group)  # [d, S, W, F]
+        by_chunk = gathered.view(d, num_seqs, 2, window, -1).permute(1, 0, 2, 3, 4).reshape(num_seqs, 2 * d, window, -1)
+        by_chunk = by_chunk[:, chunk_order(d)]  # [num_seqs, 2d, W, F], chunk order
+        # Segment s (sequence i, chunk c) sees the tails of chunks 0..c-1 of sequence i.
+        cand = by_chunk[list(segments.seq)]  # [S, 2d, W, F]
+        before = torch.arange(2 * d, device=q.device)[None, :] < torch.tensor(segments.chunk, device=q.device)[:, None]
+        cand = cand.reshape(S, 2 * d * window, -1)
+        cand_valid = (cand[..., -1] > 0.5) & before.repeat_interleave(window, 1)
+        order = torch.argsort(cand_valid.to(torch.int8), dim=1, stable=True)[:, -window:]  # last W valid, in order
+        pick = torch.gather(cand, 1, order[..., None].expand(-1, -1, cand.shape[-1]))
+        p_valid = torch.gather(cand_valid, 1, order)
+        # One row per segment: its activated queries/keys (packed order is segment order), padded with empty slots.
+        counts = [int(c) for c in torch.bincount(seg[0][seg[0] >= 0], minlength=S).tolist()] if seg.numel() else [0] * S
+        m_max = max(max(counts, default=0), 1)
+        row_of = seg[0].clamp(min=0)
+        starts = torch.tensor([sum(counts[:s]) for s in range(S)], device=q.device, dtype=torch.long)
+        col = torch.arange(seg.shape[1], device=q.device) - starts[row_of]
+        ok = seg[0] >= 0
+        r_idx, c_idx = row_of[ok], col[ok]
+
+        def rows(t):
+            return t.new_zeros((S, m_max, t.shape[-1])).index_put((r_idx, c_idx), t[0][ok])
+
+        row_seg = torch.full((S, m_max), -1, dtype=seg.dtype, device=q.device).index_put(
+            (r_idx, c_idx), torch.zeros_like(r_idx, dtype=seg.dtype)
+        )
+        prefix_seg_rows = torch.where(p_valid, torch.zeros_like(p_valid, dtype=seg.dtype), torch.full_like(p_valid, -1, dtype=seg.dtype))
+        o_rows = inner(
+            rows(q), rows(k), rows(v), row_seg, window, scale,
+            prefix_k=pick[..., :z].to(k.dtype), prefix_v=pick[..., z : z + e].to(v.dtype), prefix_seg=prefix_seg_rows, **kw,
+        )
+        out = q.new_zeros((1, seg.shape[1], e))
+        out[0, ok] = o_rows[r_idx, c_idx]
+        return out
+
+    return local_attention
+
+
+_FACTORIES = {
+    "s4d_scan": lambda inner, mixer: _lti_scan("s4d_scan", inner, mixer),
+    "ema_scan": lambda inner, mixer: _lti_scan("ema_scan", inner, mixer),
+    "ssd_scan": _ssd_scan,
+    "causal_conv1d": _conv,
+    "local_attention": _local_attention,
+}
+
+
+def _pre_hook(mixer, args, kwargs):
+    shard = kwargs.get("hetsp_shard")
+    if shard is None or int(shard.group_size) == 1:
+        setattr(mixer, _ACTIVE, None)
+        return None
+    for name in _KERNELS_BY_KIND[mixer.kind]:
+        if not getattr(mixer.kernels.get(name), "_hetsp_sp", False):
+            raise ValueError(
+                f"layer {mixer.layer_idx} ({mixer.kind}): kernel {name!r} was replaced after "
+                "hetsp.ssm_parallel.parallelize(model); call set_kernels before parallelize"
+            )
+    segments = segments_of(shard)
+    setattr(mixer, _ACTIVE, (segments, GroupSpec.of(shard)))
+    device = args[0].device if args else kwargs["hidden_states"].device
+    kwargs = dict(kwargs, cu_seqlens=torch.tensor(segments.cu_seqlens(), dtype=torch.int32, device=device))
+    return args, kwargs
+
+
+def _post_hook(mixer, args, kwargs, output):
+    setattr(mixer, _ACTIVE, None)
+    return None
+
+
+def is_hybrid_mixer(module) -> bool:
+    return getattr(module, "kind", None) in SSM_KINDS and hasattr(module, "kernels") and hasattr(module.kernels, "maps")
+
+
+def parallelize_mixer(mixer) -> None:
+    """Install the group kernels and hooks on one SSM mixer of a `HybridForCausalLM` (once)."""
+    if getattr(mixer, "_hetsp_sp_installed", False):
+        return
+    overrides = mixer.kernels.maps[0]
+    for name in _KERNELS_BY_KIND[mixer.kind]:
+        if name in overrides:
+            inner = overrides[name]
+        else:
+            # Look the shared kernel up at call time, so later swaps of the model-wide table still apply.
+            def inner(*a, _name=name, **kw):
+                return _shared_kernel(mixer, _name)(*a, **kw)
+
+        wrapped = _FACTORIES[name](inner, mixer)
+        wrapped._hetsp_sp = True
+        overrides[name] = wrapped
+    setattr(mixer, _ACTIVE, None)
+    mixer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    mixer.register_forward_hook(_post_hook, with_kwargs=True)
+    mixer._hetsp_sp_installed = True
+
+
+def _shared_kernel(mixer, name):
+    for m in mixer.kernels.maps[1:]:
+        if name in m:
+            return m[name]
+    raise KeyError(name)
