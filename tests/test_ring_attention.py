@@ -118,14 +118,14 @@ def test_ranks_with_no_tokens(rank_pool):
 def test_bf16_error_does_not_grow_with_group_size(rank_pool):
     """bf16 inputs vs fp64 truth: partial outputs and accumulators stay fp32, so error is flat in d.
 
-    Bound stated: relative error below 2e-2 at every size and the 4-rank error at most 1.5x the 2-rank one.
+    Bound stated: relative error below 1e-2 (measured about 3.5e-3) at every size and the 4-rank error at most 1.5x the 2-rank one.
     """
     lengths = [96, 61]
     errs = {}
     for d, groups in ((1, [(0, 1)]), (2, [(0, 2)]), (4, [(0, 4)])):
         cases = [make_case(groups, [lengths], 4, 2, 16, torch.bfloat16, True, s) for s in (11, 12)]
         errs[d] = sum(run_cases(rank_pool(WORLD), cases)) / 2
-    assert max(errs.values()) < 2e-2, errs
+    assert max(errs.values()) < 1e-2, errs
     assert errs[4] <= 1.5 * errs[2], errs
 
 

@@ -45,3 +45,14 @@ class _Pending:
         for w in self._works:
             w.wait()
         return self._recv
+
+
+def warm_up(device) -> None:
+    """One world collective so that later point-to-point exchanges of single groups can start.
+
+    Under NCCL, when batch_isend_irecv is the first call on a communicator every rank of it
+    must take part; call this once on every rank at start-up (harmless under gloo).
+    """
+    if dist.is_initialized():
+        t = torch.zeros(1, device=device)
+        dist.all_reduce(t)

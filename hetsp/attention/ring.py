@@ -20,10 +20,6 @@ from .kernels import acc_dtype
 from .kernels.reference import REFERENCE_KERNEL
 
 
-def _rows(rows, device) -> torch.Tensor | None:
-    return None if rows is None else torch.tensor(rows, dtype=torch.long, device=device)
-
-
 def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return x if idx is None else x.index_select(0, idx)
 
@@ -61,11 +57,15 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel)
     for t, step in enumerate(steps):
         pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
         if not step.empty:
-            q_rows, k_rows = _rows(step.q_rows, q.device), _rows(step.k_rows, q.device)
+            q_rows, k_rows = step.rows(q.device)
             kb = _take(kv[0], k_rows)
             vb = _take(kv[1], k_rows)
             o_b, lse_b = kernel.forward(_take(q, q_rows), kb, vb, step.seg, step.causal, scale)
-            _merge(out, lse, q_rows, o_b, lse_b)
+            if t == 0 and q_rows is None:  # the first block covers every row: nothing to merge yet
+                out.copy_(o_b)
+                lse.copy_(lse_b)
+            else:
+                _merge(out, lse, q_rows, o_b, lse_b)
         if pending is not None:
             kv = pending.wait()
     return out, lse
@@ -86,7 +86,7 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
         kv_pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
         grads = None
         if not step.empty:
-            q_rows, k_rows = _rows(step.q_rows, q.device), _rows(step.k_rows, q.device)
+            q_rows, k_rows = step.rows(q.device)
             grads = kernel.backward(
                 _take(dout, q_rows),
                 _take(q, q_rows),

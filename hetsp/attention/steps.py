@@ -1,4 +1,4 @@
-"""Which query rows meet which key rows at each step of the ring (pure data from layouts).
+"""Which query rows meet which key rows at each step of the ring (from layouts).
 
 At step t, rank r holds the K/V block of rank src = (r - t) mod d. Under the zigzag
 layout (hetsp/layout.py) a causal ring has three kinds of blocks:
@@ -11,7 +11,9 @@ are dropped so that no empty block reaches a kernel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from hetsp.layout import ShardLayout
 
@@ -34,10 +36,20 @@ class RingStep:
     k_rows: tuple[int, ...] | None
     seg: Segments
     causal: bool
+    _device_rows: dict = field(default_factory=dict, repr=False)
 
     @property
     def empty(self) -> bool:
         return self.seg.num_segments == 0
+
+    def rows(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(q_rows, k_rows) as int64 tensors on `device` (None for 'all rows'), cached."""
+        key = str(device)
+        if key not in self._device_rows:
+            self._device_rows[key] = tuple(
+                None if r is None else torch.tensor(r, dtype=torch.long, device=device) for r in (self.q_rows, self.k_rows)
+            )
+        return self._device_rows[key]
 
 
 def _pieces(lay: ShardLayout, which: str) -> list[tuple[int, int]]:
