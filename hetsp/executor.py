@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hetsp.attention import make_shard_context
-from hetsp.layout import shard_layout
+from hetsp.layout import shard_layout, zigzag_chunk_bounds
 from hetsp.objectives.lm import IGNORE_INDEX
 from hetsp.plan import Group, Plan
 
@@ -46,6 +46,17 @@ class StepResult:
     num_units: int  # units in the whole global batch
     num_local_tokens: int
     micro_batch_tokens: list[int] = field(default_factory=list)
+
+
+def tokens_per_rank(lengths: Sequence[int], group_size: int) -> list[int]:
+    """How many tokens each rank of a group holds under the zigzag layout."""
+    counts = [0] * group_size
+    for n in lengths:
+        bounds = zigzag_chunk_bounds(n, group_size)
+        for r in range(group_size):
+            for c in (r, 2 * group_size - 1 - r):
+                counts[r] += bounds[c][1] - bounds[c][0]
+    return counts
 
 
 def micro_batch_inputs(
@@ -71,6 +82,13 @@ def micro_batch_inputs(
             raise ValueError(f"plan says sequence {s} has {n} tokens but the batch has {len(sequences[s])}")
     packed_ids = [t for s in group.seqs for t in sequences[s]]
     packed_labels = [t for s in group.seqs for t in objective.labels(sequences[s])]
+    if min(tokens_per_rank(lengths, group.size)) == 0:
+        # Some rank would hold no token (sequences shorter than the group): append a filler
+        # document of `size` tokens, which the zigzag split gives one token per rank. It is its
+        # own document (no token attends across it, SSM state resets at it) and has no targets.
+        lengths = lengths + [group.size]
+        packed_ids += [placeholder_token] * group.size
+        packed_labels += [IGNORE_INDEX] * group.size
     layout = shard_layout(lengths, group.size, rank - group.start)
     index = torch.tensor(layout.token_index, dtype=torch.long)
     ids = torch.tensor(packed_ids, dtype=torch.long)[index].to(device)[None]

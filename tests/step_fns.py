@@ -14,11 +14,25 @@ TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, in
 VOCAB = 37
 
 
+def _rmsnorm_in_input_dtype(self, x):
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
 def tiny_model(attn: str, dtype=torch.float32, model_cfg: ModelConfig = TINY):
+    """The same random tiny Llama in every process. In fp64, RMSNorm computes in fp64
+    (transformers computes it in fp32, which would cap every fp64 comparison at fp32 rounding)."""
+    import types
+
     from hetsp.model_registry import build_model
 
     torch.manual_seed(1234)
-    return build_model(model_cfg, VOCAB, attn_implementation=attn).to(dtype)
+    model = build_model(model_cfg, VOCAB, attn_implementation=attn).to(dtype)
+    if dtype == torch.float64:
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.forward = types.MethodType(_rmsnorm_in_input_dtype, m)
+    return model
 
 
 class LocalEngine:

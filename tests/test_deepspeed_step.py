@@ -21,7 +21,7 @@ def test_zero_step_matches_single_process_adamw(rank_pool, zero_stage):
     (losses, params), = [r for r in rank_pool(world).run(step_fns.deepspeed_step, seqs, plan.to_json(), zero_stage) if r]
 
     ref_loss, ref_grads = reference(seqs, torch.float32)
-    model = step_fns.tiny_model("eager", torch.float32)
+    model = step_fns.tiny_model("sdpa", torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     for name, p in model.named_parameters():
         p.grad = ref_grads[name]

@@ -26,7 +26,7 @@ def random_batch(rng: random.Random, n_max: int = 7):
     return [[rng.randrange(step_fns.VOCAB) for _ in range(n)] for n in lengths]
 
 
-def reference(sequences, dtype, attn="eager", optimizer_steps=0):
+def reference(sequences, dtype, attn="sdpa"):
     """Loss (mean over target tokens) and gradients of the whole batch in one process."""
     model = step_fns.tiny_model(attn, dtype)
     lm = LanguageModeling()

@@ -28,7 +28,8 @@ class LanguageModeling:
 
     @staticmethod
     def loss_sum(logits_TV: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
-        """Sum of token cross-entropies (fp32) over the targets in `labels_T`."""
+        """Sum of token cross-entropies over the targets in `labels_T`, in at least fp32."""
+        logits_TV = logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32))
         if logits_TV.shape[0] == 0:
-            return logits_TV.float().sum() * 0.0
-        return F.cross_entropy(logits_TV.float(), labels_T, ignore_index=IGNORE_INDEX, reduction="sum")
+            return logits_TV.sum() * 0.0
+        return F.cross_entropy(logits_TV, labels_T, ignore_index=IGNORE_INDEX, reduction="sum")
