@@ -8,7 +8,7 @@ correctness only (interpreter timings mean nothing).
 GPU (when CUDA exists): forward+backward time of the SSD chunk scan with the Triton
 within-chunk kernel against the torch chunked version.
 
-    python bench/mixers.py [--lengths 256 1024 4096] [--hidden 64] [--repeats 3] [--out bench/results/mixers.md]
+    python bench/mixers.py [--lengths 256 1024 4096] [--hidden 64] [--repeats 3] [--threads 1] [--out bench/results/mixers.md]
 """
 
 from __future__ import annotations
@@ -131,9 +131,10 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ref-max-len", type=int, default=4096, help="skip the sequential kernels above this length")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared machine)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables as markdown here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     header = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; fp32, batch 1, hidden {args.hidden}, median of {args.repeats}.",

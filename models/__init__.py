@@ -23,11 +23,20 @@ _EXTRA_ALIASES = {
 
 def hybrid_config_from_model_config(cfg, vocab_size: int) -> HybridConfig:
     """hetsp ModelConfig -> HybridConfig; `cfg.extra` holds the hybrid-only fields (layer_pattern, ...)."""
+    from hetsp.config import ConfigError
+
     extra = {_EXTRA_ALIASES.get(k, k): v for k, v in dict(cfg.extra).items()}
     known = set(HybridConfig.__dataclass_fields__) if hasattr(HybridConfig, "__dataclass_fields__") else set()
     unknown = sorted(k for k in extra if known and k not in known)
     if unknown:
-        raise ValueError(f"model.extra: unknown key(s) {unknown} for the hybrid family")
+        raise ConfigError(f"model.extra: unknown key(s) {unknown} for the hybrid family")
+    try:
+        return _build(cfg, vocab_size, extra)
+    except ValueError as err:
+        raise ConfigError(f"model (family hybrid): {err}") from err
+
+
+def _build(cfg, vocab_size: int, extra: dict) -> HybridConfig:
     return HybridConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,

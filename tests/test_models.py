@@ -187,7 +187,7 @@ def test_bad_config_is_rejected_when_built(overrides, match):
 
 
 def test_registry_builds_hybrid_config_from_model_section():
-    from hetsp.config import ModelConfig
+    from hetsp.config import ConfigError, ModelConfig
     from hetsp.model_registry import build_hf_config
 
     section = ModelConfig(
@@ -201,5 +201,19 @@ def test_registry_builds_hybrid_config_from_model_section():
     assert (cfg.num_key_value_heads, cfg.intermediate_size, cfg.max_position_embeddings) == (1, 96, 512)
     assert cfg.rope_theta == 5000.0 and cfg.tie_word_embeddings
     assert cfg.layer_kinds == ["seqboat", "mamba2", "seqboat"] and cfg.seqboat_window == 8
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ConfigError, match="unknown key"):
         build_hf_config(ModelConfig(family="hybrid", extra={"no_such_option": 1}), 300)
+    with pytest.raises(ConfigError, match="valid kinds are"):
+        build_hf_config(ModelConfig(family="hybrid", extra={"layer_pattern": "mamba3"}), 300)
+
+
+@pytest.mark.parametrize("init", ["lin", "inv"])
+def test_s4d_initialisations(init):
+    """S4D-Lin: a_n = -1/2 + i pi n; S4D-Inv: a_n = -1/2 + i (N/pi)(N/(2n+1) - 1); log dt in [log 1e-3, log 1e-1]."""
+    model = tiny_model("s4d", s4d_init=init)
+    mixer = model.model.layers[0].mixer
+    n = torch.arange(4, dtype=torch.float64)
+    expected = torch.pi * n if init == "lin" else (8 / torch.pi) * (8 / (2 * n + 1) - 1)
+    torch.testing.assert_close(mixer.a_im[0], expected)
+    torch.testing.assert_close(torch.exp(mixer.log_a_re), torch.full_like(mixer.log_a_re, 0.5))
+    assert mixer.log_dt.min() >= torch.log(torch.tensor(1e-3)) and mixer.log_dt.max() <= torch.log(torch.tensor(1e-1))

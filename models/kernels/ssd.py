@@ -110,6 +110,9 @@ def ssd_intra(x, log_a, B, C, impl=None):
 
 
 def _default_impl(x: torch.Tensor):
+    if x.is_cuda and x.dtype != torch.float32:
+        _log_once("cuda-dtype", f"SSD chunk scan: torch chunked path on CUDA for {x.dtype} (Triton kernel runs fp32)")
+        return None
     if x.is_cuda:
         try:
             from .ssd_triton import ssd_intra_triton
