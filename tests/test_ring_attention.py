@@ -115,6 +115,13 @@ def test_ranks_with_no_tokens(rank_pool):
     assert max(errs) < 1e-9, errs
 
 
+def test_one_long_sequence_next_to_many_tiny_ones(rank_pool):
+    lengths = [45] + [1] * 25 + [2, 3] * 5
+    cases = [make_case(g, [lengths] * len(g), 2, 1, 4, torch.float64, True, 9) for g in (LAYOUTS["1x4"], LAYOUTS["1+3"])]
+    errs = run_cases(rank_pool(WORLD), cases)
+    assert max(errs) < 1e-9, errs
+
+
 def test_bf16_error_does_not_grow_with_group_size(rank_pool):
     """bf16 inputs vs fp64 truth: partial outputs and accumulators stay fp32, so error is flat in d.
 
@@ -159,6 +166,9 @@ def test_group_size_one_needs_no_process_group():
 
     case = make_case([(0, 1)], [[7, 1, 4]], 4, 2, 8, torch.float64, True, 5)
     ctx = make_shard_context([7, 1, 4], 0, 1, 0, "cpu")
+    assert ctx.cu_seqlens.dtype == torch.int32 and ctx.cu_seqlens.tolist() == [0, 7, 8, 12]
+    assert ctx.positions.dtype == torch.int64 and ctx.positions.tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 0, 1, 2, 3]
+    assert ctx.max_seqlen_local == 7 and ctx.kernel.name == "torch_cpu"
     q, k, v, do = case["inputs"][0]
     q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
     out = ring_attention(q, k, v, ctx)
