@@ -116,6 +116,7 @@ class TrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     zero_stage: int = 1
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU

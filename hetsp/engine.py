@@ -63,7 +63,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, de
     if train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     engine, _, _, _ = deepspeed.initialize(
         model=model,

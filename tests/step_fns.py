@@ -86,7 +86,7 @@ def deepspeed_step(sequences, plan_json, zero_stage, steps=1):
 
     rank, world = dist.get_rank(), dist.get_world_size()
     os.environ.setdefault("LOCAL_RANK", str(rank))
-    train = TrainConfig(steps=steps, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, zero_stage=zero_stage, dtype="fp32")
+    train = TrainConfig(steps=steps, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, zero_stage=zero_stage, dtype="fp32", adam_eps=1e-2)
     engine = build_engine(tiny_model(register_attention(), torch.float32), train, world, torch.device("cpu"))
     plan = Plan.from_json(plan_json)
     losses = []
