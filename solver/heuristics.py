@@ -48,17 +48,23 @@ def heuristic_pack(
     lo = max(slowest * 0.25, work / (m_min + 4), 1e-12)
     hi = max(work * 1.5, slowest) * 1.01
     targets = [lo * (hi / lo) ** (k / max(1, num_targets - 1)) for k in range(num_targets)]
+    # Most promising first (a time budget may stop the scan): near the fluid makespan of M_min micro-batches.
+    centre = max(work / m_min, slowest)
+    targets.sort(key=lambda c: abs(math.log(c / centre)))
     cands: list[tuple[float, list[MicroBatchLoad]]] = []
-    seq = sequential_pack(idx, table, num_ranks)
-    if seq is not None:
-        cands.append((plan_cost(seq, table.fixed), seq))
-    for cap in (None, m_min, m_min + 1):
-        for c in targets:
-            if time.perf_counter() - t0 > time_budget * 0.4 and cands:
-                break
-            mbs = pack_target(order, table, num_ranks, c, max_micro_batches=cap, overflow=True, presorted=True)
-            if mbs is not None:
-                cands.append((plan_cost(mbs, table.fixed), mbs))
+    combos = [(c, cap, by_memory) for c in targets for by_memory in (True, False) for cap in (m_min, None, m_min + 1)]
+    for c, cap, by_memory in combos:
+        if time.perf_counter() - t0 > time_budget * 0.4 and cands:
+            break
+        mbs = pack_target(
+            order, table, num_ranks, c, max_micro_batches=cap, overflow=True, presorted=True, by_memory=by_memory
+        )
+        if mbs is not None:
+            cands.append((plan_cost(mbs, table.fixed), mbs))
+    if time.perf_counter() - t0 < time_budget * 0.3 or not cands:
+        seq = sequential_pack(idx, table, num_ranks)
+        if seq is not None:
+            cands.append((plan_cost(seq, table.fixed), seq))
     if not cands:
         raise ValueError("no packing found: some sequence fits no allowed group size within the ranks")
     cands.sort(key=lambda x: x[0])

@@ -36,48 +36,40 @@ def place_groups(sizes: Sequence[int], num_ranks: int, ranks_per_node: int = 0) 
 
 
 def _node_aware(sizes, order, num_ranks, rpn) -> list[int] | None:
-    free = [True] * num_ranks
+    """Groups (largest first) on whole nodes, then best fit into nodes' free tails; None if stuck.
+
+    Every node fills from its first rank, so its free ranks are always a suffix.
+    """
+    num_nodes = -(-num_ranks // rpn)
+    node_size = [min(rpn, num_ranks - k * rpn) for k in range(num_nodes)]
+    used = [0] * num_nodes
     starts = [0] * len(sizes)
-
-    def take(a, n):
-        for r in range(a, a + n):
-            free[r] = False
-
-    def find(n, aligned_to_nodes_only):
-        # A start where n free ranks follow; for n <= rpn, one that stays within a node.
-        for a in range(0, num_ranks - n + 1):
-            if aligned_to_nodes_only and n <= rpn and a // rpn != (a + n - 1) // rpn:
-                continue
-            if all(free[a : a + n]):
-                return a
-        return None
-
+    next_empty = 0  # nodes before this one are (partly) used: large groups come first
     for k in order:
         n = sizes[k]
         if n >= rpn:
-            a = None
-            for cand in range(0, num_ranks - n + 1, rpn):  # whole nodes first
-                if all(free[cand : cand + n]):
-                    a = cand
-                    break
-            if a is None:
-                a = find(n, False)
+            node = next_empty
+            if node >= num_nodes or node * rpn + n > num_ranks:
+                return None
+            starts[k] = node * rpn
+            full, rest = divmod(n, rpn)
+            for m in range(node, node + full):
+                used[m] = node_size[m]
+            if rest:
+                used[node + full] = rest
+            next_empty = node + full + (1 if rest else 0)
         else:
-            # best fit: the node with the least free space that still holds n contiguous ranks
             best = None
-            for node in range(0, num_ranks, rpn):
-                seg = free[node : node + rpn]
-                room = sum(seg)
-                for a0 in range(node, min(node + rpn, num_ranks) - n + 1):
-                    if all(free[a0 : a0 + n]):
-                        if best is None or room < best[0]:
-                            best = (room, a0)
-                        break
-            a = best[1] if best else find(n, False)
-        if a is None:
-            return None
-        starts[k] = a
-        take(a, n)
+            for m in range(num_nodes):
+                room = node_size[m] - used[m]
+                if room >= n and (best is None or room < best[0]):
+                    best = (room, m)
+            if best is None:
+                return None
+            m = best[1]
+            starts[k] = m * rpn + used[m]
+            used[m] += n
+            next_empty = max(next_empty, m + 1) if used[m] and m >= next_empty else next_empty
     return starts
 
 

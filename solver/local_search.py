@@ -40,6 +40,7 @@ class LocalSearch:
         self.N = num_ranks
         self.deadline = deadline
         self.degrees = [d for d in table.degrees if d <= num_ranks]
+        self.max_eliminate = 16  # emptying a micro-batch copies the plan: only for few micro-batches
 
     def _out_of_time(self) -> bool:
         return time.perf_counter() > self.deadline
@@ -144,7 +145,7 @@ class LocalSearch:
 
     def _try_eliminate(self, mbs: list[MicroBatchLoad]) -> bool:
         """Empty the shortest micro-batch into the others if the total drops."""
-        if len(mbs) < 2:
+        if len(mbs) < 2 or len(mbs) > self.max_eliminate or sum(len(mb.groups) for mb in mbs) > 4000:
             return False
         import copy
 
@@ -187,9 +188,9 @@ class LocalSearch:
     # ---- driver ----------------------------------------------------------------
     def improve(self, mbs: list[MicroBatchLoad], use_swaps: bool = True) -> list[MicroBatchLoad]:
         """Improve `mbs` in place until no move helps or the deadline passes; return it."""
+        while not self._out_of_time() and self._try_eliminate(mbs):
+            pass
         while not self._out_of_time():
-            if self._try_eliminate(mbs):
-                continue
             moved = False
             order = sorted(range(len(mbs)), key=lambda m: -_span(mbs[m]))
             for m in order:
@@ -235,6 +236,8 @@ class LocalSearch:
                 if moved or self._out_of_time():
                     break
             if not moved:
+                if not self._out_of_time() and self._try_eliminate(mbs):
+                    continue
                 break
         mbs[:] = [mb for mb in mbs if any(g.seqs for g in mb.groups)]
         return mbs

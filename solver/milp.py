@@ -72,6 +72,12 @@ class MilpPlanner(CostedPlanner):
         if remaining < 0.05:
             meta["fallback"] = "no time left for the MILP after the heuristic"
             return heur, "heuristic", meta
+        est_vars = m_cap * sum(num_ranks // d for d in degrees) * (num_buckets + 1)
+        max_vars = int(opts.get("max_vars", 4000))
+        if est_vars > max_vars:
+            meta["fallback"] = f"MILP skipped: about {est_vars} variables (planner.options.max_vars = {max_vars})"
+            _once(f"MILP too large for this batch ({est_vars} variables > max_vars {max_vars}); using the heuristic plan")
+            return heur, "heuristic", meta
         backend = str(opts.get("backend", "highs"))
         res = solve_bucketed_milp(
             list(range(n)), table, num_ranks, m_cap, degrees, remaining, num_buckets, warm=heur, backend=backend

@@ -43,8 +43,99 @@ def plan_cost(mbs: list[MicroBatchLoad], fixed: float) -> float:
     return sum(fixed + mb.makespan() for mb in mbs if any(g.seqs for g in mb.groups))
 
 
+class GroupIndex:
+    """Open groups of one degree, searchable by load (time) and by free memory.
+
+    `find(t, s, target)` returns a group that can take a sequence adding `t`
+    seconds and `s` tokens without passing `target` or its capacity, preferring
+    the fullest in time (best fit), else the fullest in memory; or None.
+    """
+
+    SCAN = 8
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.by_load: list[tuple[float, int]] = []
+        self.by_free: list[tuple[int, int]] = []
+        self.groups: dict[int, GroupLoad] = {}
+
+    def add(self, g: GroupLoad) -> None:
+        k = id(g)
+        self.groups[k] = g
+        bisect.insort(self.by_load, (g.load, k))
+        bisect.insort(self.by_free, (self.cap - g.tokens, k))
+
+    def _drop(self, g: GroupLoad) -> None:
+        k = id(g)
+        i = bisect.bisect_left(self.by_load, (g.load, k))
+        del self.by_load[i]
+        i = bisect.bisect_left(self.by_free, (self.cap - g.tokens, k))
+        del self.by_free[i]
+
+    def put(self, g: GroupLoad, i: int, t: float, s: int) -> None:
+        """Add sequence i (t seconds, s tokens) to group g of this index."""
+        self._drop(g)
+        g.load += t
+        g.tokens += s
+        g.seqs.append(i)
+        bisect.insort(self.by_load, (g.load, id(g)))
+        bisect.insort(self.by_free, (self.cap - g.tokens, id(g)))
+
+    def find(self, t: float, s: int, target: float, by_memory: bool = True) -> GroupLoad | None:
+        if not self.by_load or self.by_load[0][0] + t > target or self.by_free[-1][0] < s:
+            return None  # every group is too slow already, or none has the memory
+        k = bisect.bisect_right(self.by_load, (target - t, math.inf)) - 1
+        for j in range(k, max(-1, k - self.SCAN), -1):
+            g = self.groups[self.by_load[j][1]]
+            if g.tokens + s <= self.cap:
+                return g
+        if not by_memory:
+            return None
+        k = bisect.bisect_left(self.by_free, (s, -1))
+        for j in range(k, min(len(self.by_free), k + self.SCAN)):
+            g = self.groups[self.by_free[j][1]]
+            if g.load + t <= target:
+                return g
+        return None
+
+    def least_loaded_fitting(self, s: int) -> GroupLoad | None:
+        """The least loaded group with room for s tokens (scans by load)."""
+        for load, k in self.by_load:
+            g = self.groups[k]
+            if g.tokens + s <= self.cap:
+                return g
+        return None
+
+
 def order_longest_first(idx: list[int], table: CostTable) -> list[int]:
     return sorted(idx, key=lambda i: (-table.lengths[i], i))
+
+
+def _best_open(
+    indexes: dict[int, GroupIndex], row: dict[int, float], s: int, target: float, by_memory: bool = True
+) -> tuple[int, GroupLoad] | None:
+    """The open group (any degree) that takes the sequence with the least time left before `target`."""
+    best = None
+    for d, ix in indexes.items():
+        t = row[d]
+        if t == INF:
+            continue
+        g = ix.find(t, s, target, by_memory)
+        if g is not None:
+            slack = target - (g.load + t)
+            if best is None or slack < best[0]:
+                best = (slack, d, g)
+    return None if best is None else (best[1], best[2])
+
+
+def _new_degree(degrees: list[int], table: CostTable, row: dict[int, float], target: float, free: int) -> int | None:
+    """Smallest degree (at most `free`) whose group alone meets `target` for this sequence."""
+    for d in degrees:
+        if d > free:
+            break
+        if row[d] != INF and table.overhead[d] + row[d] <= target:
+            return d
+    return None
 
 
 def pack_target(
@@ -55,61 +146,31 @@ def pack_target(
     max_micro_batches: int | None = None,
     presorted: bool = False,
     overflow: bool = False,
+    by_memory: bool = True,
 ) -> list[MicroBatchLoad] | None:
     """Pack sequences `idx` aiming at makespan `target` per micro-batch.
 
     Returns the micro-batches, or None when `max_micro_batches` would be
     exceeded (with `overflow`, the least loaded open group that has memory
     for it takes the sequence instead) or a sequence fits no allowed degree
-    within `num_ranks`.
-    A sequence slower than `target` at every degree gets its own group at
-    its fastest degree (its micro-batch then runs longer than the target).
+    within `num_ranks`. A sequence slower than `target` at every degree gets
+    its own group at its fastest degree (its micro-batch then runs longer).
+    `by_memory`: when no group near the best time fit has memory, also look
+    for one by free memory before opening a new group (fewer, fuller groups).
     """
     order = idx if presorted else order_longest_first(idx, table)
     degrees = [d for d in table.degrees if d <= num_ranks]
     mbs: list[MicroBatchLoad] = []
-    # Open groups by degree, each list sorted by load so the best fit is a bisect away.
-    by_degree: dict[int, list[tuple[float, int, GroupLoad]]] = {}
-    counter = 0
+    indexes: dict[int, GroupIndex] = {}
     for i in order:
         s = table.lengths[i]
         row = table.time[i]
-        placed = False
-        best: tuple[float, int, int] | None = None  # (leftover time, degree, position)
-        for d, lst in by_degree.items():
-            t = row[d]
-            if t == INF or not lst:
-                continue
-            # Groups with load <= target - t can take it; the fullest of them fits best.
-            k = bisect.bisect_right(lst, (target - t, math.inf)) - 1
-            scanned = 0
-            while k >= 0 and scanned < 8:
-                g = lst[k][2]
-                if g.tokens + s <= table.cap[d]:
-                    left = target - (g.load + t)
-                    if best is None or left < best[0]:
-                        best = (left, d, k)
-                    break
-                k -= 1
-                scanned += 1
-        if best is not None:
-            _, d, k = best
-            lst = by_degree[d]
-            _, _, g = lst.pop(k)
-            g.load += row[d]
-            g.tokens += s
-            g.seqs.append(i)
-            counter += 1
-            bisect.insort(lst, (g.load, counter, g))
-            placed = True
-        if placed:
+        hit = _best_open(indexes, row, s, target, by_memory)
+        if hit is not None:
+            d, g = hit
+            indexes[d].put(g, i, row[d], s)
             continue
-        # New group: the smallest degree meeting the target, else the fastest degree.
-        d_new = None
-        for d in degrees:
-            if row[d] != INF and table.overhead[d] + row[d] <= target:
-                d_new = d
-                break
+        d_new = _new_degree(degrees, table, row, target, num_ranks)
         if d_new is None:
             feas = [d for d in degrees if row[d] != INF]
             if not feas:
@@ -124,24 +185,15 @@ def pack_target(
                 return None
             # Every micro-batch is full: the open group whose load grows least takes it.
             cand = None
-            for d, lst in by_degree.items():
-                t = row[d]
-                if t == INF:
+            for d, ix in indexes.items():
+                if row[d] == INF:
                     continue
-                for k, (load, _, g) in enumerate(lst):
-                    if g.tokens + s <= table.cap[d] and (cand is None or load + t < cand[0]):
-                        cand = (load + t, d, k)
-                        break  # lists are sorted by load: the first that fits is the least loaded
+                g = ix.least_loaded_fitting(s)
+                if g is not None and (cand is None or g.load + row[d] < cand[0]):
+                    cand = (g.load + row[d], d, g)
             if cand is None:
                 return None
-            _, d, k = cand
-            lst = by_degree[d]
-            _, _, g = lst.pop(k)
-            g.load += row[d]
-            g.tokens += s
-            g.seqs.append(i)
-            counter += 1
-            bisect.insort(lst, (g.load, counter, g))
+            indexes[cand[1]].put(cand[2], i, row[cand[1]], s)
             continue
         if host is None:
             host = MicroBatchLoad([], num_ranks)
@@ -149,8 +201,9 @@ def pack_target(
         g = GroupLoad(d_new, table.overhead[d_new] + row[d_new], s, [i])
         host.groups.append(g)
         host.free -= d_new
-        counter += 1
-        bisect.insort(by_degree.setdefault(d_new, []), (g.load, counter, g))
+        if d_new not in indexes:
+            indexes[d_new] = GroupIndex(table.cap[d_new])
+        indexes[d_new].add(g)
     return mbs
 
 
@@ -167,52 +220,25 @@ def fill_micro_batch(
     degrees = [d for d in table.degrees if d <= num_ranks]
     mb = MicroBatchLoad([], num_ranks)
     left: list[int] = []
-    by_degree: dict[int, list[tuple[float, int, GroupLoad]]] = {}
-    counter = 0
+    indexes: dict[int, GroupIndex] = {}
     for i in order:
         s = table.lengths[i]
         row = table.time[i]
-        best = None
-        for d, lst in by_degree.items():
-            t = row[d]
-            if t == INF or not lst:
-                continue
-            k = bisect.bisect_right(lst, (target - t, math.inf)) - 1
-            scanned = 0
-            while k >= 0 and scanned < 8:
-                g = lst[k][2]
-                if g.tokens + s <= table.cap[d]:
-                    slack = target - (g.load + t)
-                    if best is None or slack < best[0]:
-                        best = (slack, d, k)
-                    break
-                k -= 1
-                scanned += 1
-        if best is not None:
-            _, d, k = best
-            lst = by_degree[d]
-            _, _, g = lst.pop(k)
-            g.load += row[d]
-            g.tokens += s
-            g.seqs.append(i)
-            counter += 1
-            bisect.insort(lst, (g.load, counter, g))
+        hit = _best_open(indexes, row, s, target)
+        if hit is not None:
+            d, g = hit
+            indexes[d].put(g, i, row[d], s)
             continue
-        d_new = None
-        for d in degrees:
-            if d > mb.free:
-                break
-            if row[d] != INF and table.overhead[d] + row[d] <= target:
-                d_new = d
-                break
+        d_new = _new_degree(degrees, table, row, target, mb.free)
         if d_new is None:
             left.append(i)
             continue
         g = GroupLoad(d_new, table.overhead[d_new] + row[d_new], s, [i])
         mb.groups.append(g)
         mb.free -= d_new
-        counter += 1
-        bisect.insort(by_degree.setdefault(d_new, []), (g.load, counter, g))
+        if d_new not in indexes:
+            indexes[d_new] = GroupIndex(table.cap[d_new])
+        indexes[d_new].add(g)
     return mb, left
 
 

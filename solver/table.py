@@ -37,6 +37,7 @@ class CostTable:
                 cache[s] = row
             self.time.append(row)
         self._rows = cache
+        self._min_cache: dict[int, tuple[float, float]] = {}
 
     def row(self, s: int) -> dict[int, float]:
         """Times of a length `s` (computed on demand for lengths outside the batch)."""
@@ -56,8 +57,17 @@ class CostTable:
 
     def min_time(self, i: int) -> float:
         """Least time of sequence i alone in any allowed group (inf when none holds it)."""
-        return min(self.overhead[d] + t for d, t in self.time[i].items())
+        return self._mins(i)[0]
 
     def min_rank_time(self, i: int) -> float:
         """Least rank-seconds of sequence i over the allowed degrees that hold it."""
-        return min(d * t for d, t in self.time[i].items())
+        return self._mins(i)[1]
+
+    def _mins(self, i: int) -> tuple[float, float]:
+        s = self.lengths[i]
+        m = self._min_cache.get(s)
+        if m is None:
+            row = self.time[i]
+            m = (min(self.overhead[d] + t for d, t in row.items()), min(d * t for d, t in row.items()))
+            self._min_cache[s] = m
+        return m
