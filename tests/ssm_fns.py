@@ -191,7 +191,7 @@ def op_cases(cases):
         out = _run_op(op, sp_in, lengths, segments, GroupSpec(start, size, rank))
         what = f"{op} {dtype} groups {groups} lengths {lengths}"
         _close(out.to(dtype), ref_out.detach()[idx].to(dtype), dtype, what + ": output")
-        grads = dict(zip(sp_in, torch.autograd.grad((out * weight[idx]).sum(), list(sp_in.values()))))
+        grads = dict(zip(sp_in, torch.autograd.grad((out * weight[idx]).sum(), list(sp_in.values()), materialize_grads=True)))
         params = {}
         for k, gr in grads.items():
             if k in TOKEN_INPUTS:

@@ -63,6 +63,11 @@ def _lengths_like(t: torch.Tensor, segments: Segments) -> torch.Tensor:
     return torch.tensor(segments.length, dtype=t.real.dtype if t.is_complex() else t.dtype, device=t.device)
 
 
+def _through(y: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
+    """`y` with a (zero) dependence on `s_in`, so the mirror exchange runs in backward on every rank."""
+    return y + 0 * (s_in.real if s_in.is_complex() else s_in).sum().to(y.dtype)
+
+
 def _lti_scan(name, inner, mixer):
     """s4d_scan / ema_scan: (u, A, B, C, cu_seqlens, initial_state) with a time-invariant diagonal A."""
 
@@ -72,9 +77,13 @@ def _lti_scan(name, inner, mixer):
             return inner(u, A, B, C, cu_seqlens=cu_seqlens, initial_state=initial_state, **kw)
         _no_cache(name, initial_state)
         segments, group = act
-        _, end = inner(u, A, B, C, cu_seqlens=cu_seqlens, **kw)
         steps = _lengths_like(A, segments)[:, None, None]
         decay = torch.exp(steps * torch.log(A)[None])  # A ** length, per segment
+        if segments.num_tokens == 0:  # the models' chunked kernels need a token; the exchange still runs
+            end = torch.zeros_like(decay)
+            s_in = pass_states(decay, end, segments, group)
+            return _through(u.new_zeros(u.shape), s_in), end
+        _, end = inner(u, A, B, C, cu_seqlens=cu_seqlens, **kw)
         s_in = pass_states(decay, end, segments, group).to(end.dtype)
         return inner(u, A, B, C, cu_seqlens=cu_seqlens, initial_state=s_in, **kw)
 
@@ -88,8 +97,13 @@ def _ssd_scan(inner, mixer):
             return inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, initial_states=initial_states, **kw)
         _no_cache("ssd_scan", initial_states)
         segments, group = act
-        _, end = inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, **kw)
         log_decay = _segment_sum((dt[0] * A).to(torch.promote_types(dt.dtype, torch.float32)), segments)  # [S, H]
+        if segments.num_tokens == 0:  # the models' chunked kernels need a token; the exchange still runs
+            batch, _, num_heads, head_dim = x.shape
+            end = x.new_zeros((segments.num_segments, num_heads, head_dim, B.shape[-1]))
+            s_in = pass_states(log_decay.exp(), end, segments, group)
+            return _through(x.new_zeros(x.shape), s_in), end
+        _, end = inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, **kw)
         s_in = pass_states(log_decay.exp(), end, segments, group).to(end.dtype)
         return inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, initial_states=s_in, **kw)
 
