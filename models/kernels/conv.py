@@ -37,13 +37,11 @@ def causal_conv1d(x, weight, bias=None, cu_seqlens=None, halo=None):
     y = bias.to(x.dtype).expand(batch * length, D) if bias is not None else flat.new_zeros((batch * length, D))
     for tap in range(k):
         shift = k - 1 - tap
-        inside = pos >= shift
-        if halo is not None:
-            from_halo = batch * length + seg * (k - 1) + (k - 1) - (shift - pos)
-            outside = from_halo
+        if halo is not None:  # x[start - m] is halo row K-1-m of the segment
+            outside = batch * length + seg * (k - 1) + (k - 1) - (shift - pos)
         else:
             outside = torch.full_like(tok, zero_row)
-        src = torch.where(inside, tok - shift, outside)
+        src = torch.where(pos >= shift, tok - shift, outside)
         y = y + table.index_select(0, src) * weight[:, tap]
     return y.reshape(batch, length, D)
 
