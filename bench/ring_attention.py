@@ -158,12 +158,25 @@ def cpu_table(args):
         # hidden: share of the exchanges' own time (replayed alone) that the ring did not wait for
         hidden = statistics.mean(min(1.0, max(0.0, 1.0 - r[3] / r[2])) for r in res if r[2] > 0) if t_comm > 0 else float("nan")
         rows.append((f"{d}", t_ring, t_comp, t_comm, t_exposed, base / t_ring, hidden))
+    # the same blocks run in turn in this one process: the split of work without core contention
+    from hetsp.attention.kernels import select_kernel
+
+    kern = select_kernel("torch_cpu", "cpu")
+    alone = {
+        d: simulated_ring_seconds(args.lengths, d, kern, args.heads, args.kv_heads, args.dim, torch.float32, "cpu", args.repeats, lambda: None)
+        for d in [1] + list(args.ranks)
+    }
     print(f"\nCPU, gloo, torch_cpu kernel, fp32, causal; lengths={args.lengths} heads={args.heads} kv_heads={args.kv_heads} "
           f"dim={args.dim}; one thread per rank, {os.cpu_count()} cores; slowest rank, median of {args.repeats}")
     print("| ranks | ring fwd+bwd (s) | compute only (s) | comm only (s) | comm exposed in ring (s) | speed-up vs one process | comm hidden |")
     print("|---|---|---|---|---|---|---|")
     for name, t_ring, t_comp, t_comm, t_exp, speed, hidden in rows:
         print(f"| {name} | {t_ring:.4f} | {t_comp:.4f} | {t_comm:.4f} | {t_exp:.4f} | {speed:.2f} | {hidden:.0%} |".replace("nan%", "-"))
+    print("\nBlock kernels only (fwd+bwd of every block a rank computes), ranks run in turn in one process:")
+    print("| ranks | slowest rank (s) | mean rank (s) | balance (mean/slowest) | ideal speed-up of compute (one rank's share) |")
+    print("|---|---|---|---|---|")
+    for d, (t_max, t_mean) in alone.items():
+        print(f"| {d} | {t_max:.4f} | {t_mean:.4f} | {t_mean / t_max:.0%} | {alone[1][0] / t_max:.2f} |")
 
 
 def _attn_flops(lengths, heads, dim, causal=True):

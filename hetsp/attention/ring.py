@@ -72,7 +72,7 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel)
 
 
 def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scale: float, kernel):
-    """(dq, dk, dv) in q's dtype."""
+    """(dq, dk, dv) in q's dtype; `out` (T, H, D) and `lse` (T, H) are the final merged ones."""
     acc = acc_dtype(q.dtype)
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
@@ -127,9 +127,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(fctx, q, k, v, ctx, causal, scale, kernel):
         out, lse = ring_forward(q, k, v, ctx, causal, scale, kernel)
+        out = out.to(q.dtype)  # kept in the input dtype, as flash attention does, to save activation memory
         fctx.save_for_backward(q, k, v, out, lse)
         fctx.ring = (ctx, causal, scale, kernel)
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(fctx, dout):
