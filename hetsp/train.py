@@ -131,8 +131,6 @@ def train(cfg: Config, resume: bool) -> None:
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
     objective = get_objective(cfg.train.objective)
     data = build_data(cfg.data, cfg.run.seed)
-    if rank == 0:
-        log.info("data: %s", ", ".join(f"{k}={v}" for k, v in data.stats.items()))
     model = build_model(cfg.model, data.vocab_size, attn_implementation=register_attention())
     try:
         from hetsp.ssm_parallel import parallelize
@@ -247,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from hetsp.dry_run import dry_run
 
-        return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        try:
+            return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
