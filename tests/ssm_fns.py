@@ -289,3 +289,57 @@ def model_cases(cases):
         grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
         out.append((start, float(loss.detach()), float(ref_loss.detach()), grads, ref_grads))
     return out
+
+
+# ---------------------------------------------------------------- whole plans through the executor
+
+
+class _Engine:
+    """The slice of the engine API `hetsp.executor.run_plan` uses, on a plain module."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_gradient_accumulation_boundary(self, flag):
+        pass
+
+    def backward(self, loss, scale_wrt_gas=False):
+        loss.backward()
+
+
+def plan_steps(cases, model_kwargs, dtype):
+    """For each (sequences, plan_json): (global loss sum, local grads) through `run_plan` with SP layers."""
+    from hetsp.attention import register_attention
+    from hetsp.executor import run_plan
+    from hetsp.objectives.lm import LanguageModeling
+    from hetsp.plan import Plan
+    from hetsp.ssm_parallel import parallelize
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for sequences, plan_json in cases:
+        model = parallelize(_build("hybrid", model_kwargs, register_attention(), 1234).to(dtype))
+        plan = Plan.from_json(plan_json).validate(world)
+        res = run_plan(_Engine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), "reference")
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+        out.append((res.loss_sum, res.num_units, grads))
+    return out
+
+
+def plan_reference(sequences, model_kwargs, dtype):
+    """Mean token loss and its gradients for the whole batch in one process, one sequence at a time."""
+    from hetsp.objectives.lm import LanguageModeling
+
+    model = _build("hybrid", model_kwargs, "eager", 1234).to(dtype)
+    lm = LanguageModeling()
+    units = lm.num_units([len(s) for s in sequences])
+    total = 0.0
+    for seq in sequences:
+        logits = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0]
+        loss = lm.loss_sum(logits, torch.tensor(lm.labels(seq))) / units
+        loss.backward()
+        total += loss.item()
+    return total, {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}

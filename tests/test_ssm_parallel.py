@@ -111,3 +111,29 @@ def test_hybrid_model_matches_single_process(rank_pool, world):
         ssm_fns.check_model_results(
             [[res[c] for c in picked] for res in results], [cases[c] for c in picked], MODEL_TOL[dtype]
         )
+
+
+def test_random_plans_through_the_executor(rank_pool):
+    """Random plans on 4 ranks (groups of every size, idle ranks, sequences shorter than their group):
+    `hetsp.executor.run_plan` on the SSM kinds gives the single-process loss and gradients (fp64)."""
+    import random
+
+    from hetsp.config import ClusterConfig, PlannerConfig
+    from solver import get_planner
+
+    rng = random.Random(5)
+    planner = get_planner("random", PlannerConfig(seed=5), ClusterConfig())
+    cases = []
+    for _ in range(2):
+        lengths = [rng.choice([1, 2, 3, rng.randint(4, 20)]) for _ in range(rng.randint(2, 6))]
+        lengths[0] = max(lengths[0], 5)
+        seqs = [[rng.randrange(ssm_fns.VOCAB) for _ in range(n)] for n in lengths]
+        cases.append((seqs, planner.plan(lengths, 4).to_json()))
+    results = rank_pool(4).run(ssm_fns.plan_steps, cases, SSM_ONLY, F64)
+    for c, (seqs, plan_json) in enumerate(cases):
+        ref_loss, ref_grads = ssm_fns.plan_reference(seqs, SSM_ONLY, F64)
+        num_units = results[0][c][1]
+        assert sum(r[c][0] for r in results) / num_units == pytest.approx(ref_loss, rel=1e-9), plan_json
+        for name, ref in ref_grads.items():
+            total = sum(r[c][2][name] for r in results) / len(results)  # run_plan scales by world / num_units
+            torch.testing.assert_close(total, ref, **MODEL_TOL[F64], msg=lambda m: f"{name} {plan_json}: {m}")
