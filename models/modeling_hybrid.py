@@ -131,7 +131,11 @@ class HybridModel(HybridPreTrainedModel):
                 position_ids = (torch.arange(length, device=device) + past)[None].expand(batch, length)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim or 2, self.config.rope_theta, inputs_embeds.dtype)
         mask = None
-        if self.config._attn_implementation in _MASKED_IMPLEMENTATIONS and "attention" in self.config.layer_kinds:
+        impl = self.config._attn_implementation
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        # sdpa applies plain causal masking itself (and may pick a fused kernel) when no mask is given.
+        plain_causal = impl == "sdpa" and cu_seqlens is None and past == 0 and not padded
+        if impl in _MASKED_IMPLEMENTATIONS and "attention" in self.config.layer_kinds and not plain_causal:
             mask = _mask(batch, length, past, cu_seqlens, attention_mask, inputs_embeds.dtype, device)
         hidden = inputs_embeds
         for layer in self.layers:

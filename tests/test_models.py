@@ -85,6 +85,18 @@ def test_packed_row_equals_documents_run_alone(pass_as):
         torch.testing.assert_close(grads_packed[name], grads_sep[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
+def test_eager_and_sdpa_attention_agree_on_plain_and_packed_rows():
+    model = tiny_model("attention,mamba2")
+    ids = torch.randint(0, 41, (1, 12))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    outs = {}
+    for impl in ("sdpa", "eager"):
+        model.config._attn_implementation = impl
+        outs[impl] = (model(input_ids=ids).logits, model(input_ids=ids, cu_seqlens=cu).logits)
+    for a, b in zip(outs["sdpa"], outs["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_reference_kernels_give_the_same_model_output():
     model = tiny_model()
     ids = torch.randint(0, 41, (2, 11))
