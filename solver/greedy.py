@@ -14,5 +14,5 @@ class GreedyPlanner(CostedPlanner):
     name = "greedy"
 
     def _solve(self, table: CostTable, num_ranks: int) -> tuple[list[MicroBatchLoad], str, dict[str, Any]]:
-        budget = float(self.cfg.options.get("heuristic_s", min(0.5, self.cfg.time_limit_s)))
+        budget = float(self.cfg.options.get("heuristic_s", 0.65 * self.cfg.time_limit_s))
         return heuristic_pack(table, num_ranks, budget), "heuristic", {}

@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
 from .local_search import LocalSearch
-from .pack import INF, MicroBatchLoad, pack_target, plan_cost, sequential_pack
+from .pack import INF, MicroBatchLoad, optimistic_cost, pack_target, plan_cost, repack_micro_batch, sequential_pack
 from .table import CostTable
 
 
@@ -25,8 +26,10 @@ def heuristic_pack(
     table: CostTable,
     num_ranks: int,
     time_budget: float = 0.5,
-    num_targets: int = 24,
-    keep: int = 3,
+    num_targets: int = 10,
+    keep: int = 2,
+    lo_rel: float = 0.6,
+    hi_rel: float = 3.2,
 ) -> list[MicroBatchLoad]:
     """Best packing of all of `table`'s sequences found within about `time_budget` seconds.
 
@@ -45,31 +48,51 @@ def heuristic_pack(
     work = sum(table.min_rank_time(i) for i in idx) / num_ranks
     slowest = max(table.min_time(i) for i in idx)
     m_min = fewest_micro_batches(table, idx, num_ranks)
-    lo = max(slowest * 0.25, work / (m_min + 4), 1e-12)
-    hi = max(work * 1.5, slowest) * 1.01
-    targets = [lo * (hi / lo) ** (k / max(1, num_targets - 1)) for k in range(num_targets)]
-    # Most promising first (a time budget may stop the scan): near the fluid makespan of M_min micro-batches.
     centre = max(work / m_min, slowest)
-    targets.sort(key=lambda c: abs(math.log(c / centre)))
-    cands: list[tuple[float, list[MicroBatchLoad]]] = []
-    combos = [(c, cap, by_memory) for c in targets for by_memory in (True, False) for cap in (m_min, None, m_min + 1)]
-    for c, cap, by_memory in combos:
-        if time.perf_counter() - t0 > time_budget * 0.4 and cands:
-            break
-        mbs = pack_target(
-            order, table, num_ranks, c, max_micro_batches=cap, overflow=True, presorted=True, by_memory=by_memory
-        )
-        if mbs is not None:
-            cands.append((plan_cost(mbs, table.fixed), mbs))
-    if time.perf_counter() - t0 < time_budget * 0.3 or not cands:
-        seq = sequential_pack(idx, table, num_ranks)
-        if seq is not None:
-            cands.append((plan_cost(seq, table.fixed), seq))
+    # Targets well above the fluid makespan fill the first micro-batches to their memory;
+    # repacking each micro-batch afterwards finds its own makespan (see `repack_micro_batch`).
+    targets = [centre * lo_rel * (hi_rel / lo_rel) ** (k / max(1, num_targets - 1)) for k in range(num_targets)]
+    targets.sort(key=lambda c: abs(math.log(c / (1.6 * centre))))  # most promising first
+    cands: list[tuple[float, float, list[MicroBatchLoad]]] = []  # (estimate, cost, packing)
+    combos = [(m_min, False), (m_min, True), (None, True), (m_min + 1, True)]
+    scan_end = t0 + time_budget * 0.35
+    for c in targets:
+        for cap, by_memory in combos:
+            if time.perf_counter() > scan_end and cands:
+                break
+            mbs = pack_target(
+                order, table, num_ranks, c, max_micro_batches=cap, overflow=True, presorted=True, by_memory=by_memory
+            )
+            if mbs is not None:
+                cands.append((optimistic_cost(mbs, table, num_ranks), plan_cost(mbs, table.fixed), mbs))
     if not cands:
-        raise ValueError("no packing found: some sequence fits no allowed group size within the ranks")
-    cands.sort(key=lambda x: x[0])
-    best_cost, best = cands[0]
-    chosen = cands[:keep]
+        seq = sequential_pack(idx, table, num_ranks)
+        if seq is None:
+            raise ValueError("no packing found: some sequence fits no allowed group size within the ranks")
+        cands.append((plan_cost(seq, table.fixed), plan_cost(seq, table.fixed), seq))
+    # Repack the most promising by estimate (ties broken by their cost as packed); identical
+    # micro-batches recur across candidates, so repacks are cached by content.
+    cands.sort(key=lambda x: (round(x[0], 9), x[1]))
+    pool = [min(cands, key=lambda x: x[1])[1:]]
+    cache: dict[tuple[int, ...], MicroBatchLoad] = {}
+    seen: set[frozenset] = set()
+    for _, _, mbs in cands:
+        if time.perf_counter() - t0 > time_budget * 0.65 and len(pool) > 1:
+            break
+        split = frozenset(tuple(sorted(i for g in mb.groups for i in g.seqs)) for mb in mbs)
+        if split in seen:
+            continue
+        seen.add(split)
+        out = []
+        for mb in mbs:
+            key = tuple(sorted(i for g in mb.groups for i in g.seqs))
+            if key not in cache:
+                cache[key] = repack_micro_batch(mb, table, num_ranks, deadline=t0 + time_budget * 0.8)
+            out.append(copy.deepcopy(cache[key]))
+        pool.append((plan_cost(out, table.fixed), out))
+    pool.sort(key=lambda x: x[0])
+    best_cost, best = pool[0]
+    chosen = pool[:keep]
     left = max(0.0, time_budget - (time.perf_counter() - t0))
     for k, (_, mbs) in enumerate(chosen):
         share = left / (len(chosen) - k)

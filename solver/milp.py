@@ -45,7 +45,7 @@ class MilpPlanner(CostedPlanner):
         opts = self.cfg.options
         limit = float(self.cfg.time_limit_s)
         t0 = time.perf_counter()
-        heur = heuristic_pack(table, num_ranks, float(opts.get("heuristic_s", min(0.4, 0.45 * limit))))
+        heur = heuristic_pack(table, num_ranks, float(opts.get("heuristic_s", min(0.65 * limit, 0.65 + 0.1 * limit))))
         h_cost = plan_cost(heur, table.fixed)
         t_heur = time.perf_counter() - t0
         n = len(table.lengths)
@@ -72,11 +72,16 @@ class MilpPlanner(CostedPlanner):
         if remaining < 0.05:
             meta["fallback"] = "no time left for the MILP after the heuristic"
             return heur, "heuristic", meta
+        # PuLP builds about 3000 variables a second here; a model that cannot be built and
+        # searched in the time left is not tried.
         est_vars = m_cap * sum(num_ranks // d for d in degrees) * (num_buckets + 1)
-        max_vars = int(opts.get("max_vars", 4000))
-        if est_vars > max_vars:
-            meta["fallback"] = f"MILP skipped: about {est_vars} variables (planner.options.max_vars = {max_vars})"
-            _once(f"MILP too large for this batch ({est_vars} variables > max_vars {max_vars}); using the heuristic plan")
+        per_s = float(opts.get("max_vars_per_s", 3000))
+        if est_vars > per_s * remaining:
+            meta["fallback"] = (
+                f"MILP skipped: about {est_vars} variables, more than {per_s:.0f}/s x {remaining:.2f} s left "
+                "(raise planner.time_limit_s)"
+            )
+            _once(f"MILP too large for the time left ({est_vars} variables); using the heuristic plan")
             return heur, "heuristic", meta
         backend = str(opts.get("backend", "highs"))
         res = solve_bucketed_milp(

@@ -11,6 +11,7 @@ Token capacity per rank = floor((mem_GB * 1024 - params_B * 16 * 1024 / N) / act
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ FLEXSP_MODELS = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
 def flexsp_bandwidth(d: int) -> float:
     """All-to-all bandwidth (GB/s) of a degree-d group: the table, log-interpolated between entries.
 
