@@ -343,3 +343,19 @@ def plan_reference(sequences, model_kwargs, dtype):
         loss.backward()
         total += loss.item()
     return total, {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def replaced_kernel_error(model_kwargs):
+    """The message a sharded forward raises when set_kernels ran after parallelize."""
+    from hetsp.attention import make_shard_context, register_attention
+    from hetsp.ssm_parallel import parallelize
+    from models.kernels import REFERENCE_KERNELS
+
+    model = parallelize(_build("hybrid", model_kwargs, register_attention(), 0))
+    model.set_kernels(ssd_scan=REFERENCE_KERNELS["ssd_scan"])
+    ctx = make_shard_context([5], 0, dist.get_world_size(), dist.get_rank(), "cpu")
+    try:
+        model(input_ids=torch.zeros((1, ctx.num_tokens), dtype=torch.long), position_ids=ctx.positions[None], hetsp_shard=ctx)
+    except ValueError as err:
+        return str(err)
+    return "no error"

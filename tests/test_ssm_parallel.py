@@ -137,3 +137,37 @@ def test_random_plans_through_the_executor(rank_pool):
         for name, ref in ref_grads.items():
             total = sum(r[c][2][name] for r in results) / len(results)  # run_plan scales by world / num_units
             torch.testing.assert_close(total, ref, **MODEL_TOL[F64], msg=lambda m: f"{name} {plan_json}: {m}")
+
+
+def _tiny(family, **extra):
+    from hetsp.config import ModelConfig
+    from hetsp.model_registry import build_model
+
+    cfg = dict(SSM_ONLY, extra=dict(SSM_ONLY["extra"], **extra)) if family == "hybrid" else dict(
+        hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48
+    )
+    return build_model(ModelConfig(family=family, **cfg), 61)
+
+
+def test_parallelize_is_idempotent_and_a_no_op_without_ssm_layers():
+    from hetsp.ssm_parallel import parallelize
+
+    llama = _tiny("llama")
+    before = {n: p.clone() for n, p in llama.state_dict().items()}
+    assert parallelize(llama) is llama
+    assert all(not m._forward_pre_hooks for m in llama.modules())
+    assert all(torch.equal(before[n], p) for n, p in llama.state_dict().items())
+
+    model = _tiny("hybrid")
+    parallelize(model)
+    mixers = [layer.mixer for layer in model.model.layers]
+    kernels = [dict(m.kernels.maps[0]) for m in mixers]
+    hooks = [len(m._forward_pre_hooks) for m in mixers]
+    parallelize(model)
+    assert [dict(m.kernels.maps[0]) for m in mixers] == kernels
+    assert [len(m._forward_pre_hooks) for m in mixers] == hooks == [1, 1, 1, 1]
+
+
+def test_kernels_replaced_after_parallelize_is_an_error(rank_pool):
+    results = rank_pool(2).run(ssm_fns.replaced_kernel_error, SSM_ONLY)
+    assert all("call set_kernels before parallelize" in r for r in results)

@@ -19,6 +19,14 @@ import torch.distributed as dist
 from hetsp.ssm_parallel.segments import HaloRoutes
 
 
+# Tags of the exchanges here (gloo matches messages by peer and tag): distinct from ring
+# attention's, so two streams can never take each other's messages.
+TAG_GATHER = 41
+TAG_GATHER_GRAD = 42
+TAG_HALO = 43
+TAG_HALO_GRAD = 44
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     """The group as a value: global ranks start .. start + size - 1, this rank's index in it."""
@@ -36,13 +44,18 @@ class GroupSpec:
         return cls(int(shard.group_start), int(shard.group_size), int(shard.rank_in_group))
 
 
-def _p2p(group: GroupSpec, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]) -> None:
-    """Post all sends and receives (peers are ranks in group) at once and wait for them."""
+def _p2p(group: GroupSpec, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int) -> None:
+    """Post all sends and receives (peers are ranks in group) at once and wait for them.
+
+    Empty messages are skipped on both sides: both sides derive every size from the same shapes.
+    """
     ops = []
     for peer, buf in recvs.items():
-        ops.append(dist.P2POp(dist.irecv, buf, group.global_rank(peer)))
+        if buf.numel():
+            ops.append(dist.P2POp(dist.irecv, buf, group.global_rank(peer), tag=tag))
     for peer, buf in sends.items():
-        ops.append(dist.P2POp(dist.isend, buf, group.global_rank(peer)))
+        if buf.numel():
+            ops.append(dist.P2POp(dist.isend, buf.contiguous(), group.global_rank(peer), tag=tag))
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
@@ -53,7 +66,7 @@ def _all_gather(x: torch.Tensor, group: GroupSpec) -> torch.Tensor:
     out = x.new_empty((group.size, *x.shape))
     out[group.rank] = x
     peers = [p for p in range(group.size) if p != group.rank]
-    _p2p(group, {p: x for p in peers}, {p: out[p] for p in peers})
+    _p2p(group, {p: x for p in peers}, {p: out[p] for p in peers}, TAG_GATHER)
     return out
 
 
@@ -62,7 +75,7 @@ def _reduce_scatter(y: torch.Tensor, group: GroupSpec) -> torch.Tensor:
     y = y.contiguous()
     peers = [p for p in range(group.size) if p != group.rank]
     bufs = {p: torch.empty_like(y[0]) for p in peers}
-    _p2p(group, {p: y[p] for p in peers}, bufs)
+    _p2p(group, {p: y[p] for p in peers}, bufs, TAG_GATHER_GRAD)
     out = y[group.rank].clone()
     for p in peers:
         out += bufs[p]
@@ -96,7 +109,7 @@ class _HaloExchange(torch.autograd.Function):
         halo = x_TC.new_zeros((routes.num_rows, num_ch))
         sends = {dst: x_TC[list(idx)] for dst, idx in routes.send.items()}
         recvs = {src: x_TC.new_empty((len(rows), num_ch)) for src, rows in routes.recv.items() if src != group.rank}
-        _p2p(group, sends, recvs)
+        _p2p(group, sends, recvs, TAG_HALO)
         for src, rows in routes.recv.items():
             dst_rows = [r for r, _ in rows]
             halo[dst_rows] = x_TC[[i for _, i in rows]] if src == group.rank else recvs[src]
@@ -111,7 +124,7 @@ class _HaloExchange(torch.autograd.Function):
         # Mirror image: each halo row's gradient goes back to the rank it came from.
         sends = {src: grad_halo[[r for r, _ in rows]] for src, rows in routes.recv.items() if src != group.rank}
         recvs = {dst: grad_halo.new_empty((len(idx), num_ch)) for dst, idx in routes.send.items()}
-        _p2p(group, sends, recvs)
+        _p2p(group, sends, recvs, TAG_HALO_GRAD)
         own = routes.recv.get(group.rank, ())
         if own:
             grad_x.index_add_(0, torch.tensor([i for _, i in own], device=grad_x.device), grad_halo[[r for r, _ in own]])
