@@ -1,17 +1,20 @@
-"""The `milp` planner: the heuristic's plan, then the bucketed MILP warm-started from it.
+"""The `milp` planner: the heuristic's plan, then integer programs where they pay off in the time limit.
 
-Steps: (1) `heuristic_pack` (half the time limit at most); (2) the MILP of
-`milp_model.py` over the batch, warm-started from (1), with HiGHS (or CBC,
-``planner.options["backend"] = "cbc"``; HiGHS failing falls back to CBC,
-logged once); (3) its solution dealt out to real sequences, polished by local
-search and kept if faster. Whatever the solver does, a valid plan comes back.
+1. `heuristic_pack` (about 65% of ``planner.time_limit_s``).
+2. Small batches (at most ``options["exact_max_distinct"]`` = 24 distinct lengths): the
+   virtual-group MILP of `milp_model.py` with one bucket per distinct length, every
+   allowed size and enough micro-batches, warm-started from (1). Exact for the cost
+   model's per-sequence times, so a proven optimum is the plan's optimum.
+3. Larger batches: the pooled count MILP of `milp_counts.py` on each micro-batch
+   (slowest first) while time lasts; a re-packing it finds is kept when faster.
+HiGHS by default (``options["backend"] = "cbc"`` for CBC; a HiGHS failure falls back
+to CBC, logged once). Whatever the solvers do, a valid plan comes back.
 
-Honest status (``meta["status"]``): "optimal" only when the model is exact
-for this batch (one bucket per distinct length, every allowed size, enough
-micro-batches) and the solver proved optimality (`sol_status`), so the plan
-is optimal under the cost model's per-sequence times; "time_limit" when the
-MILP ran but proved nothing; "heuristic" when it found no solution (the
-heuristic plan is returned and ``meta["fallback"]`` says why).
+Honest status (``meta["status"]``): "optimal" only from step 2 with optimality
+proven by the solver (PuLP's `sol_status`, since it calls a time-limited HiGHS
+run "Optimal"); "time_limit" when a MILP ran without proving the plan optimal;
+"heuristic" when none ran or none found a solution (``meta["fallback"]`` says why).
+``meta["optimal_micro_batches"]`` counts micro-batches of plans proven optimal.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from .costed import CostedPlanner
 from .heuristics import heuristic_pack
 from .local_search import LocalSearch
+from .milp_counts import solve_micro_batch_counts
 from .milp_model import solve_bucketed_milp
 from .pack import MicroBatchLoad, plan_cost
 from .table import CostTable
@@ -68,21 +72,24 @@ class MilpPlanner(CostedPlanner):
             "milp_micro_batches": m_cap,
         }
         # keep a margin for dealing out the solution and polishing it
-        remaining = 0.85 * limit - (time.perf_counter() - t0)
+        deadline = t0 + 0.85 * limit
+        remaining = deadline - time.perf_counter()
         if remaining < 0.05:
             meta["fallback"] = "no time left for the MILP after the heuristic"
             return heur, "heuristic", meta
+        if not exact:
+            return self._polish_with_counts(heur, table, num_ranks, deadline, meta)
         # PuLP builds about 3000 variables a second here; a model that cannot be built and
         # searched in the time left is not tried.
         est_vars = m_cap * sum(num_ranks // d for d in degrees) * (num_buckets + 1)
         per_s = float(opts.get("max_vars_per_s", 3000))
         if est_vars > per_s * remaining:
             meta["fallback"] = (
-                f"MILP skipped: about {est_vars} variables, more than {per_s:.0f}/s x {remaining:.2f} s left "
+                f"exact MILP skipped: about {est_vars} variables, more than {per_s:.0f}/s x {remaining:.2f} s left "
                 "(raise planner.time_limit_s)"
             )
-            _once(f"MILP too large for the time left ({est_vars} variables); using the heuristic plan")
-            return heur, "heuristic", meta
+            _once("the exact MILP is too large for the time left; using the heuristic plan (see meta['fallback'])")
+            return self._polish_with_counts(heur, table, num_ranks, deadline, meta)
         backend = str(opts.get("backend", "highs"))
         res = solve_bucketed_milp(
             list(range(n)), table, num_ranks, m_cap, degrees, remaining, num_buckets, warm=heur, backend=backend
@@ -99,7 +106,7 @@ class MilpPlanner(CostedPlanner):
         )
         if res.micro_batches is None:
             meta["fallback"] = f"MILP gave no solution ({res.status}: {res.note}); heuristic plan returned"
-            _once(f"MILP gave no solution ({res.status}); returning the heuristic plan")
+            _once("the MILP gave no solution; returning the heuristic plan (see meta['fallback'])")
             return heur, "heuristic", meta
         mbs = res.micro_batches
         if not exact:
@@ -118,3 +125,26 @@ class MilpPlanner(CostedPlanner):
             chosen = mbs if m_cost < h_cost else heur
         meta["source"] = "milp" if chosen is mbs else "heuristic"
         return chosen, status, meta
+
+    def _polish_with_counts(self, heur, table: CostTable, num_ranks: int, deadline: float, meta: dict[str, Any]):
+        """Re-solve micro-batches (longest first) with the pooled count MILP while time lasts; keep gains."""
+        mbs = list(heur)
+        tried = improved = proven = 0
+        for k in sorted(range(len(mbs)), key=lambda k: -mbs[k].makespan()):
+            left = deadline - time.perf_counter()
+            if left < 0.05:
+                break
+            mb = mbs[k]
+            seqs = [i for g in mb.groups for i in g.seqs]
+            res = solve_micro_batch_counts(
+                seqs, table, num_ranks, mb.makespan() * 1.5, left, int(self.cfg.options.get("num_buckets", 16))
+            )
+            tried += 1
+            proven += res.status == "optimal"
+            if res.micro_batch is not None and res.micro_batch.makespan() < mb.makespan() - 1e-12:
+                mbs[k] = res.micro_batch
+                improved += 1
+        meta.update({"count_milp_tried": tried, "count_milp_proven": proven, "count_milp_improved": improved})
+        meta["optimal_micro_batches"] = 0
+        meta["source"] = "milp" if improved else "heuristic"
+        return mbs, ("time_limit" if tried else "heuristic"), meta
