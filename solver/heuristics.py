@@ -53,6 +53,20 @@ def heuristic_pack(
     # repacking each micro-batch afterwards finds its own makespan (see `repack_micro_batch`).
     targets = [centre * lo_rel * (hi_rel / lo_rel) ** (k / max(1, num_targets - 1)) for k in range(num_targets)]
     targets.sort(key=lambda c: abs(math.log(c / (1.6 * centre))))  # most promising first
+    # Where the longest sequences change group size the packing changes shape: try those first.
+    breaks = sorted(
+        {
+            (table.overhead[d] + table.time[i][d]) * (1 + 1e-6)
+            for i in order[:3]
+            for d in table.degrees
+            if d <= num_ranks and table.time[i][d] != INF
+        }
+    )
+    breaks = [c for c in breaks if 0.5 * centre <= c <= 4 * centre]
+    merged: list[float] = []
+    for k in range(max(len(breaks), len(targets))):  # alternate, so a short budget sees both kinds
+        merged += targets[k : k + 1] + breaks[k : k + 1]
+    targets = merged
     cands: list[tuple[float, float, list[MicroBatchLoad]]] = []  # (estimate, cost, packing)
     combos = [(m_min, False), (m_min, True), (None, True), (m_min + 1, True)]
     scan_end = t0 + time_budget * 0.35
