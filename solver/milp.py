@@ -136,6 +136,9 @@ class MilpPlanner(CostedPlanner):
                 break
             mb = mbs[k]
             seqs = [i for g in mb.groups for i in g.seqs]
+            fluid = max(sum(table.min_rank_time(i) for i in seqs) / num_ranks, max(table.min_time(i) for i in seqs))
+            if mb.makespan() <= 1.01 * fluid:
+                continue  # already within 1% of what any packing of this micro-batch can reach
             res = solve_micro_batch_counts(
                 seqs, table, num_ranks, mb.makespan() * 1.5, left, int(self.cfg.options.get("num_buckets", 16))
             )

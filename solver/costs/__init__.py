@@ -23,7 +23,8 @@ def build_cost_model(
 
     ``flexsp`` reads ``planner.flexsp_model`` ("7b", "13b", "30b") and
     ``cluster.memory_per_rank_gb`` (30 when 0). ``profile`` reads
-    ``planner.profile_path``. ``ring`` needs `model` and the cluster's hardware.
+    ``planner.profile_path``. ``ring`` needs `model` and the cluster's hardware, and reads
+    ``planner.options["zero_stage"]`` (default 1) for the collectives paid per micro-batch.
     """
     name = planner.cost_model
     if name == "flexsp":
@@ -42,7 +43,7 @@ def build_cost_model(
 
         if model is None:
             raise ValueError("the ring cost model needs the model's shape (pass the model config)")
-        return RingCostModel.from_configs(model, cluster, num_ranks)
+        return RingCostModel.from_configs(model, cluster, num_ranks, int(planner.options.get("zero_stage", 1)))
     raise ValueError(f"unknown cost model {name!r}; choose one of {list(COST_MODELS)}")
 
 
