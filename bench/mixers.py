@@ -144,12 +144,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     header = [
+        "Command: python bench/mixers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; fp32, batch 1, hidden {args.hidden}, median of {args.repeats}.",
         "Shared machine (other jobs running): timings are noisy, easily 2x between runs.",
         "",
     ]
-    print(header[0])
+    print(header[2])
     lines = header + ["## CPU: one layer (mixer + MLP), forward + backward", ""]
     lines += cpu_table(args.lengths, args.hidden, args.repeats, args.ref_max_len)
     check = triton_interpreter_check()
