@@ -10,6 +10,8 @@ and rows before a document start are zero.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +19,8 @@ from hetsp.ssm_parallel.comm import GroupSpec, halo_exchange
 from hetsp.ssm_parallel.segments import Segments, halo_routes
 
 
-def _extended_index(segments: Segments, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+@lru_cache(maxsize=64)
+def _extended_index(segments: Segments, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices building [halo(width), tokens] per segment from cat(halo rows, tokens), and of the outputs."""
     num_rows = segments.num_segments * width
     build, pick = [], []

@@ -167,29 +167,30 @@ def _local_attention(inner, mixer):
         order = torch.argsort(cand_valid.to(torch.int8), dim=1, stable=True)[:, -window:]  # last W valid, in order
         pick = torch.gather(cand, 1, order[..., None].expand(-1, -1, cand.shape[-1]))
         p_valid = torch.gather(cand_valid, 1, order)
-        # One row per segment: its activated queries/keys (packed order is segment order), padded with empty slots.
-        counts = [int(c) for c in torch.bincount(seg[0][seg[0] >= 0], minlength=S).tolist()] if seg.numel() else [0] * S
-        m_max = max(max(counts, default=0), 1)
-        row_of = seg[0].clamp(min=0)
-        starts = torch.tensor([sum(counts[:s]) for s in range(S)], device=q.device, dtype=torch.long)
-        col = torch.arange(seg.shape[1], device=q.device) - starts[row_of]
+        # One extended row: each segment's W prefix slots just before its own activated tokens (packed
+        # order is segment order), so the window of a query reaches its prefix and nothing else.
+        m = seg.shape[1]
         ok = seg[0] >= 0
-        r_idx, c_idx = row_of[ok], col[ok]
+        seg_tok = seg[0].clamp(min=0)
+        counts = torch.bincount(seg_tok[ok], minlength=S)
+        starts = torch.cumsum(counts, 0) - counts
+        slots = torch.arange(m, device=q.device)
+        tok_pos = torch.where(ok, slots + window * (seg_tok + 1), slots + S * window)
+        seg_ids = torch.arange(S, device=q.device)
+        pre_pos = ((starts + seg_ids * window)[:, None] + torch.arange(window, device=q.device)[None]).reshape(-1)
+        pre_seg = torch.where(p_valid, seg_ids[:, None].to(seg.dtype), torch.full_like(p_valid, -1, dtype=seg.dtype))
+        ext_len = m + S * window
 
-        def rows(t):
-            return t.new_zeros((S, m_max, t.shape[-1])).index_put((r_idx, c_idx), t[0][ok])
+        def extend(t, prefix):
+            ext = t.new_zeros((ext_len, t.shape[-1])).index_put((tok_pos,), t[0])
+            return ext.index_put((pre_pos,), prefix.reshape(-1, t.shape[-1]).to(t.dtype))[None]
 
-        row_seg = torch.full((S, m_max), -1, dtype=seg.dtype, device=q.device).index_put(
-            (r_idx, c_idx), torch.zeros_like(r_idx, dtype=seg.dtype)
+        ext_seg = seg.new_full((ext_len,), -1).index_put((tok_pos,), seg[0]).index_put((pre_pos,), pre_seg.reshape(-1))
+        o = inner(
+            extend(q, torch.zeros_like(pick[..., :z])), extend(k, pick[..., :z]), extend(v, pick[..., z : z + e]),
+            ext_seg[None], window, scale, **kw,
         )
-        prefix_seg_rows = torch.where(p_valid, torch.zeros_like(p_valid, dtype=seg.dtype), torch.full_like(p_valid, -1, dtype=seg.dtype))
-        o_rows = inner(
-            rows(q), rows(k), rows(v), row_seg, window, scale,
-            prefix_k=pick[..., :z].to(k.dtype), prefix_v=pick[..., z : z + e].to(v.dtype), prefix_seg=prefix_seg_rows, **kw,
-        )
-        out = q.new_zeros((1, seg.shape[1], e))
-        out[0, ok] = o_rows[r_idx, c_idx]
-        return out
+        return o[:, tok_pos]
 
     return local_attention
 
