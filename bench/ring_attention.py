@@ -212,17 +212,19 @@ def simulated_ring_seconds(lengths, d, kernel, heads, kv_heads, dim, dtype, devi
     return max(per_rank), sum(per_rank) / d
 
 
-def gpu_table(args):
+def gpu_table(args, device="cuda", dtype=torch.bfloat16, kernel_names=None):
+    """The GPU table (`device`/`kernel_names` other than the defaults only to check this code on CPU)."""
     import torch.nn.functional as F
 
     from hetsp.attention.kernels import select_kernel
     from hetsp.attention.kernels.base import Segments
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    sync = torch.cuda.synchronize
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU check run)"
     lengths, heads, kv, dim = args.gpu_lengths, args.heads, args.kv_heads, args.dim
     flops = _attn_flops(lengths, heads, dim)
-    print(f"\nGPU {torch.cuda.get_device_name()}, bf16, causal; lengths={lengths} heads={heads} kv_heads={kv} dim={dim}")
+    print(f"\nGPU {card}, {dtype}, causal; lengths={lengths} heads={heads} kv_heads={kv} dim={dim}")
     print("| what | fwd+bwd (ms) | TFLOP/s |")
     print("|---|---|---|")
     q, k, v, do = _inputs(sum(lengths), heads, kv, dim, dtype, device, 0)
@@ -241,7 +243,7 @@ def gpu_table(args):
     for s in lengths:
         cu.append(cu[-1] + s)
     seg = Segments(tuple(cu), tuple(cu))
-    names = ["triton"] + (["flash_attn"] if _has_flash() else [])
+    names = kernel_names or ["triton"] + (["flash_attn"] if _has_flash() else [])
     for name in names:
         kern = select_kernel(name, device)
 

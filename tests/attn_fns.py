@@ -167,3 +167,36 @@ def triton_interpreter_checks():
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
     return "ok"
+
+
+def nccl_ring_worker(rank, world_size, init_file, groups, kernel, dtype, tol):
+    """One NCCL rank (torch.multiprocessing.spawn): ring attention on CUDA for this rank's group
+    against fp64 full attention of the group's sequences, computed on the rank itself."""
+    from hetsp.attention import make_shard_context, ring_attention, warm_up
+    from hetsp.attention.kernels.reference import varlen_attention_ref
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        warm_up(torch.device("cuda", rank))
+        gi, start, size, lengths = _my_group(groups)
+        g = torch.Generator().manual_seed(100 + gi)
+        total = sum(lengths)
+        full = [torch.randn(total, h, 64, generator=g, dtype=torch.float64).cuda() for h in (8, 2, 2, 8)]
+        cu = [0]
+        for s in lengths:
+            cu.append(cu[-1] + s)
+        q, k, v, do = (x.clone().requires_grad_(i < 3) for i, x in enumerate(full))
+        want = varlen_attention_ref(q, k, v, cu)
+        want_grads = torch.autograd.grad(want, (q, k, v), do)
+        ctx = make_shard_context(lengths, start, size, rank, "cuda", kernel=kernel)
+        idx = torch.tensor(ctx.layout.token_index, dtype=torch.long, device="cuda")
+        mq, mk, mv = (x.detach().index_select(0, idx).to(dtype).requires_grad_(True) for x in (q, k, v))
+        out = ring_attention(mq, mk, mv, ctx)
+        grads = torch.autograd.grad(out, (mq, mk, mv), do.index_select(0, idx).to(dtype))
+        for got, ref in zip((out,) + grads, (want,) + want_grads):
+            ref = ref.detach().index_select(0, idx)
+            err = ((got.double() - ref).norm() / ref.norm()).item()
+            assert err < tol, (rank, kernel, dtype, err)
+    finally:
+        dist.destroy_process_group()

@@ -184,3 +184,14 @@ def test_unknown_kernel_and_missing_flash_attn():
         make_shard_context([3], 0, 1, 0, "cpu", kernel="nope")
     with pytest.raises(ValueError, match="flash"):
         make_shard_context([3], 0, 1, 0, "cpu", kernel="flash_attn")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
+@pytest.mark.parametrize("kernel,dtype,tol", [("triton", torch.float32, 1e-4), ("auto", torch.bfloat16, 2e-2)])
+def test_nccl_ring_on_gpus(tmp_path, kernel, dtype, tol):
+    import torch.multiprocessing as mp
+
+    n = min(torch.cuda.device_count(), 4)
+    groups = [(0, n, (3000, 1, 517))] if n < 3 else [(0, 1, (77, 5)), (1, n - 1, (3000, 1, 517))]
+    mp.spawn(attn_fns.nccl_ring_worker, args=(n, str(tmp_path / "init"), groups, kernel, dtype, tol), nprocs=n)
