@@ -61,7 +61,13 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, de
     dtype = resolve_dtype(train, device)
     model.to(device)
     if train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"train.activation_checkpointing: {type(model).__name__} does not support it; set it to false")
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache import HybridCache
@@ -24,7 +25,7 @@ from .mixers import build_mixer
 _MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-class HybridDecoderLayer(nn.Module):
+class HybridDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HybridConfig, layer_idx: int, kind: str):
         super().__init__()
         self.kind = kind
@@ -47,7 +48,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     config_class = HybridConfig
     config: HybridConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["HybridDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
