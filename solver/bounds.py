@@ -7,6 +7,8 @@ bound = max(W / N, T_long) + M_min * fixed, where
 - T_long: the slowest sequence at its fastest allowed size (a micro-batch
   lasts at least as long as any group in it);
 - M_min: the fewest micro-batches whose memory holds every token.
+`tight_s` prices the longest sequence at one size d for both terms:
+min over d of max(t(s, d), (W - w(s) + d t(s, d)) / N) + M_min * fixed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class LowerBound:
     longest_s: float
     min_micro_batches: int
     fixed_s: float
+    tight_s: float = 0.0  # also pricing the longest sequence at one size for both terms (>= total_s)
 
     def gap(self, time_s: float) -> float:
         """Relative gap of a plan taking `time_s` (0.1 = 10% above the bound)."""
@@ -62,4 +65,13 @@ def lower_bound(lengths: Sequence[int], cm: CostModel, degrees: Sequence[int], n
     per_rank = max(cm.capacity(d) / d for d in degs)
     m_min = max(1, math.ceil(sum(lengths) / (per_rank * num_ranks) - 1e-9))
     body = max(work / num_ranks, longest)
-    return LowerBound(body + m_min * cm.fixed_s, work / num_ranks, longest, m_min, m_min * cm.fixed_s)
+    # Tighter: the longest sequence gets one size d; its micro-batch lasts t(s, d) and the
+    # whole step at least (other work + d t(s, d)) / N. Take the best d.
+    s_max = max(lengths)
+    others = work - cache[s_max][0]
+    joint = min(
+        (max(t(s_max, d), (others + d * t(s_max, d)) / num_ranks) for d in degs if t(s_max, d) != INF),
+        default=body,
+    )
+    fixed = m_min * cm.fixed_s
+    return LowerBound(body + fixed, work / num_ranks, longest, m_min, fixed, max(body, joint) + fixed)

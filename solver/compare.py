@@ -102,6 +102,7 @@ def compare_batch(
         "work_s": lb.work_s,
         "longest_s": lb.longest_s,
         "min_micro_batches": lb.min_micro_batches,
+        "tight_s": lb.tight_s,
     }
     return BatchReport(index, list(lengths), plan, bound, rows)
 

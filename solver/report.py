@@ -49,6 +49,8 @@ def comparison_table(rep: BatchReport) -> str:
             [name + extra, f"{r['est_s']:.3f}", f"{100 * r['gap']:+.1f}%", r["micro_batches"], f"{r['solve_s']:.3f}", r["status"]]
         )
     rows.append(["lower bound", f"{rep.bound['total_s']:.3f}", "", rep.bound["min_micro_batches"], "", ""])
+    if rep.bound.get("tight_s", 0) > rep.bound["total_s"]:
+        rows.append(["tighter bound", f"{rep.bound['tight_s']:.3f}", "", "", "", ""])
     return _table(["planner", "est_s", "vs bound", "micro-batches", "solve_s", "status"], rows)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 import solver
 from hetsp.config import ClusterConfig, PlannerConfig
+from solver.bounds import lower_bound
 from solver.simulate import simulate
 
 from .helpers import ToyCost, brute_force_optimum
@@ -37,5 +38,7 @@ def test_milp_matches_brute_force(lengths, num_ranks, cm, degrees):
     got = simulate(plan, cm, num_ranks).total_s
     assert plan.meta["status"] == "optimal", plan.meta
     assert got == pytest.approx(opt, rel=1e-6, abs=1e-9)
+    lb = lower_bound(lengths, cm, allowed, num_ranks)
+    assert lb.total_s <= lb.tight_s <= opt + 1e-9
     greedy = solver.get_planner("greedy", cfg, ClusterConfig()).use_cost_model(cm).plan(lengths, num_ranks)
     assert simulate(greedy, cm, num_ranks).total_s >= opt - 1e-9
