@@ -51,16 +51,31 @@ def test_merge_handles_rows_without_keys():
     torch.testing.assert_close(lse[0], torch.tensor([0.5 + torch.log(torch.tensor(2.0)).item()]))
 
 
-def test_kernel_choice_is_logged(caplog):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_kernel_choice_is_logged_once():
     from hetsp.attention import kernels
 
-    kernels._log_choice.cache_clear()
-    with caplog.at_level(logging.INFO, logger="hetsp.attention"):
+    log = logging.getLogger("hetsp.attention")
+    handler, level = _Records(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        kernels._log_choice.cache_clear()
         kern = kernels.select_kernel("auto", "cpu")
         kernels.select_kernel("auto", "cpu")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
     assert kern.name == "torch_cpu"
-    msgs = [r.getMessage() for r in caplog.records if r.name == "hetsp.attention"]
-    assert msgs == ["attention block kernel: torch_cpu (auto: cpu device)"]
+    assert handler.messages == ["attention block kernel: torch_cpu (auto: cpu device)"]
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         if os.environ.get("TRITON_INTERPRET") != "1":
             kernels.select_kernel("triton", "cpu")

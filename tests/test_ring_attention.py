@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hetsp.attention.kernels.reference import varlen_attention_ref
@@ -144,6 +144,8 @@ def test_bf16_error_does_not_grow_with_group_size(rank_pool):
     st.sampled_from([(2, 2), (2, 1), (3, 1)]),
     st.integers(0, 2**31 - 1),
 )
+@example("1x4", [[1], [1], [1], [1]], True, (2, 1), 0)
+@example("1+3", [[2, 1], [1, 2, 1], [1], [1]], True, (3, 1), 1)
 def test_random_lengths(rank_pool, layout, lengths, causal, heads, seed):
     groups = LAYOUTS[layout]
     case = make_case(groups, lengths[: len(groups)], heads[0], heads[1], 4, torch.float64, causal, seed)

@@ -25,6 +25,8 @@ def _interface():
 
 def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float):
     """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32)."""
+    if q_THD.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"flash-attn takes fp16 or bf16 inputs, got {q_THD.dtype}; cast the model or use kernel='triton'")
     fa = _interface()
     cu_q, cu_k = seg.device_cu(q_THD.device)
     out, lse, _ = fa.flash_attn_varlen_func(
