@@ -164,6 +164,7 @@ def pack_target(
     order = idx if presorted else order_longest_first(idx, table)
     degrees = [d for d in table.degrees if d <= num_ranks]
     mbs: list[MicroBatchLoad] = []
+    free_ranks: list[tuple[int, int]] = []  # (free ranks, micro-batch index), sorted
     indexes: dict[int, GroupIndex] = {}
     for i in order:
         s = table.lengths[i]
@@ -179,10 +180,9 @@ def pack_target(
             if not feas:
                 return None
             d_new = min(feas, key=lambda d: (table.overhead[d] + row[d], d))
-        host = None
-        for mb in mbs:
-            if mb.free >= d_new and (host is None or mb.free < host.free):
-                host = mb
+        # the micro-batch with the fewest free ranks that still holds d_new ranks
+        k = bisect.bisect_left(free_ranks, (d_new, -1))
+        host = mbs[free_ranks[k][1]] if k < len(free_ranks) else None
         if host is None and max_micro_batches is not None and len(mbs) >= max_micro_batches:
             if not overflow:
                 return None
@@ -201,9 +201,14 @@ def pack_target(
         if host is None:
             host = MicroBatchLoad([], num_ranks)
             mbs.append(host)
+            k = len(mbs) - 1
+        else:
+            k = free_ranks.pop(k)[1]
         g = GroupLoad(d_new, table.overhead[d_new] + row[d_new], s, [i])
         host.groups.append(g)
         host.free -= d_new
+        if host.free > 0:
+            bisect.insort(free_ranks, (host.free, k))
         if d_new not in indexes:
             indexes[d_new] = GroupIndex(table.cap[d_new])
         indexes[d_new].add(g)
