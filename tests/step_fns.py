@@ -51,7 +51,7 @@ class LocalEngine:
         loss.backward()
 
 
-def plan_step(cases, kernel="auto", dtype=torch.float64):
+def plan_step(cases, kernel="auto", dtype=torch.float64, checkpointing=False, model_cfg: ModelConfig = TINY):
     """For each (sequences, plan_json): global loss and data-parallel-averaged grads (rank 0 returns them)."""
     from hetsp.attention import register_attention
     from hetsp.executor import run_plan
@@ -60,7 +60,10 @@ def plan_step(cases, kernel="auto", dtype=torch.float64):
     rank, world = dist.get_rank(), dist.get_world_size()
     out = []
     for sequences, plan_json in cases:
-        model = tiny_model(register_attention(), dtype)
+        model = tiny_model(register_attention(), dtype, model_cfg)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         plan = Plan.from_json(plan_json).validate(world)
         res = run_plan(LocalEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), kernel)
         loss = torch.tensor([res.loss_sum], dtype=torch.float64)

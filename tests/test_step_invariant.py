@@ -41,6 +41,14 @@ def reference(sequences, dtype, attn="sdpa"):
     return total, {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
 
 
+def assert_match_fp64_reference(cases, results):
+    for (seqs, plan_json), (loss, grads) in zip(cases, results):
+        ref_loss, ref_grads = reference(seqs, torch.float64)
+        assert loss == pytest.approx(ref_loss, rel=1e-10), plan_json
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name} {plan_json}: {m}")
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_random_plans_match_single_process(rank_pool, world):
     rng = random.Random(world)
@@ -50,11 +58,18 @@ def test_random_plans_match_single_process(rank_pool, world):
         seqs = random_batch(rng)
         cases.append((seqs, planner.plan([len(s) for s in seqs], world).to_json()))
     results = rank_pool(world).run(step_fns.plan_step, cases, "reference", torch.float64)[0]
-    for (seqs, plan_json), (loss, grads) in zip(cases, results):
-        ref_loss, ref_grads = reference(seqs, torch.float64)
-        assert loss == pytest.approx(ref_loss, rel=1e-10), plan_json
-        for name, g in ref_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name} {plan_json}: {m}")
+    assert_match_fp64_reference(cases, results)
+
+
+def test_activation_checkpointing_keeps_the_invariant(rank_pool):
+    rng = random.Random(11)
+    cases = []
+    for seed in range(2):
+        seqs = random_batch(rng, 6)
+        plan = get_planner("random", PlannerConfig(seed=seed), ClusterConfig()).plan([len(s) for s in seqs], 4)
+        cases.append((seqs, plan.to_json()))
+    results = rank_pool(4).run(step_fns.plan_step, cases, "reference", torch.float64, True)[0]
+    assert_match_fp64_reference(cases, results)
 
 
 def test_fp32_default_kernel_matches(rank_pool):
