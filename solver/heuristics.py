@@ -10,6 +10,7 @@ import copy
 import math
 import time
 
+from .chunking import min_max_chunks
 from .local_search import LocalSearch
 from .pack import INF, MicroBatchLoad, optimistic_cost, pack_target, plan_cost, repack_micro_batch, sequential_pack
 from .table import CostTable
@@ -104,6 +105,24 @@ def heuristic_pack(
                 cache[key] = repack_micro_batch(mb, table, num_ranks, deadline=t0 + time_budget * 0.8)
             out.append(copy.deepcopy(cache[key]))
         pool.append((plan_cost(out, table.fixed), out))
+    # FlexSP's split: the length-sorted batch cut into M contiguous runs (min-max work), each repacked.
+    per_rank = max(table.cap[d] / d for d in table.degrees if d <= num_ranks)
+    weights = [table.min_rank_time(i) for i in order]
+    tokens = [table.lengths[i] for i in order]
+    for m in range(m_min, m_min + 3):
+        if time.perf_counter() - t0 > time_budget * 0.7:
+            break
+        runs = min_max_chunks(weights, m, tokens, per_rank * num_ranks)
+        if runs is None:
+            continue
+        out = []
+        for a, b in runs:
+            mb = pack_target(order[a:b], table, num_ranks, INF, max_micro_batches=1, overflow=True, presorted=True)
+            if mb is None:
+                break
+            out.append(repack_micro_batch(mb[0], table, num_ranks, deadline=t0 + time_budget * 0.8))
+        else:
+            pool.append((plan_cost(out, table.fixed), out))
     pool.sort(key=lambda x: x[0])
     best_cost, best = pool[0]
     chosen = pool[:keep]

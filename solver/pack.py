@@ -315,6 +315,15 @@ def repack_micro_batch(
     if lo >= hi / 1.03:
         return mb
     order = order_longest_first(seqs, table)
+    # a first probe just above the bound narrows a wide bracket quickly
+    probe = min(hi, lo * 1.15)
+    cand, left = fill_micro_batch(order, table, num_ranks, probe)
+    if not left:
+        hi = probe
+        if cand.makespan() < best.makespan():
+            best = cand
+    else:
+        lo = probe
     for _ in range(iters):
         if time.perf_counter() > deadline:
             break
