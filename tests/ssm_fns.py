@@ -124,6 +124,24 @@ def _draw_op_inputs(op, lengths, dtype, seed):
             x=r(T, C), a=torch.exp(0.3 * lam).to(cdt),
             b=torch.complex(r(C, N), r(C, N)).to(cdt), c=torch.complex(r(C, N), r(C, N)).to(cdt),
         )
+    if op == "hy_s4d":
+        H, N = 3, 4
+        lam = torch.complex(-torch.rand(H, N, generator=g, dtype=torch.float64) - 0.1, torch.randn(H, N, generator=g, dtype=torch.float64))
+        a_bar = torch.exp(0.3 * lam)
+        return dict(u=r(T, H), a_bar=a_bar, b_bar=(a_bar - 1) / lam, c_modes=torch.complex(r(H, N), r(H, N)))
+    if op == "hy_ema":
+        H, N = 3, 4
+        return dict(x=r(T, H), damp=torch.rand(H, N, generator=g, dtype=torch.float64) * 0.8 + 0.1, pb=r(H, N), gamma=r(H, N))
+    if op == "hy_ssd":
+        H, P, G, N = 4, 3, 2, 5
+        return dict(
+            x=r(T, H, P), dt=torch.rand(T, H, generator=g, dtype=torch.float64) * 0.5 + 0.05,
+            A=-torch.rand(H, generator=g, dtype=torch.float64) - 0.2, B=r(T, G, N), C=r(T, G, N),
+        )
+    if op == "hy_conv":
+        return dict(x=r(T, 5), w=r(5, 4, scale=0.5), b=r(5))
+    if op == "hy_attn":
+        return dict(q=r(T, 4), k=r(T, 4), v=r(T, 3), active=torch.rand(T, generator=g) < 0.6)
     raise ValueError(op)
 
 
@@ -141,7 +159,9 @@ def _bamba_local(A, D, chunk_size):
 
 
 def _run_op(op, inp, lengths, segments, group):
-    """(output, differentiable inputs) of op `op` on `inp`: the reference when segments is None."""
+    """Output of op `op` on `inp`: the single-process reference when segments is None."""
+    if op.startswith("hy_"):
+        return _run_hybrid_kernel(op, inp, lengths, segments, group)
     if op == "conv":
         if segments is None:
             return conv_ref(inp["x"], inp["w"], inp["b"], lengths)
@@ -161,7 +181,44 @@ def _run_op(op, inp, lengths, segments, group):
     raise ValueError(op)
 
 
-TOKEN_INPUTS = {"x", "dt", "B", "C"}
+TOKEN_INPUTS = {"x", "dt", "B", "C", "u", "q", "k", "v"}
+HY_KERNEL = {"hy_s4d": "s4d_scan", "hy_ema": "ema_scan", "hy_ssd": "ssd_scan", "hy_conv": "causal_conv1d", "hy_attn": "local_attention"}
+HY_WINDOW = 3
+
+
+def _cu(lengths):
+    return torch.tensor([0] + [s.stop for s in _docs(lengths)], dtype=torch.int32)
+
+
+def _run_hybrid_kernel(op, inp, lengths, segments, group):
+    """A `models.kernels` kernel on the whole batch (segments None) or its group version on a shard."""
+    import types
+
+    from hetsp.ssm_parallel import hybrid
+    from models.kernels import KERNELS
+
+    name = HY_KERNEL[op]
+    if segments is None:
+        fn, cu = KERNELS[name], _cu(lengths)
+        seg_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    else:
+        holder = types.SimpleNamespace()
+        hybrid.activate(holder, segments, group)
+        fn = hybrid.group_kernel(name, KERNELS[name], holder)
+        cu = torch.tensor(segments.cu_seqlens(), dtype=torch.int32)
+        seg_of_token = torch.repeat_interleave(torch.arange(segments.num_segments), torch.tensor(segments.length))
+    if op == "hy_s4d":
+        return fn(inp["u"][None], inp["a_bar"], inp["b_bar"], inp["c_modes"], cu_seqlens=cu)[0][0]
+    if op == "hy_ema":
+        return fn(inp["x"][None], inp["damp"], inp["pb"], inp["gamma"], cu_seqlens=cu)[0][0]
+    if op == "hy_ssd":
+        return fn(inp["x"][None], inp["dt"][None], inp["A"], inp["B"][None], inp["C"][None], 4, cu_seqlens=cu)[0][0]
+    if op == "hy_conv":
+        return fn(inp["x"][None], inp["w"], inp["b"], cu_seqlens=cu)[0]
+    # hy_attn: the activated tokens, packed in order; the others get 0
+    act = inp["active"].nonzero()[:, 0]
+    o = fn(inp["q"][act][None], inp["k"][act][None], inp["v"][act][None], seg_of_token[act][None], HY_WINDOW, 0.5)[0]
+    return inp["v"].new_zeros(inp["v"].shape).index_put((act,), o)
 
 
 def op_cases(cases):
@@ -179,19 +236,20 @@ def op_cases(cases):
         inp = _draw_op_inputs(op, lengths, dtype, seed + gi)
         weight = torch.randn(sum(lengths), *_run_op(op, inp, lengths, None, None).shape[1:],
                              generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64).to(dtype)
-        ref_in = {k: v.clone().requires_grad_(True) for k, v in inp.items()}
+        ref_in = {k: v.clone().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in inp.items()}
         ref_out = _run_op(op, ref_in, lengths, None, None)
-        ref_grads = torch.autograd.grad((ref_out * weight).sum(), list(ref_in.values()))
-        ref_grads = dict(zip(ref_in, ref_grads))
+        diff = [k for k, v in ref_in.items() if v.requires_grad]
+        ref_grads = dict(zip(diff, torch.autograd.grad((ref_out * weight).sum(), [ref_in[k] for k in diff])))
 
         lay = shard_layout(lengths, size, rank)
         idx = torch.tensor(lay.token_index, dtype=torch.long)
-        sp_in = {k: (v[idx] if k in TOKEN_INPUTS else v).clone().requires_grad_(True) for k, v in inp.items()}
+        sp_in = {k: (v[idx] if k in TOKEN_INPUTS or k == "active" else v).clone() for k, v in inp.items()}
+        sp_in = {k: v.requires_grad_(k in diff) for k, v in sp_in.items()}
         segments = local_segments(tuple(lengths), size, rank)
         out = _run_op(op, sp_in, lengths, segments, GroupSpec(start, size, rank))
         what = f"{op} {dtype} groups {groups} lengths {lengths}"
         _close(out.to(dtype), ref_out.detach()[idx].to(dtype), dtype, what + ": output")
-        grads = dict(zip(sp_in, torch.autograd.grad((out * weight[idx]).sum(), list(sp_in.values()), materialize_grads=True)))
+        grads = dict(zip(diff, torch.autograd.grad((out * weight[idx]).sum(), [sp_in[k] for k in diff], materialize_grads=True)))
         params = {}
         for k, gr in grads.items():
             if k in TOKEN_INPUTS:

@@ -24,6 +24,13 @@ LAYOUTS = {
 }
 
 
+# Ops: hetsp's own (conv, ssd with any local scan, complex diagonal state passing), the Bamba
+# kernel under ssd_scan_sp, and the group versions of every `models.kernels` kernel (hy_*).
+OPS = [("conv", F64), ("ssd", F64), ("diag", F64), ("conv", F32), ("ssd_bamba", F32)] + [
+    (op, F64) for op in ("hy_s4d", "hy_ema", "hy_ssd", "hy_conv", "hy_attn")
+]
+
+
 def _check_params(results_per_rank, num_cases, dtype_of):
     for c in range(num_cases):
         by_group = {}
@@ -42,7 +49,7 @@ def test_ops_match_single_process(rank_pool, world):
     cases = []
     seed = 10 * world
     for groups, lengths in LAYOUTS[world]:
-        for op, dtype in [("conv", F64), ("ssd", F64), ("diag", F64), ("conv", F32), ("ssd_bamba", F32)]:
+        for op, dtype in OPS:
             cases.append((op, groups, lengths, dtype, seed))
             seed += 1
     results = rank_pool(world).run(ssm_fns.op_cases, cases)

@@ -204,6 +204,24 @@ _FACTORIES = {
 }
 
 
+def group_kernel(name: str, inner, mixer):
+    """The group version of kernel `name` around `inner`; it acts while `mixer` is activated.
+
+    `mixer` is any object: `activate(mixer, segments, group)` switches the group path on, and
+    the kernels then take ``cu_seqlens`` with one segment per local chunk (`Segments.cu_seqlens`).
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"no group version of kernel {name!r}; known: {sorted(_FACTORIES)}")
+    wrapped = _FACTORIES[name](inner, mixer)
+    wrapped._hetsp_sp = True
+    return wrapped
+
+
+def activate(mixer, segments: Segments | None, group: GroupSpec | None = None) -> None:
+    """Switch the group kernels of `mixer` on (segments and group given) or off (None)."""
+    setattr(mixer, _ACTIVE, None if segments is None else (segments, group))
+
+
 def _pre_hook(mixer, args, kwargs):
     shard = kwargs.get("hetsp_shard")
     if shard is None or int(shard.group_size) == 1:
@@ -244,9 +262,7 @@ def parallelize_mixer(mixer) -> None:
             def inner(*a, _name=name, **kw):
                 return _shared_kernel(mixer, _name)(*a, **kw)
 
-        wrapped = _FACTORIES[name](inner, mixer)
-        wrapped._hetsp_sp = True
-        overrides[name] = wrapped
+        overrides[name] = group_kernel(name, inner, mixer)
     setattr(mixer, _ACTIVE, None)
     mixer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     mixer.register_forward_hook(_post_hook, with_kwargs=True)
