@@ -151,7 +151,7 @@ def scaling(path: Path, time_limit: float, ranks_list) -> dict:
                      f"{100 * (est / lb - 1):.1f}%", plan.num_micro_batches, f"{wall:.2f}", plan.meta["status"]])
         out[str(n)] = {"est_s": round(est, 4), "lower_bound_s": round(lb, 4), "gap": round(est / lb - 1, 4),
                        "solve_s": round(wall, 3), "seqs": len(b)}
-    say("\n=== scaling: GPT-7B FlexSP model, 30 GB/rank, every group size allowed, 8 nodes' worth of ranks per node = 8")
+    say("\n=== scaling: GPT-7B FlexSP model, 30 GB/rank, every group size allowed, 8 ranks per node, 8 x ranks sequences")
     say(table(["ranks", "seqs", "dropped", "sizes tried", "static(max d)", "milp", "bound", "gap", "mbs", "solve_s",
                  "status"], rows))
     return out

@@ -6,10 +6,11 @@ Never imports torch. The runtime reaches this package only through
 (PuLP, the cost models) is imported lazily, so ``import solver`` is cheap.
 
 Planners: ``static`` (one group size, best-fit packing), ``random`` (any
-valid plan, for tests), ``greedy`` (longest-processing-time heuristic with
-local search), ``batch_adaptive`` (best single group size per batch),
-``best_static`` (alias of batch_adaptive over all sizes, kept for the CLI),
-``milp`` (bucketed integer program, HiGHS by default).
+valid plan, for tests), ``batch_adaptive`` (the best single group size per
+batch), ``greedy`` (makespan-target packing, per-micro-batch repacking and
+local search), ``milp`` (greedy, then integer programs in PuLP, HiGHS by
+default). The best single static size over many batches is
+`solver.compare.best_static_total`. CLI: ``python -m solver`` / ``hetsp-plan``.
 """
 
 from __future__ import annotations
