@@ -12,9 +12,8 @@ override map, turn each single-process kernel into its group version:
   as ``initial_state`` (outputs are affine in it, so that is exact);
 - ``causal_conv1d``: the kernel's per-segment ``halo`` comes from the ranks
   holding the previous tokens (`halo_exchange`);
-- ``local_attention`` (SeqBoat): the last W activated keys/values of every
-  segment are gathered over the group; each segment attends with the last W
-  activated tokens of all earlier chunks of its document as its prefix.
+- ``local_attention`` (SeqBoat, `seqboat.py`): each segment attends with the
+  last W activated tokens of all earlier chunks of its document as a prefix.
 
 Groups of one rank, and forwards without ``hetsp_shard``, run the model's own
 kernels untouched.
@@ -24,9 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from hetsp.ssm_parallel.comm import GroupSpec, group_all_gather, halo_exchange
+from hetsp.ssm_parallel.comm import GroupSpec, halo_exchange
+from hetsp.ssm_parallel.seqboat import local_attention_group
 from hetsp.ssm_parallel.segments import Segments, halo_routes, segments_of
-from hetsp.ssm_parallel.state import chunk_order, pass_states
+from hetsp.ssm_parallel.state import pass_states
 
 SSM_KINDS = ("s4d", "ema", "mamba2", "seqboat")
 _KERNELS_BY_KIND = {
@@ -124,83 +124,12 @@ def _conv(inner, mixer):
     return causal_conv1d
 
 
-def _tails(k, v, seg, num_segments: int, window: int):
-    """Per segment the last `window` activated (k, v), right-aligned: ([S, W, Z], [S, W, E], valid [S, W])."""
-    ids = torch.arange(num_segments, device=seg.device)
-    member = seg[0][None, :] == ids[:, None]  # [S, M]
-    # Rank of each member from the end of its segment: 0 for the last activated token.
-    from_end = member.flip(1).cumsum(1).flip(1) - 1
-    keep = member & (from_end < window)
-    dest = (window - 1 - from_end).clamp(min=0)  # right-aligned slot
-    tk = k.new_zeros((num_segments, window, k.shape[-1]))
-    tv = v.new_zeros((num_segments, window, v.shape[-1]))
-    valid = torch.zeros((num_segments, window), dtype=torch.bool, device=seg.device)
-    s_idx, t_idx = keep.nonzero(as_tuple=True)
-    d_idx = dest[s_idx, t_idx]
-    tk = tk.index_put((s_idx, d_idx), k[0][t_idx])
-    tv = tv.index_put((s_idx, d_idx), v[0][t_idx])
-    valid = valid.index_put((s_idx, d_idx), torch.ones_like(s_idx, dtype=torch.bool))
-    return tk, tv, valid
-
-
-def _local_attention(inner, mixer):
-    def local_attention(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, prefix_seg=None, **kw):
-        act = _active(mixer)
-        if act is None:
-            return inner(q, k, v, seg, window, scale, prefix_k=prefix_k, prefix_v=prefix_v, prefix_seg=prefix_seg, **kw)
-        _no_cache("local_attention", prefix_k)
-        segments, group = act
-        if q.shape[0] != 1:
-            raise ValueError(f"local_attention under sequence parallelism takes one packed row, got batch {q.shape[0]}")
-        S, d, z, e = segments.num_segments, group.size, k.shape[-1], v.shape[-1]
-        num_seqs = S // 2
-        tk, tv, valid = _tails(k, v, seg, S, window)
-        payload = torch.cat([tk, tv, valid[..., None].to(tk.dtype)], -1)  # [S, W, Z + E + 1]
-        gathered = group_all_gather(payload, group)  # [d, S, W, F]
-        by_chunk = gathered.view(d, num_seqs, 2, window, -1).permute(1, 0, 2, 3, 4).reshape(num_seqs, 2 * d, window, -1)
-        by_chunk = by_chunk[:, chunk_order(d)]  # [num_seqs, 2d, W, F], chunk order
-        # Segment s (sequence i, chunk c) sees the tails of chunks 0..c-1 of sequence i.
-        cand = by_chunk[list(segments.seq)]  # [S, 2d, W, F]
-        before = torch.arange(2 * d, device=q.device)[None, :] < torch.tensor(segments.chunk, device=q.device)[:, None]
-        cand = cand.reshape(S, 2 * d * window, -1)
-        cand_valid = (cand[..., -1] > 0.5) & before.repeat_interleave(window, 1)
-        order = torch.argsort(cand_valid.to(torch.int8), dim=1, stable=True)[:, -window:]  # last W valid, in order
-        pick = torch.gather(cand, 1, order[..., None].expand(-1, -1, cand.shape[-1]))
-        p_valid = torch.gather(cand_valid, 1, order)
-        # One extended row: each segment's W prefix slots just before its own activated tokens (packed
-        # order is segment order), so the window of a query reaches its prefix and nothing else.
-        m = seg.shape[1]
-        ok = seg[0] >= 0
-        seg_tok = seg[0].clamp(min=0)
-        counts = torch.bincount(seg_tok[ok], minlength=S)
-        starts = torch.cumsum(counts, 0) - counts
-        slots = torch.arange(m, device=q.device)
-        tok_pos = torch.where(ok, slots + window * (seg_tok + 1), slots + S * window)
-        seg_ids = torch.arange(S, device=q.device)
-        pre_pos = ((starts + seg_ids * window)[:, None] + torch.arange(window, device=q.device)[None]).reshape(-1)
-        pre_seg = torch.where(p_valid, seg_ids[:, None].to(seg.dtype), torch.full_like(p_valid, -1, dtype=seg.dtype))
-        ext_len = m + S * window
-
-        def extend(t, prefix):
-            ext = t.new_zeros((ext_len, t.shape[-1])).index_put((tok_pos,), t[0])
-            return ext.index_put((pre_pos,), prefix.reshape(-1, t.shape[-1]).to(t.dtype))[None]
-
-        ext_seg = seg.new_full((ext_len,), -1).index_put((tok_pos,), seg[0]).index_put((pre_pos,), pre_seg.reshape(-1))
-        o = inner(
-            extend(q, torch.zeros_like(pick[..., :z])), extend(k, pick[..., :z]), extend(v, pick[..., z : z + e]),
-            ext_seg[None], window, scale, **kw,
-        )
-        return o[:, tok_pos]
-
-    return local_attention
-
-
 _FACTORIES = {
     "s4d_scan": lambda inner, mixer: _lti_scan("s4d_scan", inner, mixer),
     "ema_scan": lambda inner, mixer: _lti_scan("ema_scan", inner, mixer),
     "ssd_scan": _ssd_scan,
     "causal_conv1d": _conv,
-    "local_attention": _local_attention,
+    "local_attention": lambda inner, mixer: local_attention_group(inner, lambda: _active(mixer)),
 }
 
 
