@@ -35,12 +35,13 @@ class Segments:
     """Matching query and key segments of one block (none empty).
 
     cu_q, cu_k: cumulative lengths as Python ints (len = num segments + 1).
-    max_q, max_k: longest segment. Device copies (int32) are made on first use.
+    max_q, max_k: longest segment. Device copies (int32) are made on first use; kernels may
+    keep other derived data in `cache`.
     """
 
     cu_q: tuple[int, ...]
     cu_k: tuple[int, ...]
-    _device_cache: dict = field(default_factory=dict, repr=False)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_segments(self) -> int:
@@ -56,13 +57,13 @@ class Segments:
 
     def device_cu(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(cu_q, cu_k) as int32 tensors on `device`."""
-        key = str(device)
-        if key not in self._device_cache:
-            self._device_cache[key] = (
+        key = ("cu", str(device))
+        if key not in self.cache:
+            self.cache[key] = (
                 torch.tensor(self.cu_q, dtype=torch.int32, device=device),
                 torch.tensor(self.cu_k, dtype=torch.int32, device=device),
             )
-        return self._device_cache[key]
+        return self.cache[key]
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Block kernel on torch's CPU flash-attention op (returns the log-sum-exp, has a backward).
 
-Legend: T tokens, H query heads, K kv heads, D head dim. Loops over segments (the op is
-dense, layout (B, H, S, D)); never called with an empty segment (a zero-length q or k
-kills the process). Causal alignment: top-left (query i sees keys j <= i) when query and
-key lengths differ; hetsp only calls it causally with equal lengths. GQA: K/V heads are
-repeated here, after communication, and their gradients summed back.
+Legend: T tokens, H query heads, K kv heads, D head dim, B segments of one shape.
+The op is dense (layout (B, H, S, D)); runs of equal-shape segments at fixed strides are
+batched into one call on a strided view (many short sequences cost few calls). Never
+called with an empty segment (a zero-length q or k kills the process). Causal alignment:
+top-left (query i sees keys j <= i) when query and key lengths differ; hetsp only calls it
+causally with equal lengths. GQA: K/V heads are repeated here, after communication, and
+their gradients summed back.
 """
 
 from __future__ import annotations
@@ -22,8 +24,38 @@ def _op_backward():
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _bhsd(x_TXD: torch.Tensor) -> torch.Tensor:
-    return x_TXD.transpose(0, 1).unsqueeze(0)
+def _batches(seg: Segments) -> list[tuple[int, int, int, int, int, int, int]]:
+    """Equal-shape segments whose starts advance by fixed steps, as strided batches (cached).
+
+    Each entry (nq, nk, q_start, k_start, q_step, k_step, B): segment i of the batch is
+    q rows [q_start + i q_step, + nq) and k rows [k_start + i k_step, + nk), so a batch is a
+    strided view of the packed tensors (no gather), e.g. many short sequences in a row.
+    """
+    key = "torch_cpu_batches"
+    if key not in seg.cache:
+        open_runs: dict[tuple[int, int], list[int]] = {}
+        batches = []
+        for a, b, c, e in zip(seg.cu_q, seg.cu_q[1:], seg.cu_k, seg.cu_k[1:]):
+            shape = (b - a, e - c)
+            run = open_runs.get(shape)  # [q_start, k_start, q_step, k_step, count, last_a, last_c]
+            if run is not None and (run[4] == 1 or (a - run[5] == run[2] and c - run[6] == run[3])):
+                if run[4] == 1:
+                    run[2], run[3] = a - run[5], c - run[6]
+                run[4] += 1
+                run[5], run[6] = a, c
+                continue
+            if run is not None:
+                batches.append((*shape, *run[:5]))
+            open_runs[shape] = [a, c, shape[0], shape[1], 1, a, c]
+        batches.extend((*shape, *run[:5]) for shape, run in open_runs.items())
+        seg.cache[key] = batches
+    return seg.cache[key]
+
+
+def _view(x_TXD: torch.Tensor, start: int, step: int, n: int, b: int) -> torch.Tensor:
+    """Rows [start + i step, start + i step + n) for i < b of a (T, X, D) tensor, as (B, X, n, D)."""
+    s0, s1, s2 = x_TXD.stride()
+    return x_TXD.as_strided((b, n, x_TXD.shape[1], x_TXD.shape[2]), (step * s0, s0, s1, s2), x_TXD.storage_offset() + start * s0).transpose(1, 2)
 
 
 def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float):
@@ -32,10 +64,10 @@ def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
     out = torch.empty_like(q_THD)
     lse = torch.empty(q_THD.shape[:2], dtype=acc_dtype(q_THD.dtype), device=q_THD.device)
-    for a, b, c, e in zip(seg.cu_q, seg.cu_q[1:], seg.cu_k, seg.cu_k[1:]):
-        o, l = _op()(_bhsd(q_THD[a:b]), _bhsd(k_THD[c:e]), _bhsd(v_THD[c:e]), 0.0, causal, scale=scale)
-        out[a:b] = o[0].transpose(0, 1)
-        lse[a:b] = l[0].transpose(0, 1)
+    for nq, nk, qa, ka, qs, ks, b in _batches(seg):
+        o, l = _op()(_view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0, causal, scale=scale)
+        _view(out, qa, qs, nq, b).copy_(o)
+        _view(lse[..., None], qa, qs, nq, b)[..., 0].copy_(l)
     return out, lse
 
 
@@ -44,26 +76,27 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     num_heads, num_kv = q_THD.shape[1], k_TKD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
     lse_dtype = acc_dtype(q_THD.dtype)
+    dout_THD = dout_THD.to(q_THD.dtype)
     out_THD = out_THD.to(q_THD.dtype)
+    lse_TH1 = lse_TH.to(lse_dtype)[..., None]
     dq = torch.empty_like(q_THD)
     dk = torch.empty_like(k_THD)
     dv = torch.empty_like(v_THD)
-    for a, b, c, e in zip(seg.cu_q, seg.cu_q[1:], seg.cu_k, seg.cu_k[1:]):
-        lse = lse_TH[a:b].to(lse_dtype).transpose(0, 1).unsqueeze(0).contiguous()
+    for nq, nk, qa, ka, qs, ks, b in _batches(seg):
         gq, gk, gv = _op_backward()(
-            _bhsd(dout_THD[a:b]).contiguous(),
-            _bhsd(q_THD[a:b]),
-            _bhsd(k_THD[c:e]),
-            _bhsd(v_THD[c:e]),
-            _bhsd(out_THD[a:b]).contiguous(),
-            lse,
+            _view(dout_THD, qa, qs, nq, b).contiguous(),
+            _view(q_THD, qa, qs, nq, b),
+            _view(k_THD, ka, ks, nk, b),
+            _view(v_THD, ka, ks, nk, b),
+            _view(out_THD, qa, qs, nq, b).contiguous(),
+            _view(lse_TH1, qa, qs, nq, b)[..., 0].contiguous(),
             0.0,
             causal,
             scale=scale,
         )
-        dq[a:b] = gq[0].transpose(0, 1)
-        dk[c:e] = gk[0].transpose(0, 1)
-        dv[c:e] = gv[0].transpose(0, 1)
+        _view(dq, qa, qs, nq, b).copy_(gq)
+        _view(dk, ka, ks, nk, b).copy_(gk)
+        _view(dv, ka, ks, nk, b).copy_(gv)
     return dq, reduce_kv(dk.to(lse_dtype), num_kv), reduce_kv(dv.to(lse_dtype), num_kv)
 
 
@@ -72,5 +105,5 @@ TORCH_CPU_KERNEL = BlockKernel(
     forward=block_forward,
     backward=block_backward,
     causal_alignment="top_left",
-    note="aten._scaled_dot_product_flash_attention_for_cpu, one call per segment",
+    note="aten._scaled_dot_product_flash_attention_for_cpu, one call per run of equal segments",
 )
