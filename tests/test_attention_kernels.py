@@ -14,10 +14,15 @@ from . import attn_fns
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# the second set repeats shapes at fixed and broken strides, which the CPU kernel batches
+SIZES = [((3, 5), (17, 15), (1, 1), (40, 33)), ((3, 5), (3, 5), (7, 7), (3, 5), (3, 5), (3, 5), (1, 1), (1, 1), (2, 1))]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
-def test_torch_cpu_matches_reference(dtype, tol, heads):
-    report = attn_fns.kernel_vs_reference("torch_cpu", "cpu", dtype, heads=heads)
+@pytest.mark.parametrize("sizes", SIZES)
+def test_torch_cpu_matches_reference(dtype, tol, heads, sizes):
+    report = attn_fns.kernel_vs_reference("torch_cpu", "cpu", dtype, heads=heads, sizes=sizes)
     bad = [(lab, e) for lab, e in report if not e < tol]
     assert not bad, bad
 
