@@ -93,7 +93,8 @@ def _configs(args):
     return name, pl, cl, model
 
 
-def _batches(args) -> tuple[list[tuple[int, list[int]]], int | None]:
+def _batches(args) -> tuple[list[tuple[int, list[int], dict | None]], int | None]:
+    """``(index, lengths, recorded plan dict or None)`` per batch, and the world size a run used."""
     from .inputs import dataset_lengths, read_lengths_file, read_run_plans
 
     ranks_hint = None
@@ -104,7 +105,7 @@ def _batches(args) -> tuple[list[tuple[int, list[int]]], int | None]:
             if not recs:
                 raise UsageError(f"--step {args.step}: no such step in {args.run}")
         ranks_hint = max(g["start"] + g["size"] for _, p in recs for mb in p["micro_batches"] for g in mb)
-        return [(step, [int(x) for x in p["lengths"]]) for step, p in recs], ranks_hint
+        return [(step, [int(x) for x in p["lengths"]], p) for step, p in recs], ranks_hint
     if args.lengths:
         lengths = read_lengths_file(args.lengths)
     else:
@@ -121,13 +122,13 @@ def _batches(args) -> tuple[list[tuple[int, list[int]]], int | None]:
     if args.batch_size < 0 or args.num_batches < 1 or args.first_batch < 0:
         raise UsageError("--batch-size must be >= 0, --num-batches >= 1 and --first-batch >= 0")
     if not args.batch_size:
-        return [(0, lengths)], None
+        return [(0, lengths, None)], None
     out = []
     for k in range(args.first_batch, args.first_batch + args.num_batches):
         b = lengths[k * args.batch_size : (k + 1) * args.batch_size]
         if not b:
             break
-        out.append((k, b))
+        out.append((k, b, None))
     if not out:
         raise UsageError(f"batch {args.first_batch} is past the end of the {len(lengths)} lengths")
     return out, None
@@ -152,8 +153,11 @@ def run(args) -> int:
     fill = args.static_fill if args.static_fill is not None else (0.9 if pl.cost_model == "flexsp" else 1.0)
     baselines = () if args.no_baselines else BASELINES
     reports = []
-    for k, lengths in batches:
-        reports.append(compare_batch(k, lengths, num_ranks, name, pl, cl, model, baselines, fill))
+    from hetsp.plan import Plan
+
+    for k, lengths, recorded in batches:
+        rec = Plan.from_dict(recorded) if recorded is not None else None
+        reports.append(compare_batch(k, lengths, num_ranks, name, pl, cl, model, baselines, fill, rec))
     from . import get_planner
 
     cm = get_planner(name, pl, cl, model).cost_model(num_ranks)

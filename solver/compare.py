@@ -58,8 +58,12 @@ def compare_batch(
     model_cfg=None,
     baselines: Sequence[str] = BASELINES,
     static_fill: float = 1.0,
+    recorded: Plan | None = None,
 ) -> BatchReport:
-    """Plan `lengths` with `planner_name` and each baseline; all costed by the planner's cost model."""
+    """Plan `lengths` with `planner_name` and each baseline; all costed by the planner's cost model.
+
+    `recorded`: a plan a training run executed for these lengths, costed as the row "recorded".
+    """
     from . import get_planner
 
     main = get_planner(planner_name, planner_cfg, cluster_cfg, model_cfg)
@@ -78,6 +82,10 @@ def compare_batch(
 
     add(planner_name, simulate(plan, cm, num_ranks).total_s, plan.meta["solve_s"], plan.meta["status"],
         plan.num_micro_batches, {k: plan.meta[k] for k in ("optimal_micro_batches",) if k in plan.meta})
+    if recorded is not None:
+        recorded.validate(max(num_ranks, max((g.stop for g in recorded.groups()), default=1)))
+        add("recorded", simulate(recorded, cm, num_ranks).total_s, float(recorded.meta.get("solve_s", 0.0)),
+            str(recorded.meta.get("planner", "?")), recorded.num_micro_batches)
     table = CostTable(kept, degs, cm)
     if "static" in baselines:
         sizes = static_sizes(table, num_ranks)

@@ -46,6 +46,9 @@ def test_run_folder(tmp_path, capsys):
     assert main(["--run", str(tmp_path), *FLEX, "--memory-gb", "80", "--step", "2", "--json", "--no-baselines"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["num_ranks"] == 4 and [b["batch"] for b in out["batches"]] == [2]
+    rows = out["batches"][0]["planners"]
+    assert rows["recorded"]["est_s"] >= out["batches"][0]["lower_bound"]["total_s"] - 1e-9
+    assert rows["recorded"]["micro_batches"] == 1
 
 
 def test_dataset_with_bytes_tokenizer(tmp_path, capsys):
