@@ -120,9 +120,12 @@ def test_hybrid_model_matches_single_process(rank_pool, world):
         )
 
 
-def test_random_plans_through_the_executor(rank_pool):
+@pytest.mark.parametrize("kinds, dtype", [("ssm", F64), ("all", F32)])
+def test_random_plans_through_the_executor(rank_pool, kinds, dtype):
     """Random plans on 4 ranks (groups of every size, idle ranks, sequences shorter than their group):
-    `hetsp.executor.run_plan` on the SSM kinds gives the single-process loss and gradients (fp64)."""
+    `hetsp.executor.run_plan` gives the single-process loss and gradients (SSM kinds in fp64, all
+    five kinds in fp32)."""
+    model_kwargs = SSM_ONLY if kinds == "ssm" else ALL_FIVE
     import random
 
     from hetsp.config import ClusterConfig, PlannerConfig
@@ -136,14 +139,15 @@ def test_random_plans_through_the_executor(rank_pool):
         lengths[0] = max(lengths[0], 5)
         seqs = [[rng.randrange(ssm_fns.VOCAB) for _ in range(n)] for n in lengths]
         cases.append((seqs, planner.plan(lengths, 4).to_json()))
-    results = rank_pool(4).run(ssm_fns.plan_steps, cases, SSM_ONLY, F64)
+    results = rank_pool(4).run(ssm_fns.plan_steps, cases, model_kwargs, dtype)
     for c, (seqs, plan_json) in enumerate(cases):
-        ref_loss, ref_grads = ssm_fns.plan_reference(seqs, SSM_ONLY, F64)
+        ref_loss, ref_grads = ssm_fns.plan_reference(seqs, model_kwargs, dtype)
         num_units = results[0][c][1]
-        assert sum(r[c][0] for r in results) / num_units == pytest.approx(ref_loss, rel=1e-9), plan_json
+        loss = sum(r[c][0] for r in results) / num_units
+        assert loss == pytest.approx(ref_loss, rel=MODEL_TOL[dtype]["rtol"]), plan_json
         for name, ref in ref_grads.items():
             total = sum(r[c][2][name] for r in results) / len(results)  # run_plan scales by world / num_units
-            torch.testing.assert_close(total, ref, **MODEL_TOL[F64], msg=lambda m: f"{name} {plan_json}: {m}")
+            torch.testing.assert_close(total, ref, **MODEL_TOL[dtype], msg=lambda m: f"{name} {plan_json}: {m}")
 
 
 def _tiny(family, **extra):
