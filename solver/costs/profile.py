@@ -105,3 +105,32 @@ class ProfileCostModel(CostModel):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "file": self.where, "degrees": self.measured_degrees, **self.meta}
+
+
+def save_profile(
+    path: str | Path,
+    points: list[dict[str, Any]],
+    tokens_per_rank: int,
+    fixed_s: float = 0.0,
+    device: str = "",
+    host: str = "",
+) -> dict[str, Any]:
+    """Write a profile (for the runtime's measurements): points are ``{"degree", "tokens", "time_s"}``.
+
+    Stamps the time of writing as ``measured_at`` (UTC) and checks the result loads; returns the data.
+    """
+    import datetime
+    import socket
+
+    data = {
+        "format": FORMAT,
+        "device": device,
+        "host": host or socket.gethostname(),
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fixed_s": float(fixed_s),
+        "tokens_per_rank": int(tokens_per_rank),
+        "points": [{"degree": int(p["degree"]), "tokens": int(p["tokens"]), "time_s": float(p["time_s"])} for p in points],
+    }
+    ProfileCostModel(data, str(path))  # refuse to write what could not be read back
+    Path(path).write_text(json.dumps(data, indent=1))
+    return data

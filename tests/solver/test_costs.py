@@ -13,7 +13,7 @@ from solver.bucketing import bucketize
 from solver.chunking import min_max_chunks, min_micro_batches
 from solver.costs import build_cost_model
 from solver.costs.flexsp import FlexSPCostModel
-from solver.costs.profile import ProfileCostModel
+from solver.costs.profile import ProfileCostModel, save_profile
 from solver.costs.ring import RingCostModel
 from solver.simulate import simulate
 
@@ -80,6 +80,11 @@ def test_profile_interpolates(tmp_path):
     # an unmeasured degree sits between its neighbours in rank-time
     assert 1 * cm.seq_time(2000, 1) >= 2 * cm.seq_time(2000, 2) >= 4 * cm.seq_time(2000, 4) - 1e-12
     assert cm.describe()["device"] == "X" and cm.fixed_s == 0.1
+    saved = save_profile(tmp_path / "w.json", pts, 5000, 0.1, device="Y")
+    again = ProfileCostModel.load(tmp_path / "w.json")
+    assert again.seq_time(3000, 4) == pytest.approx(cm.seq_time(3000, 4)) and saved["measured_at"]
+    with pytest.raises(ValueError, match="non-positive"):
+        save_profile(tmp_path / "bad.json", [{"degree": 1, "tokens": 10, "time_s": 0}], 100)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ProfileCostModel.load(path)
