@@ -94,10 +94,10 @@ def compare_batch(
             t0 = time.perf_counter()
             mbs = static_packing(table, num_ranks, d, static_fill)
             p = to_plan(kept, mbs, num_ranks, cluster_cfg.ranks_per_node)
-            add(f"static", simulate(p, cm, num_ranks).total_s, time.perf_counter() - t0, "heuristic",
+            add("static_max", simulate(p, cm, num_ranks).total_s, time.perf_counter() - t0, "heuristic",
                 p.num_micro_batches, {"group_size": d})
     for name in baselines:
-        if name == "static" or name == planner_name:
+        if name in ("static", planner_name):
             continue
         cfg = copy.deepcopy(planner_cfg)
         if name == "batch_adaptive":

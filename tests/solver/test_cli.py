@@ -25,7 +25,7 @@ def test_json_and_plot(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["batches"]) == 2
     rows = out["batches"][0]["planners"]
-    assert {"milp", "static", "batch_adaptive", "greedy"} <= set(rows)
+    assert {"milp", "static_max", "batch_adaptive", "greedy"} <= set(rows)
     for r in rows.values():
         assert r["est_s"] >= out["batches"][0]["lower_bound"]["total_s"] - 1e-9
     Plan.from_dict(out["batches"][0]["plan"]).validate(64)
