@@ -95,8 +95,9 @@ def _make_scan(original):
         dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1])
 
         def local(x, dt_, b, c):
+            # The result does not depend on the chunk size; a short segment is not padded to a full chunk.
             y, end = original(
-                x[None], dt_[None], A, b[None], c[None], chunk_size, D=D, dt_bias=None, initial_states=None,
+                x[None], dt_[None], A, b[None], c[None], min(chunk_size, x.shape[0]), D=D, dt_bias=None, initial_states=None,
                 dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=True,
             )
             return y[0], end[0]
