@@ -142,7 +142,8 @@ def kernel_vs_reference(name, device, dtype, seed=0, sizes=((3, 5), (17, 15), (1
 
 def triton_interpreter_checks():
     """Run under TRITON_INTERPRET=1 (set before triton is imported): Triton kernel vs reference,
-    and a group-size-1 ring attention with the Triton kernel vs full attention. Raises on mismatch."""
+    ring attention with the Triton kernel on one rank and on two gloo ranks vs full attention.
+    Raises on mismatch."""
     import os
 
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
@@ -166,6 +167,18 @@ def triton_interpreter_checks():
     torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-5)
+    # the ring on 2 gloo ranks with the Triton kernel (spawned ranks inherit TRITON_INTERPRET)
+    from hetsp.testing import RankPool
+    from tests.test_ring_attention import errors, make_case
+
+    pool = RankPool(2)
+    try:
+        cases = [make_case([(0, 2)], [[9, 1, 21]], 4, 2, 8, torch.float32, c, 5, kernel="triton") for c in (True, False)]
+        per_rank = pool.run(ring_cases, cases)
+    finally:
+        pool.close()
+    errs = [errors(c, [per_rank[r][i] for r in range(2)]) for i, c in enumerate(cases)]
+    assert max(errs) < 1e-5, errs
     return "ok"
 
 
