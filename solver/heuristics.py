@@ -34,11 +34,18 @@ def heuristic_pack(
 ) -> list[MicroBatchLoad]:
     """Best packing of all of `table`'s sequences found within about `time_budget` seconds.
 
-    Candidates: a target-makespan scan with an open number of micro-batches
-    and with M_min and M_min + 1 micro-batches (overflowing into the least
-    loaded group when full), plus the sequential fill; the `keep` best are
-    improved by local search. Raises ValueError when a sequence fits no group.
+    1. Splits: `pack_target` at makespan targets from 0.6x to 3.2x the fluid makespan of
+       the fewest micro-batches (plus the times at which the longest sequences change
+       group size), with M_min, M_min + 1 or any number of micro-batches, filling by
+       time or also by memory. A high target fills the first micro-batches to memory.
+    2. Each split's micro-batches are repacked to their own least makespan
+       (`repack_micro_batch`), most promising splits first (`optimistic_cost`),
+       plus FlexSP's contiguous min-max split of the sorted batch.
+    3. The `keep` best are improved by `LocalSearch`.
+    Every stage stops at its share of the budget (at least one packing always completes,
+    so very large batches can overrun it). Raises ValueError when a sequence fits no group.
     """
+
     t0 = time.perf_counter()
     n = len(table.lengths)
     idx = list(range(n))
