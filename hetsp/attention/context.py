@@ -61,12 +61,12 @@ def make_shard_context(lengths, group_start: int, group_size: int, global_rank: 
         raise ValueError(f"group [group_start={group_start}, size={group_size}) is invalid: need group_start >= 0 and group_size >= 1")
     if not (group_start <= global_rank < group_start + group_size):
         raise ValueError(f"rank {global_rank} is not in the group [{group_start}, {group_start + group_size}); pass the group this rank belongs to")
-    if group_size > 1:
-        if not dist.is_initialized():
-            raise ValueError(f"a group of {group_size} ranks needs torch.distributed initialised (init_process_group) first")
+    if dist.is_initialized():
         world = dist.get_world_size()
         if group_start + group_size > world:
             raise ValueError(f"group [{group_start}, {group_start + group_size}) lies outside the world of {world} ranks; fix the plan's group")
+    elif group_size > 1:
+        raise ValueError(f"a group of {group_size} ranks needs torch.distributed initialised (init_process_group) first")
     device = torch.device(device)
     layouts = tuple(group_layouts(lengths, group_size))
     lay = layouts[global_rank - group_start]
