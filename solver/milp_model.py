@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -52,6 +53,10 @@ class MilpResult:
     note: str = ""
 
 
+_BANNER_LOCK = threading.Lock()
+_BANNER = [False]  # whether highspy has printed (and we swallowed) its start-up banner
+
+
 @contextlib.contextmanager
 def _quiet_stdout():
     """Silence file descriptor 1 (C-level prints included) for the duration."""
@@ -78,10 +83,16 @@ def _make_highs(time_limit: float, threads: int | None):
         """PuLP's HiGHS with a warm start taken from the variables' initial values."""
 
         def createAndConfigureSolver(self, lp):  # noqa: N802 (PuLP's name)
-            # highspy prints a banner on stdout when a solver is made, whatever output_flag says;
-            # it would corrupt --json output.
-            with _quiet_stdout():
-                super().createAndConfigureSolver(lp)
+            # highspy prints a banner on stdout the first time a solver is made in a process,
+            # whatever output_flag says; it would corrupt --json output. Silence that one time
+            # only: redirecting fd 1 is process-wide, and planning may run beside training.
+            with _BANNER_LOCK:
+                if _BANNER[0]:
+                    super().createAndConfigureSolver(lp)
+                    return
+                with _quiet_stdout():
+                    super().createAndConfigureSolver(lp)
+                _BANNER[0] = True
 
         def callSolver(self, lp):  # noqa: N802 (PuLP's name)
             import highspy
