@@ -47,3 +47,15 @@ def test_hf_hybrids_match_single_process(rank_pool, world):
         for family in ("bamba", "granitemoehybrid"):
             cases.append((family, TINY, groups, lengths, 100 * world + i, "separate", torch.float32))
     ssm_fns.check_model_results(rank_pool(world).run(ssm_fns.model_cases, cases), cases, GRAD_TOL)
+
+
+def test_unverified_mamba2_family_is_refused():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from hetsp.ssm_parallel import parallelize
+
+    model = Mamba2ForCausalLM(
+        Mamba2Config(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=16, state_size=8, n_groups=1)
+    )
+    with pytest.raises(ValueError, match="not verified.*supported: modeling_bamba, modeling_granitemoehybrid"):
+        parallelize(model)

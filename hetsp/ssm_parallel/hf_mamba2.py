@@ -33,6 +33,14 @@ _PATCHED_ATTR = "_hetsp_sp_originals"
 _FUNCTIONS = ("causal_conv1d_fn", "mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined")
 
 
+# Modeling files whose mixers pass the forward's **kwargs (hence hetsp_shard) to the swapped functions,
+# checked by tests/test_hf_clients.py against the stock model run one document at a time.
+TESTED_MODULES = (
+    "transformers.models.bamba.modeling_bamba",
+    "transformers.models.granitemoehybrid.modeling_granitemoehybrid",
+)
+
+
 def supports(module: ModuleType) -> bool:
     """Whether a modeling module exposes the three functions this patch swaps."""
     return all(callable(getattr(module, name, None)) for name in _FUNCTIONS)
@@ -123,6 +131,11 @@ def patch_module(module: ModuleType) -> bool:
         return False
     if not supports(module):
         raise ValueError(f"{module.__name__} does not define {', '.join(_FUNCTIONS)}; it cannot be patched")
+    if module.__name__ not in TESTED_MODULES:
+        raise ValueError(
+            f"{module.__name__}: sequence parallelism for this Mamba-2 family is not verified (its packed "
+            f"documents would share state); supported: {', '.join(m.rsplit('.', 1)[-1] for m in TESTED_MODULES)}"
+        )
     originals = {name: getattr(module, name) for name in _FUNCTIONS}
     module.causal_conv1d_fn = _make_conv(originals["causal_conv1d_fn"])
     module.mamba2_chunk_scan = _make_scan(originals["mamba2_chunk_scan"])
