@@ -42,7 +42,7 @@ def activation_bytes_per_token(hf_config: Any, bf16: bool, checkpointing: bool) 
 def dry_run(cfg: Config, world_size: int) -> int:
     from hetsp.data import build_data
     from hetsp.model_registry import build_hf_config, build_model
-    import solver
+    from hetsp.planning import make_planner
 
     bf16 = cfg.train.dtype == "bf16" or cfg.train.dtype == "auto" and cfg.cluster.peak_tflops > 0
     data = build_data(cfg.data, cfg.run.seed)
@@ -59,7 +59,7 @@ def dry_run(cfg: Config, world_size: int) -> int:
     if cfg.cluster.memory_per_rank_gb and (states + acts) / GIB > cfg.cluster.memory_per_rank_gb:
         print(f"WARNING      estimate exceeds cluster.memory_per_rank_gb={cfg.cluster.memory_per_rank_gb}")
     print(f"data         {', '.join(f'{k}={v}' for k, v in data.stats.items())}")
-    planner = solver.get_planner(cfg.planner.name, cfg.planner, cfg.cluster, cfg.model)
+    planner = make_planner(cfg, data.vocab_size)
     for step in range(min(3, cfg.train.steps)):
         batch = data.train_batch(step)
         plan = planner.plan([len(s) for s in batch], world_size)

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,54 +38,6 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-class Planning:
-    """Rank 0 plans step t+1 in a background thread while step t trains; plans are broadcast."""
-
-    def __init__(self, cfg: Config, data: Any, world_size: int, rank: int):
-        self.rank = rank
-        self.world_size = world_size
-        self.data = data
-        self._pending: dict[int, Future] = {}
-        self._pool = None
-        if rank == 0:
-            import solver
-
-            self.planner = solver.get_planner(cfg.planner.name, cfg.planner, cfg.cluster, cfg.model)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="hetsp-planner")
-
-    def _plan_lengths(self, lengths: list[int]) -> Any:
-        t0 = time.perf_counter()
-        plan = self.planner.plan(lengths, self.world_size)
-        plan.meta.setdefault("wall_s", time.perf_counter() - t0)
-        return plan
-
-    def prefetch(self, step: int) -> None:
-        if self._pool is not None and step not in self._pending:
-            lengths = self.data.train_batch_lengths(step)
-            self._pending[step] = self._pool.submit(self._plan_lengths, lengths)
-
-    def plan_for(self, step: int, sequences: list[list[int]] | None = None) -> Any:
-        """The plan of training step `step` (or, with `sequences`, of that batch), on every rank."""
-        import torch.distributed as dist
-
-        from hetsp.plan import Plan
-
-        payload = [None]
-        if self.rank == 0:
-            if sequences is not None:
-                plan = self._plan_lengths([len(s) for s in sequences])
-            else:
-                self.prefetch(step)
-                plan = self._pending.pop(step).result()
-            payload = [plan.to_json()]
-        dist.broadcast_object_list(payload, src=0)
-        return Plan.from_json(payload[0]).validate(self.world_size)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _device() -> Any:
@@ -112,7 +63,7 @@ def train(cfg: Config, resume: bool) -> None:
     import torch.distributed as dist
 
     from hetsp import checkpoint
-    from hetsp.attention import register_attention
+    from hetsp.attention import register_attention, warm_up
     from hetsp.data import build_data
     from hetsp.engine import build_engine, resolve_dtype
     from hetsp.executor import run_plan
@@ -121,9 +72,11 @@ def train(cfg: Config, resume: bool) -> None:
     from hetsp.metrics.flops import ModelFlops, peak_flops
     from hetsp.model_registry import build_model
     from hetsp.objectives import get_objective
+    from hetsp.planning import Planning
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = _device()
+    warm_up(device)  # NCCL: one collective before any group's first point-to-point exchange
     torch.manual_seed(cfg.run.seed)
     run_dir = run_dir_for(cfg)
     if rank == 0:
@@ -166,6 +119,7 @@ def train(cfg: Config, resume: bool) -> None:
             t0 = time.perf_counter()
             batch = data.train_batch(step)
             plan = planning.plan_for(step)
+            batch = planning.kept(plan, batch)
             if step + 1 < end:
                 planning.prefetch(step + 1)
             t_plan = time.perf_counter() - t0
@@ -202,7 +156,7 @@ def train(cfg: Config, resume: bool) -> None:
         metrics.close()
 
 
-def evaluate(engine: Any, planning: Planning, val: list, rank: int, world_size: int, device: Any, objective: Any, kernel: str) -> float:
+def evaluate(engine: Any, planning: Any, val: list, rank: int, world_size: int, device: Any, objective: Any, kernel: str) -> float:
     """Mean unit loss over the held-out batches (each executed under its own plan)."""
     import torch
     import torch.distributed as dist
@@ -213,6 +167,7 @@ def evaluate(engine: Any, planning: Planning, val: list, rank: int, world_size: 
     loss, units = 0.0, 0
     for batch in val:
         plan = planning.plan_for(-1, sequences=batch)
+        batch = planning.kept(plan, batch)
         res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel, train=False)
         t = torch.tensor([res.loss_sum], dtype=torch.float64)
         dist.all_reduce(t)
