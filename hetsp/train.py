@@ -97,7 +97,8 @@ def train(cfg: Config, resume: bool) -> None:
     flops = ModelFlops.from_model(model)  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, cfg.train, world_size, device)
     dtype_name = "bf16" if resolve_dtype(cfg.train, device) == torch.bfloat16 else "fp32"
-    peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops > 0 else peak_flops(device, dtype_name)
+    # MFU uses the device's published peak only (cluster.peak_tflops is the planner's cost-model input).
+    peak = peak_flops(device, dtype_name)
 
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
