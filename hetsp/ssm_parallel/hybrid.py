@@ -8,8 +8,10 @@ spans a gap in its document) and the kernels below, installed in the mixer's
 override map, turn each single-process kernel into its group version:
 
 - scans (``s4d_scan``, ``ema_scan``, ``ssd_scan``): run per segment from a zero
-  state, exchange (decay, end state) per segment, rerun with the incoming state
-  as ``initial_state`` (outputs are affine in it, so that is exact);
+  state, exchange (decay, end state) per segment, then add the response to the
+  incoming state (outputs are affine in it, so that is exact): for the SSD
+  directly, ``exp(cumsum(dt A)) C S_in``; for the time-invariant scans by a
+  rerun with ``initial_state`` (their kernels own the 2 Re(.) / gamma readout);
 - ``causal_conv1d``: the kernel's per-segment ``halo`` comes from the ranks
   holding the previous tokens (`halo_exchange`);
 - ``local_attention`` (SeqBoat, `seqboat.py`): each segment attends with the
@@ -25,6 +27,7 @@ import torch
 
 from hetsp.ssm_parallel.comm import GroupSpec, halo_exchange
 from hetsp.ssm_parallel.seqboat import local_attention_group
+from hetsp.ssm_parallel.ssd import state_response
 from hetsp.ssm_parallel.segments import Segments, halo_routes, segments_of
 from hetsp.ssm_parallel.state import pass_states
 
@@ -103,9 +106,11 @@ def _ssd_scan(inner, mixer):
             end = x.new_zeros((segments.num_segments, num_heads, head_dim, B.shape[-1]))
             s_in = pass_states(log_decay.exp(), end, segments, group)
             return _through(x.new_zeros(x.shape), s_in), end
-        _, end = inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, **kw)
-        s_in = pass_states(log_decay.exp(), end, segments, group).to(end.dtype)
-        return inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, initial_states=s_in, **kw)
+        y0, end = inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, **kw)
+        s_in = pass_states(log_decay.exp(), end, segments, group)
+        # Output is affine in the entering state: add its response (cheaper than a second scan).
+        y = y0 + state_response(dt[0] * A, C[0], s_in, segments).to(y0.dtype)[None]
+        return y, end
 
     return ssd_scan
 

@@ -56,11 +56,20 @@ def ssd_scan_sp(
         ends.append(end)
         log_decays.append(dA_TH[sl].sum(0))
     s_in = pass_states(torch.stack(log_decays).exp(), torch.stack(ends), segments, group)  # [K, H, P, N]
-    C_THN = C_TGN.repeat_interleave(num_heads // num_groups, dim=1).to(s_in.dtype)
+    y0 = torch.cat([y.to(s_in.dtype) for y in ys], dim=0)
+    return y0 + state_response(dA_TH, C_TGN, s_in, segments)
+
+
+def state_response(dA_TH: torch.Tensor, C_TGN: torch.Tensor, s_in: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """``[T, H, P]``: what the incoming states ``s_in [K, H, P, N]`` add to each segment's SSD output.
+
+    ``exp(cumsum(dA)_t) * (s_in C_t)`` with the cumsum inside the token's segment; dA = dt * A.
+    """
+    num_heads = dA_TH.shape[1]
+    C_THN = C_TGN.repeat_interleave(num_heads // C_TGN.shape[1], dim=1).to(s_in.dtype)
     out = []
     for k, (off, n) in enumerate(zip(segments.offset, segments.length)):
         sl = slice(off, off + n)
-        decay_in = torch.cumsum(dA_TH[sl], dim=0).exp().to(s_in.dtype)  # [L, H]
-        corr = torch.einsum("lhn,hpn->lhp", C_THN[sl], s_in[k]) * decay_in[..., None]
-        out.append(ys[k].to(s_in.dtype) + corr)
+        decay_in = torch.cumsum(dA_TH[sl].to(s_in.dtype), dim=0).exp()  # [L, H]
+        out.append(torch.einsum("lhn,hpn->lhp", C_THN[sl], s_in[k]) * decay_in[..., None])
     return torch.cat(out, dim=0)
