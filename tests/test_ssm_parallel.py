@@ -21,7 +21,7 @@ F64, F32 = torch.float64, torch.float32
 # (groups, lengths per group) per world size: odd sizes, lengths 1 and < group size,
 # ranks holding no token at all ([2, 1] on 3 ranks, [1, 2] on 4), two groups at once.
 LAYOUTS = {
-    2: [([(0, 2)], [[7, 1, 3]])],
+    2: [([(0, 2)], [[7, 1, 3]]), ([(0, 2)], [[300, 5]])],  # chunks longer than the 64-token blocks
     3: [([(0, 3)], [[1, 2, 11, 5]]), ([(0, 3)], [[2, 1]])],
     4: [([(0, 4)], [[9, 1, 3]]), ([(0, 4)], [[1, 2]]), ([(0, 2), (2, 2)], [[6, 1], [2, 10]]), ([(0, 1), (1, 3)], [[4, 3], [13, 2]])],
 }
@@ -185,3 +185,20 @@ def test_parallelize_is_idempotent_and_a_no_op_without_ssm_layers():
 def test_kernels_replaced_after_parallelize_is_an_error(rank_pool):
     results = rank_pool(2).run(ssm_fns.replaced_kernel_error, SSM_ONLY)
     assert all("call set_kernels before parallelize" in r for r in results)
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_lti_state_response_matches_powers(block):
+    from hetsp.ssm_parallel.lti import lti_state_response
+
+    g = torch.Generator().manual_seed(0)
+    segments = local_segments((11, 1, 40), 2, 1)
+    H, N = 3, 4
+    A = torch.exp(torch.complex(-torch.rand(H, N, generator=g, dtype=F64), torch.randn(H, N, generator=g, dtype=F64)) * 0.3)
+    C = torch.complex(torch.randn(H, N, generator=g, dtype=F64), torch.randn(H, N, generator=g, dtype=F64))
+    s_in = torch.complex(torch.randn(segments.num_segments, H, N, generator=g, dtype=F64), torch.zeros(segments.num_segments, H, N, dtype=F64))
+    expected = torch.cat([
+        torch.stack([(C * A ** (j + 1) * s_in[k]).sum(-1) for j in range(n)]) if n else torch.zeros(0, H, dtype=A.dtype)
+        for k, n in enumerate(segments.length)
+    ])
+    torch.testing.assert_close(lti_state_response(A, C, s_in, segments, block=block), expected, rtol=1e-12, atol=1e-12)

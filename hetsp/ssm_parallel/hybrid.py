@@ -10,8 +10,8 @@ override map, turn each single-process kernel into its group version:
 - scans (``s4d_scan``, ``ema_scan``, ``ssd_scan``): run per segment from a zero
   state, exchange (decay, end state) per segment, then add the response to the
   incoming state (outputs are affine in it, so that is exact): for the SSD
-  directly, ``exp(cumsum(dt A)) C S_in``; for the time-invariant scans by a
-  rerun with ``initial_state`` (their kernels own the 2 Re(.) / gamma readout);
+  ``exp(cumsum(dt A)) C S_in``, for S4D and the EMA ``C A^(j+1) S_in`` read
+  out as their kernels do (2 Re(.) for S4D's conjugate pairs);
 - ``causal_conv1d``: the kernel's per-segment ``halo`` comes from the ranks
   holding the previous tokens (`halo_exchange`);
 - ``local_attention`` (SeqBoat, `seqboat.py`): each segment attends with the
@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from hetsp.ssm_parallel.comm import GroupSpec, halo_exchange
+from hetsp.ssm_parallel.lti import lti_state_response
 from hetsp.ssm_parallel.seqboat import local_attention_group
 from hetsp.ssm_parallel.ssd import state_response
 from hetsp.ssm_parallel.segments import Segments, halo_routes, segments_of
@@ -86,9 +87,12 @@ def _lti_scan(name, inner, mixer):
             end = torch.zeros_like(decay)
             s_in = pass_states(decay, end, segments, group)
             return _through(u.new_zeros(u.shape), s_in), end
-        _, end = inner(u, A, B, C, cu_seqlens=cu_seqlens, **kw)
-        s_in = pass_states(decay, end, segments, group).to(end.dtype)
-        return inner(u, A, B, C, cu_seqlens=cu_seqlens, initial_state=s_in, **kw)
+        y0, end = inner(u, A, B, C, cu_seqlens=cu_seqlens, **kw)
+        s_in = pass_states(decay, end, segments, group)
+        response = lti_state_response(A, C, s_in, segments)
+        # The kernels' readouts: S4D sums conjugate pairs (2 Re), the EMA is real.
+        response = 2 * response.real if name == "s4d_scan" else response
+        return y0 + response.to(y0.dtype)[None], end
 
     return scan
 
