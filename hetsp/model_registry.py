@@ -16,7 +16,7 @@ from hetsp.config import ConfigError, ModelConfig
 ConfigBuilder = Callable[[ModelConfig, int], Any]
 _FAMILIES: dict[str, ConfigBuilder] = {}
 # Families provided by other modules, imported on first use: name -> module that registers it.
-_LAZY: dict[str, str] = {"hybrid": "models", "bamba": "models.hf_clients"}
+_LAZY: dict[str, str] = {"hybrid": "models", "bamba": "models.hf_clients", "granitemoehybrid": "models.hf_clients"}
 
 
 def register_family(name: str, builder: ConfigBuilder) -> None:

@@ -50,7 +50,7 @@ class SeqBoatMixer(nn.Module):
         self.norm = RMSNorm(d, eps=config.rms_norm_eps)
         self.ema = DampedEMA(d, config.ema_dim)
         self.mx_proj = nn.Linear(d, 2 + d)
-        self.log_tau = nn.Parameter(torch.zeros(()))
+        self.log_tau = nn.Parameter(torch.zeros(1))  # shape (1,): DeepSpeed cannot broadcast 0-d parameters
         self.gau_proj = nn.Linear(d, self.z_dim + 2 * self.v_dim)
         self.qk_gamma = nn.Parameter(torch.empty(2, self.z_dim))
         self.qk_beta = nn.Parameter(torch.zeros(2, self.z_dim))
