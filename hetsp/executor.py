@@ -48,6 +48,23 @@ class StepResult:
     micro_batch_tokens: list[int] = field(default_factory=list)
 
 
+class PlainEngine:
+    """The slice of DeepSpeed's engine API `run_plan` uses, on a plain module (no optimizer):
+    gradients accumulate in `.grad` and stay local (no data-parallel reduction)."""
+
+    def __init__(self, model: Any):
+        self.module = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        pass
+
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = False) -> None:
+        loss.backward()
+
+
 def tokens_per_rank(lengths: Sequence[int], group_size: int) -> list[int]:
     """How many tokens each rank of a group holds under the zigzag layout."""
     counts = [0] * group_size

@@ -27,14 +27,9 @@ def family_names() -> list[str]:
     return sorted(set(_FAMILIES) | set(_LAZY))
 
 
-def _llama(cfg: ModelConfig, vocab_size: int) -> Any:
-    from transformers import LlamaConfig
-
-    if cfg.hidden_size % cfg.num_heads:
-        raise ConfigError(f"model.hidden_size ({cfg.hidden_size}) must be divisible by model.num_heads ({cfg.num_heads})")
-    if cfg.num_heads % cfg.num_kv_heads:
-        raise ConfigError(f"model.num_heads ({cfg.num_heads}) must be divisible by model.num_kv_heads ({cfg.num_kv_heads})")
-    return LlamaConfig(
+def hf_config_kwargs(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
+    """The shape fields of `cfg` under their transformers names (shared by every family)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -42,10 +37,18 @@ def _llama(cfg: ModelConfig, vocab_size: int) -> Any:
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        **cfg.extra,
     )
+
+
+def _llama(cfg: ModelConfig, vocab_size: int) -> Any:
+    from transformers import LlamaConfig
+
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"model.hidden_size ({cfg.hidden_size}) must be divisible by model.num_heads ({cfg.num_heads})")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(f"model.num_heads ({cfg.num_heads}) must be divisible by model.num_kv_heads ({cfg.num_kv_heads})")
+    return LlamaConfig(**hf_config_kwargs(cfg, vocab_size), rope_theta=cfg.rope_theta, **cfg.extra)
 
 
 register_family("llama", _llama)

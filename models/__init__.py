@@ -37,18 +37,9 @@ def hybrid_config_from_model_config(cfg, vocab_size: int) -> HybridConfig:
 
 
 def _build(cfg, vocab_size: int, extra: dict) -> HybridConfig:
-    return HybridConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        **extra,
-    )
+    from hetsp.model_registry import hf_config_kwargs
+
+    return HybridConfig(**hf_config_kwargs(cfg, vocab_size), rope_theta=cfg.rope_theta, **extra)
 
 
 AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)

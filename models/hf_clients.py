@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from hetsp.config import ConfigError, ModelConfig
-from hetsp.model_registry import register_family
+from hetsp.model_registry import hf_config_kwargs, register_family
 
 # Mamba-2 defaults for tiny models; any BambaConfig key in model.extra overrides them.
 _MAMBA_DEFAULTS = {
@@ -48,15 +48,8 @@ def _common(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"model.extra.attn_layer_indices {bad} outside 0..{cfg.num_layers - 1}")
     return dict(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
+        **hf_config_kwargs(cfg, vocab_size),
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings,
         use_cache=False,
         pad_token_id=None,
         **mamba,

@@ -352,26 +352,10 @@ def model_cases(cases):
 # ---------------------------------------------------------------- whole plans through the executor
 
 
-class _Engine:
-    """The slice of the engine API `hetsp.executor.run_plan` uses, on a plain module."""
-
-    def __init__(self, model):
-        self.module = model
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def set_gradient_accumulation_boundary(self, flag):
-        pass
-
-    def backward(self, loss, scale_wrt_gas=False):
-        loss.backward()
-
-
 def plan_steps(cases, model_kwargs, dtype):
     """For each (sequences, plan_json): (global loss sum, local grads) through `run_plan` with SP layers."""
     from hetsp.attention import register_attention
-    from hetsp.executor import run_plan
+    from hetsp.executor import PlainEngine, run_plan
     from hetsp.objectives.lm import LanguageModeling
     from hetsp.plan import Plan
     from hetsp.ssm_parallel import parallelize
@@ -381,7 +365,7 @@ def plan_steps(cases, model_kwargs, dtype):
     for sequences, plan_json in cases:
         model = parallelize(_build("hybrid", model_kwargs, register_attention(), 1234).to(dtype))
         plan = Plan.from_json(plan_json).validate(world)
-        res = run_plan(_Engine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), "reference")
+        res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), "reference")
         grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
         out.append((res.loss_sum, res.num_units, grads))
     return out

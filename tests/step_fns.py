@@ -35,26 +35,10 @@ def tiny_model(attn: str, dtype=torch.float32, model_cfg: ModelConfig = TINY):
     return model
 
 
-class LocalEngine:
-    """The slice of DeepSpeed's engine API the executor uses, on a plain module (no optimizer)."""
-
-    def __init__(self, model):
-        self.module = model
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def set_gradient_accumulation_boundary(self, flag):
-        pass
-
-    def backward(self, loss, scale_wrt_gas=False):
-        loss.backward()
-
-
 def plan_step(cases, kernel="auto", dtype=torch.float64, checkpointing=False, model_cfg: ModelConfig = TINY):
     """For each (sequences, plan_json): global loss and data-parallel-averaged grads (rank 0 returns them)."""
     from hetsp.attention import register_attention
-    from hetsp.executor import run_plan
+    from hetsp.executor import PlainEngine, run_plan
     from hetsp.objectives.lm import LanguageModeling
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,7 +49,7 @@ def plan_step(cases, kernel="auto", dtype=torch.float64, checkpointing=False, mo
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         plan = Plan.from_json(plan_json).validate(world)
-        res = run_plan(LocalEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), kernel)
+        res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), kernel)
         loss = torch.tensor([res.loss_sum], dtype=torch.float64)
         dist.all_reduce(loss)
         grads = {}

@@ -1,0 +1,51 @@
+"""A config that cannot run on the world it is given fails before training, with the fix in the message;
+the dry run prints model size, memory and plans without GPUs or a process group."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hetsp.config import load_config
+from hetsp.dry_run import model_state_bytes_per_rank
+from hetsp.preflight import check_world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["planner.name='static'", "planner.group_size=3"], 4, "group_size=3 does not divide"),
+        (["cluster.ranks_per_node=3"], 4, "ranks_per_node=3 does not divide"),
+        (["planner.allowed_group_sizes=[1, 8]"], 4, r"sizes \[8\] outside 1..4"),
+        (["data.max_seq_len=9000", "cluster.tokens_per_rank=1024"], 4, "exceeds what all 4 ranks can hold"),
+    ],
+)
+def test_world_that_does_not_fit_the_config(overrides, world, message):
+    cfg = load_config(ROOT / "configs" / "default.toml", overrides)
+    with pytest.raises(ValueError, match=message):
+        check_world(cfg, world)
+
+
+def test_default_configs_fit_their_worlds():
+    check_world(load_config(ROOT / "configs" / "default.toml"), 4)
+    check_world(load_config(ROOT / "configs" / "llama7b_128k_64gpu.toml"), 64)
+
+
+def test_model_state_memory_shrinks_with_zero_stage():
+    per_stage = [model_state_bytes_per_rank(10**9, s, 64, bf16=True) for s in (1, 2, 3)]
+    assert per_stage[0] > per_stage[1] > per_stage[2]
+    assert per_stage[2] == pytest.approx(16e9 / 64)
+
+
+def test_dry_run_of_the_cluster_config_needs_no_gpu(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="64", RANK="0", HETSP_LOG_LEVEL="WARNING")
+    cmd = [sys.executable, "-m", "hetsp.train", str(ROOT / "configs" / "llama7b_128k_64gpu.toml"), "--dry-run",
+           "--set", "data.max_documents=300", "--set", "planner.time_limit_s=0.3", "--set", f"run.output_dir='{tmp_path}'"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "parameters" in out.stdout and "memory/rank" in out.stdout
+    assert out.stdout.count("\nstep ") == 3
