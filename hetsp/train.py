@@ -58,7 +58,8 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(os.environ.get("HETSP_RUN_DIR") or Path(cfg.run.output_dir) / cfg.run.name)
 
 
-def train(cfg: Config, resume: bool) -> None:
+def train(cfg: Config, resume: bool) -> dict[str, int]:
+    """Train from step 0 or the newest checkpoint; return the steps this run covered."""
     import torch
     import torch.distributed as dist
 
@@ -150,11 +151,14 @@ def train(cfg: Config, resume: bool) -> None:
             done = step + 1
             if val and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 metrics.log_eval(step, evaluate(engine, planning, val, rank, world_size, device, objective, kernel))
-            if cfg.train.checkpoint_every > 0 and (done % cfg.train.checkpoint_every == 0 or done == end):
+            every = cfg.train.checkpoint_every
+            stopping_early = done == end < cfg.train.steps
+            if stopping_early or (every > 0 and (done % every == 0 or done == end)):
                 checkpoint.save(engine, run_dir, done, ckpt_meta, cfg.train.keep_checkpoints)
     finally:
         planning.close()
         metrics.close()
+    return {"start": start, "end": end}
 
 
 def evaluate(engine: Any, planning: Any, val: list, rank: int, world_size: int, device: Any, objective: Any, kernel: str) -> float:

@@ -38,12 +38,13 @@ def tiny_config(tmp_path: Path, name: str, planner: str = "random", **train):
 def test_resume_continues_exactly(rank_pool, tmp_path):
     pool = rank_pool(3)
     straight = tiny_config(tmp_path, "straight")
-    full = [r for r in pool.run(train_fns.run_train, straight) if r][0]
+    _, full = [r for r in pool.run(train_fns.run_train, straight) if r][0]
     first = tiny_config(tmp_path, "resumed", stop_after=3)
     pool.run(train_fns.run_train, first)
     second = copy.deepcopy(first)
     second["train"]["stop_after"] = 0
-    resumed = [r for r in pool.run(train_fns.run_train, second, True) if r][0]
+    start, resumed = [r for r in pool.run(train_fns.run_train, second, True) if r][0]
+    assert start == 3
     losses_full = [r["loss"] for r in full if "loss" in r]
     losses_resumed = [r["loss"] for r in resumed if "loss" in r]
     assert len(losses_full) == len(losses_resumed) == 6
@@ -52,3 +53,16 @@ def test_resume_continues_exactly(rank_pool, tmp_path):
     steps = [json.loads(line)["step"] for line in plans]
     assert steps == list(range(6))
     Plan.from_dict(json.loads(plans[0])["plan"]).validate(3)
+
+
+def test_a_torchrun_restart_resumes_by_itself(rank_pool, tmp_path):
+    """torchrun sets TORCHELASTIC_RESTART_COUNT > 0 on a restarted attempt: no --resume needed."""
+    pool = rank_pool(2)
+    cfg = tiny_config(tmp_path, "restarted", planner="static", steps=4, stop_after=2, eval_every=0)
+    pool.run(train_fns.run_train, cfg)
+    cfg["train"]["stop_after"] = 0
+    start, records = [r for r in pool.run(train_fns.run_train, cfg, False, {"TORCHELASTIC_RESTART_COUNT": "1"}) if r][0]
+    assert start == 2
+    assert [r["step"] for r in records if r.get("kind", "train") == "train"] == [0, 1, 2, 3]
+    ckpts = sorted(p.name for p in (tmp_path / "runs" / "restarted" / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step00000002"]  # written at the early stop; checkpoint_every = 0 writes no other
