@@ -23,8 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .bucketing import bucketize
-from .milp_model import _make_highs
+from .milp_model import _make_highs, bucket_times
 from .pack import INF, GroupLoad, MicroBatchLoad
 from .table import CostTable
 
@@ -52,18 +51,8 @@ def solve_micro_batch_counts(
     t0 = time.perf_counter()
     N = num_ranks
     degs = [d for d in table.degrees if d <= N]
-    lengths = [table.lengths[i] for i in seqs]
-    d0 = degs[0]
-    bk = bucketize(lengths, num_buckets, weight=lambda s: table.row(s)[d0] if table.row(s)[d0] != INF else float(s))
-    members = [[seqs[j] for j in m] for m in bk.members]
+    members, n_q, u_q, t_qd = bucket_times(table, seqs, degs, num_buckets)
     Q = len(members)
-    n_q = [len(m) for m in members]
-    u_q = bk.bounds
-    t_qd = {}
-    for q in range(Q):
-        for d in degs:
-            ts = [table.time[i][d] for i in members[q]]
-            t_qd[q, d] = INF if any(t == INF for t in ts) else sum(ts) / len(ts)
     prob = pulp.LpProblem("micro_batch_counts", pulp.LpMinimize)
     C = pulp.LpVariable("C", lowBound=0, upBound=c_max)
     g_expr, w_expr, x = {}, {}, {}

@@ -111,6 +111,24 @@ def _make_highs(time_limit: float, threads: int | None):
     return WarmHiGHS(msg=False, timeLimit=max(0.01, time_limit), threads=threads, mip_rel_gap=1e-4)
 
 
+def bucket_times(table: CostTable, seqs: list[int], degs: list[int], num_buckets: int):
+    """Bucket `seqs` (indices into `table`) by length and give each bucket its mean time per degree.
+
+    Returns (members, counts, upper bounds, {(bucket, degree): mean time, INF if any member cannot run}).
+    Buckets come from the padding dynamic program, weighted by the time at the smallest degree.
+    """
+    lengths = [table.lengths[i] for i in seqs]
+    d0 = degs[0]
+    bk = bucketize(lengths, num_buckets, weight=lambda s: table.row(s)[d0] if table.row(s)[d0] != INF else float(s))
+    members = [[seqs[j] for j in m] for m in bk.members]
+    t_qd = {}
+    for q, m in enumerate(members):
+        for d in degs:
+            ts = [table.time[i][d] for i in m]
+            t_qd[q, d] = INF if any(t == INF for t in ts) else sum(ts) / len(ts)
+    return members, [len(m) for m in members], bk.bounds, t_qd
+
+
 def solve_bucketed_milp(
     idx: list[int],
     table: CostTable,
@@ -134,18 +152,8 @@ def solve_bucketed_milp(
     t0 = time.perf_counter()
     N = num_ranks
     degs = sorted(d for d in set(degrees) if d <= N)
-    lengths = [table.lengths[i] for i in idx]
-    weight_d = degs[0]
-    bk = bucketize(lengths, num_buckets, weight=lambda s: table.row(s)[weight_d] if table.row(s)[weight_d] != INF else float(s))
-    members = [[idx[j] for j in m] for m in bk.members]
+    members, n_q, u_q, t_qd = bucket_times(table, idx, degs, num_buckets)
     Q = len(members)
-    n_q = [len(m) for m in members]
-    u_q = bk.bounds
-    t_qd = {}
-    for q in range(Q):
-        for d in degs:
-            ts = [table.time[i][d] for i in members[q]]
-            t_qd[q, d] = INF if any(t == INF for t in ts) else sum(ts) / len(ts)
     M = num_micro_batches
     prob = pulp.LpProblem("hetsp_plan", pulp.LpMinimize)
     C = [pulp.LpVariable(f"C_{m}", lowBound=0) for m in range(M)]
