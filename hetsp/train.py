@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder")
     p.add_argument("--dry-run", action="store_true", help="print model size, memory and first plans; no training")
+    p.add_argument("--profile", metavar="OUT.json", help="measure the planner's cost table on these ranks; no training")
     return p.parse_args(argv)
 
 
@@ -58,45 +60,96 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(os.environ.get("HETSP_RUN_DIR") or Path(cfg.run.output_dir) / cfg.run.name)
 
 
+@dataclass
+class Runtime:
+    """Everything a rank builds before its first step."""
+
+    device: Any
+    data: Any
+    objective: Any
+    flops: Any
+    engine: Any
+
+
+def build_runtime(cfg: Config) -> Runtime:
+    """Data, model (ring attention, SSM sequence parallelism applied) and DeepSpeed engine on this rank."""
+    import torch
+    import torch.distributed as dist
+
+    from hetsp.attention import register_attention, warm_up
+    from hetsp.data import build_data
+    from hetsp.engine import build_engine
+    from hetsp.metrics.flops import ModelFlops
+    from hetsp.model_registry import build_model
+    from hetsp.objectives import get_objective
+    from hetsp.ssm_parallel import parallelize
+
+    world_size = dist.get_world_size()
+    device = _device()
+    warm_up(device)  # NCCL: one collective before any group's first point-to-point exchange
+    torch.manual_seed(cfg.run.seed)
+    objective = get_objective(cfg.train.objective)
+    data = build_data(cfg.data, cfg.run.seed)
+    model = parallelize(build_model(cfg.model, data.vocab_size, attn_implementation=register_attention()))
+    num_params = sum(p.numel() for p in model.parameters())
+    if dist.get_rank() == 0:
+        log.info("model: %s, %.2fM parameters, %d ranks on %s", cfg.model.family, num_params / 1e6, world_size, device)
+    flops = ModelFlops.from_model(model)  # before ZeRO-3 partitions the parameters
+    engine = build_engine(model, cfg.train, world_size, device)
+    return Runtime(device, data, objective, flops, engine)
+
+
+def profile(cfg: Config, out: Path) -> None:
+    """Measure the planner's cost table on this machine and write it as a `profile` cost model file."""
+    import torch.distributed as dist
+
+    from hetsp.metrics.device import device_name
+    from hetsp.profiler import measure
+    from solver.costs.profile import save_profile
+
+    rt = build_runtime(cfg)
+    world = dist.get_world_size()
+    degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
+    points, fixed_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel, degrees,
+                              cfg.data.max_seq_len, cfg.cluster.tokens_per_rank)
+    if dist.get_rank() == 0:
+        where = f"{device_name(rt.device) or _cpu_name()}, {world} ranks, {cfg.model.family} model"
+        save_profile(out, points, cfg.cluster.tokens_per_rank, fixed_s, device=where)
+        log.info("profile with %d points (fixed %.1f ms per micro-batch) written to %s", len(points), fixed_s * 1e3, out)
+
+
+def _cpu_name() -> str:
+    model = "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
 def train(cfg: Config, resume: bool) -> dict[str, int]:
     """Train from step 0 or the newest checkpoint; return the steps this run covered."""
     import torch
     import torch.distributed as dist
 
     from hetsp import checkpoint
-    from hetsp.attention import register_attention, warm_up
-    from hetsp.data import build_data
-    from hetsp.engine import build_engine, resolve_dtype
+    from hetsp.engine import resolve_dtype
     from hetsp.executor import run_plan
     from hetsp.metrics import MetricsLogger
     from hetsp.metrics.device import peak_memory_bytes
-    from hetsp.metrics.flops import ModelFlops, peak_flops
-    from hetsp.model_registry import build_model
-    from hetsp.objectives import get_objective
+    from hetsp.metrics.flops import peak_flops
     from hetsp.planning import Planning
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = _device()
-    warm_up(device)  # NCCL: one collective before any group's first point-to-point exchange
-    torch.manual_seed(cfg.run.seed)
     run_dir = run_dir_for(cfg)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
-    objective = get_objective(cfg.train.objective)
-    data = build_data(cfg.data, cfg.run.seed)
-    model = build_model(cfg.model, data.vocab_size, attn_implementation=register_attention())
-    try:
-        from hetsp.ssm_parallel import parallelize
-    except ImportError:
-        parallelize = None
-    if parallelize is not None:
-        model = parallelize(model)
-    num_params = sum(p.numel() for p in model.parameters())
-    if rank == 0:
-        log.info("model: %s, %.2fM parameters, %d ranks on %s", cfg.model.family, num_params / 1e6, world_size, device)
-    flops = ModelFlops.from_model(model)  # before ZeRO-3 partitions the parameters
-    engine = build_engine(model, cfg.train, world_size, device)
+    rt = build_runtime(cfg)
+    device, data, objective, flops, engine = rt.device, rt.data, rt.objective, rt.flops, rt.engine
     dtype_name = "bf16" if resolve_dtype(cfg.train, device) == torch.bfloat16 else "fp32"
     # MFU uses the device's published peak only (cluster.peak_tflops is the planner's cost-model input).
     peak = peak_flops(device, dtype_name)
@@ -220,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         from hetsp.preflight import check_world
 
         check_world(cfg, dist.get_world_size())
-        train(cfg, args.resume)
+        if args.profile:
+            profile(cfg, Path(args.profile))
+        else:
+            train(cfg, args.resume)
     except ValueError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--dry-run", action="store_true",
                    help="run the rank program once in this process, with WORLD_SIZE set, without distributed")
+    p.add_argument("--profile", metavar="OUT.json",
+                   help="instead of training, measure the planner's cost table on these ranks and write it")
     p.add_argument("--run-dir", metavar="DIR",
                    help="run folder: exported to ranks as HETSP_RUN_DIR; every rank's full output goes to DIR/logs/")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -56,6 +58,7 @@ class LaunchArgs:
     all_ranks: bool
     resume: bool
     dry_run: bool
+    profile: str | None
     run_dir: str | None
     device: str
     module: str
@@ -67,7 +70,7 @@ class LaunchArgs:
     finish_grace_s: float
 
     def rank_args(self) -> list[str]:
-        """Arguments of the rank program: CONFIG [--set k=v ...] [--resume] [--dry-run]."""
+        """Arguments of the rank program: CONFIG [--set k=v ...] [--resume] [--dry-run] [--profile OUT]."""
         args = [self.config]
         for text in self.overrides:
             args += ["--set", text]
@@ -75,6 +78,8 @@ class LaunchArgs:
             args.append("--resume")
         if self.dry_run:
             args.append("--dry-run")
+        if self.profile:
+            args += ["--profile", self.profile]
         return args
 
 
@@ -119,6 +124,7 @@ def parse_args(argv: list[str] | None) -> LaunchArgs:
         all_ranks=ns.all_ranks,
         resume=ns.resume,
         dry_run=ns.dry_run,
+        profile=ns.profile,
         run_dir=ns.run_dir,
         device=ns.device,
         module=ns.module,
