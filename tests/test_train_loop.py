@@ -66,3 +66,19 @@ def test_a_torchrun_restart_resumes_by_itself(rank_pool, tmp_path):
     assert [r["step"] for r in records if r.get("kind", "train") == "train"] == [0, 1, 2, 3]
     ckpts = sorted(p.name for p in (tmp_path / "runs" / "restarted" / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == ["step00000002"]  # written at the early stop; checkpoint_every = 0 writes no other
+
+
+def test_profile_writes_a_cost_table_the_planner_uses(rank_pool, tmp_path):
+    from hetsp.config import config_from_dict
+    from hetsp.planning import make_planner
+
+    out = tmp_path / "profile.json"
+    cfg = tiny_config(tmp_path, "profiled", planner="milp")
+    rank_pool(2).run(train_fns.run_profile, cfg, str(out))
+    data = json.loads(out.read_text())
+    assert data["format"] == "hetsp-profile-v1" and data["fixed_s"] >= 0
+    assert {(p["degree"], p["tokens"]) for p in data["points"]} == {(1, 96), (2, 96)}  # max_seq_len 96 < 128
+    assert all(p["time_s"] > 0 for p in data["points"])
+    cfg["planner"].update(cost_model="profile", profile_path=str(out))
+    plan = make_planner(config_from_dict(cfg), 259).plan([90, 3, 40, 7], 2)
+    assert plan.meta["est_time_s"] is not None and plan.validate(2)

@@ -32,3 +32,11 @@ def run_train(cfg_dict: dict, resume: bool = False, env: dict | None = None):
         return None
     path = Path(cfg.run.output_dir) / cfg.run.name / "metrics.jsonl"
     return span["start"], [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_profile(cfg_dict: dict, out: str) -> None:
+    """Measure the cost table on every rank (rank 0 writes `out`)."""
+    from hetsp.train import profile
+
+    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
+    profile(config_from_dict(cfg_dict), Path(out))
