@@ -2,14 +2,16 @@
 
 A group is the contiguous global ranks [group_start, group_start + group_size); sends
 go to the next rank of the group, receives come from the previous one. Every exchange
-is one batched isend/irecv pair, so the ring cannot deadlock and groups need no
-communicator of their own. Empty messages are skipped on both sides (both know sizes).
+is one batched isend/irecv pair (`hetsp.comm.Exchange`), so the ring cannot deadlock
+and groups need no communicator of their own.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from hetsp.comm import Exchange
 
 # Distinct tags keep the K/V stream and the travelling gradient stream apart (gloo matches by tag).
 TAG_KV = 17
@@ -25,25 +27,16 @@ class RingExchange:
 
     def start(self, send: torch.Tensor, recv_shape: tuple[int, ...], tag: int) -> "_Pending":
         recv = torch.empty(recv_shape, dtype=send.dtype, device=send.device)
-        send = send.contiguous()
-        ops = []
-        if send.numel():
-            ops.append(dist.P2POp(dist.isend, send, self.next, tag=tag))
-        if recv.numel():
-            ops.append(dist.P2POp(dist.irecv, recv, self.prev, tag=tag))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        return _Pending(works, send, recv)
+        return _Pending(Exchange([(send, self.next)], [(recv, self.prev)], tag), recv)
 
 
 class _Pending:
-    def __init__(self, works, send: torch.Tensor, recv: torch.Tensor):
-        self._works = works
-        self._send = send  # kept alive until the send completes
+    def __init__(self, exchange: Exchange, recv: torch.Tensor):
+        self._exchange = exchange
         self._recv = recv
 
     def wait(self) -> torch.Tensor:
-        for w in self._works:
-            w.wait()
+        self._exchange.wait()
         return self._recv
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from hetsp.comm import Exchange
 from hetsp.ssm_parallel.segments import HaloRoutes
 
 
@@ -45,20 +45,12 @@ class GroupSpec:
 
 
 def _p2p(group: GroupSpec, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int) -> None:
-    """Post all sends and receives (peers are ranks in group) at once and wait for them.
-
-    Empty messages are skipped on both sides: both sides derive every size from the same shapes.
-    """
-    ops = []
-    for peer, buf in recvs.items():
-        if buf.numel():
-            ops.append(dist.P2POp(dist.irecv, buf, group.global_rank(peer), tag=tag))
-    for peer, buf in sends.items():
-        if buf.numel():
-            ops.append(dist.P2POp(dist.isend, buf.contiguous(), group.global_rank(peer), tag=tag))
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+    """Post all sends and receives (peers are ranks in group) at once and wait for them."""
+    Exchange(
+        [(buf, group.global_rank(peer)) for peer, buf in sends.items()],
+        [(buf, group.global_rank(peer)) for peer, buf in recvs.items()],
+        tag,
+    ).wait()
 
 
 def _all_gather(x: torch.Tensor, group: GroupSpec) -> torch.Tensor:
