@@ -126,7 +126,7 @@ class TrainConfig:
     eval_batches: int = 2
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
-    log_every: int = 1
+    log_every: int = 1  # progress line every N steps (metrics.jsonl gets every step)
     # Stop this run after this many steps (0: run to `steps`); the schedule still spans
     # `steps`, and a checkpoint is written at the stop so `--resume` continues exactly.
     stop_after: int = 0

@@ -164,7 +164,8 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
         log.warning("--resume: no checkpoint in %s, starting from step 0", checkpoint.checkpoint_dir(run_dir))
 
     planning = Planning(cfg, data, world_size, rank)
-    metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size, peak_flops_per_rank=peak)
+    metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size,
+                            peak_flops_per_rank=peak, print_every=cfg.train.log_every)
     ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
     kernel = cfg.attention.kernel
@@ -181,11 +182,11 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
             metrics.log_plan(step, plan)
             res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel)
             engine.step()
-            stats = torch.tensor([res.loss_sum, float(res.num_local_tokens)], dtype=torch.float64)
-            dist.all_reduce(stats)
+            loss_sum = torch.tensor([res.loss_sum], dtype=torch.float64)
+            dist.all_reduce(loss_sum)
             dt = time.perf_counter() - t0
             record = {
-                "loss": stats[0].item() / res.num_units,
+                "loss": loss_sum.item() / res.num_units,
                 "lr": engine.get_lr()[0],
                 "tokens": sum(plan.lengths),
                 "step_time_s": dt,
