@@ -28,18 +28,11 @@ from .costed import CostedPlanner
 from .heuristics import heuristic_pack
 from .local_search import LocalSearch
 from .milp_counts import solve_micro_batch_counts
-from .milp_model import solve_bucketed_milp
+from .milp_model import log_once, solve_bucketed_milp
 from .pack import MicroBatchLoad, plan_cost
 from .table import CostTable
 
 log = logging.getLogger("solver")
-_said: set[str] = set()
-
-
-def _once(msg: str) -> None:
-    if msg not in _said:
-        _said.add(msg)
-        log.warning(msg)
 
 
 class MilpPlanner(CostedPlanner):
@@ -89,14 +82,14 @@ class MilpPlanner(CostedPlanner):
                 f"exact MILP skipped: about {est_vars} variables, more than {per_s:.0f}/s x {remaining:.2f} s left "
                 "(raise planner.time_limit_s)"
             )
-            _once("the exact MILP is too large for the time left; using the heuristic plan (see meta['fallback'])")
+            log_once("the exact MILP is too large for the time left; using the heuristic plan (see meta['fallback'])", logging.WARNING)
             return self._polish_with_counts(heur, table, num_ranks, deadline, meta)
         backend = str(opts.get("backend", "highs"))
         res = solve_bucketed_milp(
             list(range(n)), table, num_ranks, m_cap, degrees, remaining, num_buckets, warm=heur, backend=backend
         )
         if res.status == "error" and backend == "highs":
-            _once(f"HiGHS failed ({res.note}); using CBC instead")
+            log_once(f"HiGHS failed ({res.note}); using CBC instead", logging.WARNING)
             remaining = limit - (time.perf_counter() - t0)
             res = solve_bucketed_milp(
                 list(range(n)), table, num_ranks, m_cap, degrees, max(1.0, remaining), num_buckets, warm=heur,
@@ -107,7 +100,7 @@ class MilpPlanner(CostedPlanner):
         )
         if res.micro_batches is None:
             meta["fallback"] = f"MILP gave no solution ({res.status}: {res.note}); heuristic plan returned"
-            _once("the MILP gave no solution; returning the heuristic plan (see meta['fallback'])")
+            log_once("the MILP gave no solution; returning the heuristic plan (see meta['fallback'])", logging.WARNING)
             return heur, "heuristic", meta
         mbs = res.micro_batches
         if not exact:

@@ -36,10 +36,11 @@ log = logging.getLogger("solver")
 _logged: set[str] = set()
 
 
-def _log_once(msg: str) -> None:
+def log_once(msg: str, level: int = logging.INFO) -> None:
+    """Log `msg` the first time only (a fallback is said once, at the start, not every batch)."""
     if msg not in _logged:
         _logged.add(msg)
-        log.info(msg)
+        log.log(level, msg)
 
 
 @dataclass
@@ -105,7 +106,7 @@ def _make_highs(time_limit: float, threads: int | None):
                 try:
                     lp.solverModel.setSolution(sol)
                 except Exception as e:  # older highspy: no warm start, say so once
-                    _log_once(f"HiGHS warm start unavailable ({e}); solving from scratch")
+                    log_once(f"HiGHS warm start unavailable ({e}); solving from scratch")
             lp.solverModel.run()
 
     return WarmHiGHS(msg=False, timeLimit=max(0.01, time_limit), threads=threads, mip_rel_gap=1e-4)
@@ -200,7 +201,7 @@ def solve_bucketed_milp(
     if warm is not None:
         warm_ok = _set_warm_start(warm, members, groups, C, z, t_qd, table.overhead)
         if not warm_ok:
-            _log_once("the warm start does not fit the model's virtual groups; the solver starts cold")
+            log_once("the warm start does not fit the model's virtual groups; the solver starts cold")
             for v in prob.variables():
                 v.varValue = None
 
