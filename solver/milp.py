@@ -32,7 +32,6 @@ from .milp_model import log_once, solve_bucketed_milp
 from .pack import MicroBatchLoad, plan_cost
 from .table import CostTable
 
-log = logging.getLogger("solver")
 
 
 class MilpPlanner(CostedPlanner):
