@@ -23,12 +23,26 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+# Fixed choices, checked at load (a new choice is one more name in its Literal).
+PlannerName = Literal["static", "random", "greedy", "batch_adaptive", "milp"]
+CostModelName = Literal["ring", "profile", "flexsp"]
+AttentionKernelName = Literal["auto", "torch_cpu", "flash_attn", "triton", "reference"]
+ObjectiveName = Literal["lm"]
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
     seed: int = 0
     resume: bool = False  # continue from the newest checkpoint in the run folder
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this fails the job
+    # The launcher stops the job, naming the rank, when a rank's heartbeat is this old
+    # (a stopped, frozen or swapped-out process); well under dist_timeout_s.
+    heartbeat_timeout_s: float = 60.0
+    # SIGTERM (preemption): ranks checkpoint at the end of the current step; the launcher
+    # waits this long for them before killing them.
+    stop_grace_s: float = 120.0
 
 
 @dataclass
@@ -87,25 +101,24 @@ class ClusterConfig:
 
 @dataclass
 class PlannerConfig:
-    name: str = "static"  # static | random | greedy | milp | ...
+    name: PlannerName = "static"
     group_size: int = 1  # static planner: the one group size
-    cost_model: str = "ring"
+    cost_model: CostModelName = "ring"
     time_limit_s: float = 1.0
     allowed_group_sizes: list[int] = field(default_factory=list)  # empty: 1..world
     seed: int = 0
     # A sequence longer than the largest group can hold: "error" (name it) or "drop" (plan the
     # rest; Plan.meta lists the dropped indices and maps plan sequences back to the input).
     long_policy: Literal["error", "drop"] = "error"
-    flexsp_model: str = "7b"  # cost_model = "flexsp": which published model ("7b", "13b", "30b")
+    flexsp_model: Literal["7b", "13b", "30b"] = "7b"  # cost_model = "flexsp": which published model ("7b", "13b", "30b")
     profile_path: str = ""  # cost_model = "profile": the measured JSON table
-    # Planner-specific options, passed through untouched.
+    # Planner-specific options, checked against the planner's own table (hetsp.checks).
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class AttentionConfig:
-    # auto | torch_cpu | flash_attn | triton | reference
-    kernel: str = "auto"
+    kernel: AttentionKernelName = "auto"
 
 
 @dataclass
@@ -121,7 +134,7 @@ class TrainConfig:
     zero_stage: int = 1
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
-    objective: str = "lm"
+    objective: ObjectiveName = "lm"
     eval_every: int = 25
     eval_batches: int = 2
     checkpoint_every: int = 50
