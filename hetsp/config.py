@@ -104,8 +104,12 @@ class PlannerConfig:
 
 @dataclass
 class AttentionConfig:
-    # auto | torch_cpu | flash_attn | triton | reference
+    # auto | torch_cpu | flash_attn | triton | torch_flash | reference
     kernel: str = "auto"
+    # Triton kernel tiles (query rows, key rows per program), powers of two >= 16; 0 = the
+    # kernel's default (64 x 64 on CUDA). bench/gpu_check.sh reports the fastest on a GPU.
+    triton_block_m: int = 0
+    triton_block_n: int = 0
 
 
 @dataclass
