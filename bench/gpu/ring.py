@@ -23,11 +23,11 @@ LENGTHS_QUICK = (3000, 777, 1)
 SHAPE = dict(heads=8, kv_heads=2, dim=128)
 
 
-def _fwd_bwd(lengths, group_size, rank, dtype, device, causal=True):
+def _fwd_bwd(lengths, group_size, rank, dtype, device, kernel="triton", shape=SHAPE, causal=True):
     from hetsp.attention import make_shard_context, ring_attention
 
-    q, k, v, do = packed_inputs(lengths, SHAPE["heads"], SHAPE["kv_heads"], SHAPE["dim"], dtype, device, seed=0)
-    ctx = make_shard_context(list(lengths), 0, group_size, rank, device, kernel="triton")
+    q, k, v, do = packed_inputs(lengths, shape["heads"], shape["kv_heads"], shape["dim"], dtype, device, seed=0)
+    ctx = make_shard_context(list(lengths), 0, group_size, rank, device, kernel=kernel)
     idx = torch.tensor(ctx.layout.token_index, dtype=torch.long, device=device)
     ql, kl, vl = (t.index_select(0, idx).requires_grad_(True) for t in (q, k, v))
     dol = do.index_select(0, idx)
@@ -39,42 +39,57 @@ def _fwd_bwd(lengths, group_size, rank, dtype, device, causal=True):
     return step, idx
 
 
-def rank_run(lengths, repeats: int):
-    """On every rank of a gloo pool (all on cuda:0): fp32 shard results and bf16 seconds."""
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(step, repeats, device, barrier=None) -> float:
+    step()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        if barrier:
+            barrier()
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rank_run(lengths, repeats: int, device="cuda:0", kernel="triton", shape=SHAPE, timed_dtype="bfloat16"):
+    """On every rank of a gloo pool (all on one device): fp32 shard results and timed seconds."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    step, idx = _fwd_bwd(lengths, world, rank, torch.float32, device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    step, idx = _fwd_bwd(lengths, world, rank, torch.float32, device, kernel, shape)
     shard = [t.detach().cpu() for t in step()]
-    step16, _ = _fwd_bwd(lengths, world, rank, torch.bfloat16, device)
-    step16()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        dist.barrier()
-        t0 = time.perf_counter()
-        step16()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return dict(idx=idx.cpu(), shard=shard, seconds=statistics.median(times))
+    timed, _ = _fwd_bwd(lengths, world, rank, getattr(torch, timed_dtype), device, kernel, shape)
+    return dict(idx=idx.cpu(), shard=shard, seconds=_median_seconds(timed, repeats, device, dist.barrier))
 
 
-def one_process(lengths, repeats: int):
-    device = torch.device("cuda", 0)
-    step, _ = _fwd_bwd(lengths, 1, 0, torch.float32, device)
+def one_process(lengths, repeats: int, device="cuda:0", kernel="triton", shape=SHAPE, timed_dtype="bfloat16"):
+    """The same batch as a group of one: fp32 (out, dq, dk, dv) and timed seconds."""
+    device = torch.device(device)
+    step, _ = _fwd_bwd(lengths, 1, 0, torch.float32, device, kernel, shape)
     full = [t.detach() for t in step()]
-    step16, _ = _fwd_bwd(lengths, 1, 0, torch.bfloat16, device)
-    step16()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step16()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return full, statistics.median(times)
+    timed, _ = _fwd_bwd(lengths, 1, 0, getattr(torch, timed_dtype), device, kernel, shape)
+    return full, _median_seconds(timed, repeats, device)
+
+
+def worst_error(per_rank, full) -> float:
+    """Largest |err|/tol over every rank's shard of out, dq, dk, dv against the one-process result."""
+    errs = []
+    for r in per_rank:
+        idx = r["idx"].to(full[0].device)
+        # out and dq rows belong to the shard's queries, dk and dv rows to its keys (the same tokens)
+        errs += [closeness(s.to(full[0].device), f.index_select(0, idx), TOLERANCES[torch.float32])
+                 for s, f in zip(r["shard"], full)]
+    return max(errs)
 
 
 def run(rec, quick: bool = False) -> None:
@@ -83,7 +98,6 @@ def run(rec, quick: bool = False) -> None:
     lengths = LENGTHS_QUICK if quick else LENGTHS_FULL
     repeats = 3 if quick else 5
     full, t_one = one_process(lengths, repeats)
-    rtol = TOLERANCES[torch.float32]
     worst, parts, ok_all = 0.0, [], True
     for world in (2, 4):
         pool = RankPool(world)
@@ -91,12 +105,7 @@ def run(rec, quick: bool = False) -> None:
             per_rank = pool.run(rank_run, lengths, repeats, timeout=240)
         finally:
             pool.close()
-        errs = []
-        for r in per_rank:
-            idx = r["idx"].to(full[0].device)
-            # out and dq rows belong to the shard's queries; dk, dv rows to its keys (same tokens).
-            errs += [closeness(s.to(full[0].device), f.index_select(0, idx), rtol) for s, f in zip(r["shard"], full)]
-        err = max(errs)
+        err = worst_error(per_rank, full)
         t_ring = max(r["seconds"] for r in per_rank)
         ok = err <= 1.0
         ok_all &= ok
