@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 # Fixed choices, checked at load (a new choice is one more name in its Literal).
 PlannerName = Literal["static", "random", "greedy", "batch_adaptive", "milp"]
 CostModelName = Literal["ring", "profile", "flexsp"]
-AttentionKernelName = Literal["auto", "torch_cpu", "flash_attn", "triton", "reference"]
+AttentionKernelName = Literal["auto", "torch_cpu", "flash_attn", "triton", "torch_flash", "reference"]
 ObjectiveName = Literal["lm"]
 
 
@@ -119,6 +119,10 @@ class PlannerConfig:
 @dataclass
 class AttentionConfig:
     kernel: AttentionKernelName = "auto"
+    # Triton kernel tiles (query rows, key rows per program), powers of two >= 16; 0 = the
+    # kernel's default (64 x 64 on CUDA). bench/gpu_check.sh reports the fastest on a GPU.
+    triton_block_m: int = 0
+    triton_block_n: int = 0
 
 
 @dataclass

@@ -136,6 +136,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     import torch.distributed as dist
 
     from hetsp import checkpoint
+    from hetsp.attention.kernels import kernel_for_config
     from hetsp.engine import resolve_dtype
     from hetsp.executor import run_plan
     from hetsp.metrics import MetricsLogger
@@ -166,7 +167,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
     stop = StopRequest().__enter__()  # SIGTERM from here on: checkpoint at the end of the step
-    kernel = cfg.attention.kernel
+    kernel = kernel_for_config(cfg.attention, device)
     end = cfg.train.steps if cfg.train.stop_after <= 0 else min(cfg.train.steps, start + cfg.train.stop_after)
     skipped = []  # steps whose every sequence was too long to place (planner.long_policy = "drop")
 

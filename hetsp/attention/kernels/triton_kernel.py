@@ -13,6 +13,7 @@ D_i = rowsum(dO_i * O_i) uses the final merged O given by the caller.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -22,10 +23,28 @@ import triton.language as tl
 from .base import BlockKernel, Segments
 
 
-def _blocks(device: torch.device) -> tuple[int, int]:
-    if device.type == "cuda":
-        return 64, 64
-    return 16, 16  # interpreter: small tiles keep it quick
+# Tile sizes (BLOCK_M query rows x BLOCK_N key rows per program). On CUDA 64 x 64: with head
+# dim up to 128 the q, k, v and accumulator tiles of one program in bf16/fp32 fit the register
+# file of one SM with 4 warps (the Triton fused-attention tutorial starts its sweep from such
+# tiles), and a 64-row tile keeps a 4K-token sequence at 64 programs per head, enough to fill
+# the SMs at a few heads; larger tiles (128) favour long sequences and small head dims.
+# tl.dot needs every dot dimension >= 16, and tl.arange a power of two: these are the limits.
+# The interpreter runs on CPU, where small tiles keep the tests quick.
+DEFAULT_BLOCKS_CUDA = (64, 64)
+DEFAULT_BLOCKS_INTERPRETER = (16, 16)
+
+
+def check_blocks(block_m: int, block_n: int) -> None:
+    """ValueError unless both tile sizes are powers of two of at least 16 (Triton's tl.dot limits)."""
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ValueError(f"triton attention {name} = {b!r}: must be a power of two >= 16 (tl.dot and tl.arange limits), e.g. 64 or 128")
+
+
+def _blocks(device: torch.device, blocks: tuple[int, int] | None = None) -> tuple[int, int]:
+    if blocks is not None:
+        return blocks
+    return DEFAULT_BLOCKS_CUDA if device.type == "cuda" else DEFAULT_BLOCKS_INTERPRETER
 
 
 @triton.jit
@@ -179,8 +198,8 @@ def _check(q: torch.Tensor) -> None:
         raise ValueError("the triton attention kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
 
 
-def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
-    bm, bn = _blocks(q.device)
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, blocks: tuple[int, int] | None = None) -> dict:
+    bm, bn = _blocks(q.device, blocks)
     return dict(
         G=q.shape[1] // k.shape[1],
         HEAD_DIM=q.shape[2],
@@ -192,21 +211,22 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
     )
 
 
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float):
-    """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32)."""
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, blocks: tuple[int, int] | None = None):
+    """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32). blocks: (BLOCK_M, BLOCK_N), None for the default."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     cu_q, cu_k = seg.device_cu(q.device)
-    meta = _meta(q, k, causal)
+    meta = _meta(q, k, causal, blocks)
     grid = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
     _fwd[grid](q, k, v, out, lse, cu_q, cu_k, float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                out.stride(0), out.stride(1), lse.stride(0), **meta)
     return out, lse
 
 
-def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float):
+def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
+                   blocks: tuple[int, int] | None = None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) in fp32 from the given final `out` and `lse`."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
@@ -217,7 +237,7 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     cu_q, cu_k = seg.device_cu(q.device)
-    meta = _meta(q, k, causal)
+    meta = _meta(q, k, causal, blocks)
     grid_kv = (triton.cdiv(seg.max_k, meta["BLOCK_N"]), seg.num_segments, k.shape[1])
     _bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, float(scale), q.stride(0), q.stride(1),
                        k.stride(0), k.stride(1), lse.stride(0), dk.stride(0), dk.stride(1), **meta)
@@ -234,3 +254,20 @@ TRITON_KERNEL = BlockKernel(
     causal_alignment="bottom_right",
     note="Triton varlen flash attention with log-sum-exp",
 )
+
+
+def triton_kernel(block_m: int | None = None, block_n: int | None = None) -> BlockKernel:
+    """The Triton block kernel with tiles (block_m, block_n); both None gives `TRITON_KERNEL`."""
+    if block_m is None and block_n is None:
+        return TRITON_KERNEL
+    if block_m is None or block_n is None:
+        raise ValueError("give both triton block sizes (block_m and block_n) or neither")
+    check_blocks(block_m, block_n)
+    blocks = (block_m, block_n)
+    return BlockKernel(
+        name="triton",
+        forward=functools.partial(block_forward, blocks=blocks),
+        backward=functools.partial(block_backward, blocks=blocks),
+        causal_alignment="bottom_right",
+        note=f"Triton varlen flash attention with log-sum-exp, tiles {block_m}x{block_n}",
+    )

@@ -1,0 +1,163 @@
+"""The GPU check's own logic, without a GPU: its dry mode, the chunked fp64 reference, the
+result writer, the datasets-free corpus of the main-job step, and the option paths it tunes
+(Triton tiles, kernel choice)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_of_the_gpu_check_exits_0():
+    res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "dry-run: ok" in res.stdout
+    assert "[timeout] selftest_slow" in res.stdout  # the time box stops an overrunning step
+
+
+def test_gpu_check_refuses_bad_arguments():
+    from bench.gpu.check import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "exactness,nonsense"])
+    with pytest.raises(SystemExit):
+        parse_args(["--budget-s", "0"])
+    assert parse_args(["--only", "ring, main_job"]).steps == ["ring", "main_job"]
+
+
+def test_result_writer_round_trips(tmp_path):
+    from bench.gpu.results import StepResult, markdown_table, read_results, write_results
+
+    steps = [StepResult("a", "ok", "fine", 1.25, tables={"t": [{"x": 1, "y": 0.5}, {"x": 2, "z": None}]}),
+             StepResult("b", "timeout", "stopped", 3.0)]
+    write_results(tmp_path, steps, {"device": "test"})
+    meta, back = read_results(tmp_path)
+    assert meta == {"device": "test"} and back == steps
+    assert markdown_table([{"x": 1, "y": 0.5}, {"x": 2, "z": None}]).splitlines()[2:] == ["| 1 | 0.5 | n/a |", "| 2 | n/a | n/a |"]
+    with pytest.raises(ValueError):
+        StepResult("c", "maybe", "x")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_fp64_reference_equals_full_attention(causal):
+    """The check's reference (query-row chunks of the reference twin) equals full attention."""
+    from bench.gpu.common import packed_inputs, reference_fp64
+    from hetsp.attention.kernels.reference import varlen_attention_ref
+
+    lengths = [1, 7, 20]
+    q, k, v, do = packed_inputs(lengths, 4, 2, 8, torch.float64, "cpu", seed=3)
+    got = reference_fp64(q, k, v, do, lengths, causal, 0.3, rows_per_chunk=6)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = varlen_attention_ref(*leaves, [0, 1, 8, 28], causal=causal, softmax_scale=0.3)
+    want = (out, *torch.autograd.grad(out, leaves, do))
+    # both fp64, same formulas in a different order: rounding only
+    for a, b in zip((got[0], *got[2:]), want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_closeness_is_one_at_the_tolerance_edge():
+    from bench.gpu.common import closeness
+
+    want = torch.tensor([1.0, -2.0, 0.0])
+    rtol = 0.01
+    atol = rtol * want.pow(2).mean().sqrt().item()
+    assert closeness(want, want, rtol) == 0.0
+    edge = want + torch.tensor([0.0, 0.0, atol])
+    assert closeness(edge, want, rtol) == pytest.approx(1.0)
+
+
+def test_main_job_corpus_without_datasets_matches_datasets():
+    """The main-job step's stdlib reader gives the same tokens and offsets as the datasets path."""
+    pytest.importorskip("datasets")
+    from bench.gpu.main_job import stdlib_texts, tokenize_texts
+    from hetsp.config import DataConfig
+    from hetsp.data.corpus import tokenize_dataset
+    from hetsp.data.sources import load_documents
+    from hetsp.data.tokenizer import load_tokenizer
+
+    data = DataConfig(dataset="stdlib", tokenizer="bytes", max_documents=40)
+    tok = load_tokenizer("bytes")
+    want_tokens, want_offsets, _ = tokenize_dataset(load_documents(data), tok, data)
+    tokens, offsets, _ = tokenize_texts(stdlib_texts(data), tok, data)
+    assert tokens.dtype == want_tokens.dtype
+    assert (offsets == want_offsets).all() and (tokens == want_tokens).all()
+    with pytest.raises(ValueError, match="only 'stdlib'"):
+        stdlib_texts(DataConfig(dataset="some/hub_name"))
+
+
+def test_kernel_for_config_builds_triton_tiles_and_refuses_misuse():
+    from hetsp.attention.kernels import kernel_for_config
+    from hetsp.config import AttentionConfig
+
+    assert kernel_for_config(AttentionConfig(), "cpu") == "auto"
+    with pytest.raises(ValueError, match="triton_block"):
+        kernel_for_config(AttentionConfig(kernel="torch_cpu", triton_block_m=64, triton_block_n=64), "cpu")
+
+
+def test_triton_tiles_are_checked():
+    pytest.importorskip("triton")
+    from hetsp.attention.kernels.triton_kernel import TRITON_KERNEL, triton_kernel
+
+    assert triton_kernel() is TRITON_KERNEL
+    for bad in ((48, 64), (8, 16), (64, None)):
+        with pytest.raises(ValueError):
+            triton_kernel(*bad)
+
+
+_TILES_SCRIPT = """
+import torch
+from tests.attn_fns import kernel_vs_reference
+from hetsp.attention.kernels.triton_kernel import triton_kernel
+for tiles in ((16, 32), (32, 16)):
+    rep = kernel_vs_reference(triton_kernel(*tiles), "cpu", torch.float32, sizes=((3, 5), (40, 33), (1, 1)))
+    bad = [(lab, e) for lab, e in rep if not e < 1e-5]
+    assert not bad, (tiles, bad)
+print("ok")
+"""
+
+
+def test_triton_kernel_with_other_tiles_matches_reference_under_the_interpreter():
+    """Other tile sizes (the check's candidates, smaller here) give the reference's results."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", _TILES_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_library_kernels_refuse_cpu():
+    from hetsp.attention.kernels import select_kernel
+
+    with pytest.raises(ValueError, match="torch_flash"):
+        select_kernel("torch_flash", "cpu")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_exactness_step_logic_on_cpu(causal):
+    """The exactness step's comparison, run with the CPU kernel: within the fp32 tolerance."""
+    from bench.gpu.exactness import check_case
+
+    res = check_case("torch_cpu", (1, 5, 33), 4, 2, 16, torch.float32, causal, device="cpu")
+    assert set(res) == {"out", "lse", "dq", "dk", "dv"}
+    assert max(res.values()) <= 1.0, res
+
+
+def test_ring_step_logic_on_cpu_ranks():
+    """The ring step's shard-versus-one-process comparison on 2 gloo CPU ranks (CPU kernel)."""
+    from bench.gpu.ring import one_process, rank_run, worst_error
+    from hetsp.testing import get_pool
+
+    shape = dict(heads=4, kv_heads=2, dim=16)
+    lengths = (37, 5, 1)
+    per_rank = get_pool(2).run(rank_run, lengths, 1, "cpu", "torch_cpu", shape, "float32")
+    full, _ = one_process(lengths, 1, "cpu", "torch_cpu", shape, "float32")
+    assert worst_error(per_rank, full) <= 1.0
+    per_rank[0]["shard"][0][0] += 1.0  # a wrong row must be seen
+    assert worst_error(per_rank, full) > 1.0
