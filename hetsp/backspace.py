@@ -26,11 +26,13 @@ class StackStructure:
     parents: index of each token's parent, -1 at the root of a document.
     depths:  position of each token in its context (RoPE position), 0 at a root.
     pops:    key i is visible to queries [i, pops[i]) of its own document.
+    num_pops: how many `<bkspc>` the sequences hold (0: a plain chain, today's path).
     """
 
     parents: tuple[int, ...]
     depths: tuple[int, ...]
     pops: tuple[int, ...]
+    num_pops: int = 0
 
     def __len__(self) -> int:
         return len(self.parents)
@@ -69,7 +71,7 @@ def stack_structure(token_ids: Sequence[int], bkspc_id: int, vocab_size: int, pr
         depths[j] = len(stack)
         if t != bkspc_id:
             stack.append(j)
-    return StackStructure(tuple(parents), tuple(depths), tuple(pops))
+    return StackStructure(tuple(parents), tuple(depths), tuple(pops), sum(t == bkspc_id for t in token_ids))
 
 
 def plain_structure(length: int) -> StackStructure:
@@ -79,8 +81,7 @@ def plain_structure(length: int) -> StackStructure:
 
 def is_plain(structure: StackStructure) -> bool:
     """True when the structure is a chain (no `<bkspc>`): then today's path applies unchanged."""
-    n = len(structure)
-    return structure.parents == tuple(range(-1, n - 1)) and all(p == n for p in structure.pops)
+    return structure.num_pops == 0
 
 
 def pack_structures(structures: Sequence[StackStructure]) -> StackStructure:
@@ -95,7 +96,7 @@ def pack_structures(structures: Sequence[StackStructure]) -> StackStructure:
         depths.extend(s.depths)
         pops.extend(s.pops)
         offset += len(s)
-    return StackStructure(tuple(parents), tuple(depths), tuple(pops))
+    return StackStructure(tuple(parents), tuple(depths), tuple(pops), sum(s.num_pops for s in structures))
 
 
 def visible(structure: StackStructure, i: int, j: int) -> bool:

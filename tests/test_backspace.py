@@ -6,7 +6,7 @@ import pytest
 
 from hetsp.backspace import StackStructure, is_plain, pack_structures, plain_structure, stack_structure, visible
 
-BK = 9
+from .backspace_fns import BK, random_backspace_ids
 
 
 def _contexts_by_stack(ids, bk):
@@ -21,19 +21,6 @@ def _contexts_by_stack(ids, bk):
             stack.append(j)
             out.append(list(stack))
     return out
-
-
-def random_backspace_ids(rng, n, prompt, bk, vocab=8, p_pop=0.25):
-    """A valid random sequence: runs of pops, never into the prompt."""
-    ids, depth_gen = [], 0
-    for j in range(n):
-        if j >= prompt and depth_gen > 0 and rng.random() < p_pop:
-            ids.append(bk)
-            depth_gen -= 1
-        else:
-            ids.append(rng.randrange(vocab))
-            depth_gen += j >= prompt
-    return ids
 
 
 def test_structure_matches_stack_definition():
@@ -58,7 +45,7 @@ def test_run_of_pops():
     s = stack_structure(ids, BK, vocab_size=10, prompt_length=1)
     assert s.parents == (-1, 0, 1, 2, 2, 1, 0, 0)
     assert s.depths == (0, 1, 2, 3, 3, 2, 1, 1)
-    assert s.pops == (8, 6, 5, 4, 5, 6, 7, 8)
+    assert s.pops == (8, 6, 5, 4, 5, 6, 7, 8) and s.num_pops == 3
     assert not is_plain(s)
 
 
@@ -73,7 +60,7 @@ def test_pack_offsets_parents():
     p = pack_structures([a, b])
     assert p.parents == (-1, 0, 0, -1, 3)
     assert p.depths == (0, 1, 1, 0, 1)
-    assert p.pops == (3, 2, 3, 2, 2)
+    assert p.pops == (3, 2, 3, 2, 2) and p.num_pops == 1
 
 
 @pytest.mark.parametrize(
