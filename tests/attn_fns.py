@@ -34,7 +34,8 @@ def ring_cases(cases):
             results.append(None)
             continue
         gi, start, size, lengths = mine
-        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"))
+        structure = case["structures"][gi] if case.get("structures") else None
+        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"), structure=structure)
         idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
         q, k, v, dout = (x.index_select(0, idx) for x in case["inputs"][gi])
         q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
