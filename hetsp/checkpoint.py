@@ -60,7 +60,9 @@ def save(engine: Any, run_dir: Path, step: int, meta: dict[str, Any], keep: int)
     """Save after `step` completed steps (collective: every rank calls it)."""
     ckpt = checkpoint_dir(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"hetsp_step": step})
+    # With frozen parameters (LoRA) only the trained ones are saved; the rest come from model.init_from.
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"hetsp_step": step},
+                           exclude_frozen_parameters=_has_frozen(engine))
     rank = dist.get_rank()
     torch.save(_rng_state(), ckpt / tag / f"rng_rank{rank}.pt")
     if rank == 0:
@@ -78,6 +80,10 @@ def _prune(ckpt: Path, keep: int) -> None:
     tags = sorted(p for p in ckpt.iterdir() if p.is_dir() and p.name.startswith("step"))
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _has_frozen(engine: Any) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -99,7 +105,8 @@ def load(engine: Any, run_dir: Path) -> int:
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt}")
     tag = tag_for(step)
-    path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                     load_module_strict=not _has_frozen(engine))
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt / tag}")
     rng_file = ckpt / tag / f"rng_rank{dist.get_rank()}.pt"
