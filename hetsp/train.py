@@ -80,9 +80,8 @@ def build_runtime(cfg: Config) -> Runtime:
     from hetsp.data import build_data
     from hetsp.engine import build_engine
     from hetsp.metrics.flops import ModelFlops
-    from hetsp.model_registry import build_model
+    from hetsp.loading import build_training_model, num_parameters
     from hetsp.objectives import get_objective
-    from hetsp.ssm_parallel import parallelize
 
     world_size = dist.get_world_size()
     device = _device()
@@ -90,11 +89,11 @@ def build_runtime(cfg: Config) -> Runtime:
     torch.manual_seed(cfg.run.seed)
     objective = get_objective(cfg.train.objective)
     data = build_data(cfg.data, cfg.run.seed)
-    model = parallelize(build_model(cfg.model, data.vocab_size, attn_implementation=register_attention()))
-    num_params = sum(p.numel() for p in model.parameters())
+    model = build_training_model(cfg, data, world_size, device, register_attention())
+    num_params = num_parameters(model)
     if dist.get_rank() == 0:
         log.info("model: %s, %.2fM parameters, %d ranks on %s", cfg.model.family, num_params / 1e6, world_size, device)
-    flops = ModelFlops.from_model(model)  # before ZeRO-3 partitions the parameters
+    flops = ModelFlops.from_hf_config(model.config)  # a meta-device twin: ZeRO-3 may have partitioned the model
     engine = build_engine(model, cfg.train, world_size, device)
     return Runtime(device, data, objective, flops, engine)
 
@@ -107,7 +106,9 @@ def profile(cfg: Config, out: Path) -> None:
     from hetsp.profiler import measure
     from solver.costs.profile import save_profile
 
-    rt = build_runtime(cfg)
+    from hetsp.loading import resolve_config
+
+    rt = build_runtime(resolve_config(cfg))
     world = dist.get_world_size()
     degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
     points, fixed_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel, degrees,
@@ -145,6 +146,9 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     from hetsp.planning import Planning
     from hetsp.preempt import StopRequest
 
+    from hetsp.loading import resolve_config
+
+    cfg = resolve_config(cfg)  # the checkpoint's model fields and tokenizer (model.init_from)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = run_dir_for(cfg)
     if rank == 0:
@@ -164,7 +168,8 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     planning = Planning(cfg, data, world_size, rank)
     metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size,
                             peak_flops_per_rank=peak, print_every=cfg.train.log_every)
-    ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
+    ckpt_meta = {"vocab_size": engine.module.config.vocab_size if cfg.model.init_from else data.vocab_size,
+                 "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
     stop = StopRequest().__enter__()  # SIGTERM from here on: checkpoint at the end of the step
     kernel = kernel_for_config(cfg.attention, device)
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             profile(cfg, Path(args.profile))
         else:
             train(cfg, args.resume)
-    except (ValueError, CheckpointError, PeerFailed, FileNotFoundError) as e:
+    except (ValueError, NotImplementedError, CheckpointError, PeerFailed, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group()
         return 1 if isinstance(e, PeerFailed) else 2
