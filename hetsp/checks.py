@@ -104,6 +104,12 @@ def check_values(cfg: Config) -> None:
     _at_least(cfg.cluster.ranks_per_node, 0, "cluster.ranks_per_node")
     for key in ("dist_timeout_s", "heartbeat_timeout_s", "stop_grace_s"):
         _at_least(getattr(r, key), 0, f"run.{key}", strict=True)
+    from hetsp.metrics.tensorboard import check_report_to
+
+    try:
+        check_report_to(r.report_to)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if r.heartbeat_timeout_s >= r.dist_timeout_s:
         raise ConfigError(f"run.heartbeat_timeout_s = {r.heartbeat_timeout_s} must be below run.dist_timeout_s = "
                           f"{r.dist_timeout_s}, or a hung rank is only seen as a collective's timeout")
@@ -140,14 +146,39 @@ def check_planner_fits(cfg: Config, world_size: int) -> None:
         )
 
 
-def check_run(cfg: Config, world_size: int) -> None:
-    """All checks of `cfg` on `world_size` ranks that need no process group; ValueError (ConfigError) on failure."""
+def check_profile_covers(cfg: Config, world_size: int) -> None:
+    """A measured profile (planner.cost_model = "profile") covers every length this configuration can place
+    on every allowed group size (up to min(data.max_seq_len, cluster.tokens_per_rank x d)); else re-measure."""
+    p = cfg.planner
+    if p.cost_model != "profile" or p.name == "random" or p.options.get("extrapolate"):
+        return
+    from solver.costs.profile import ProfileCostModel
+
+    cm = ProfileCostModel.load(p.profile_path, cfg.cluster)
+    degrees = p.allowed_group_sizes or list(range(1, world_size + 1))
+    problems = cm.coverage_problems(degrees, cfg.data.max_seq_len)
+    if problems:
+        raise ConfigError(
+            f"planner.profile_path = {p.profile_path!r} does not cover this configuration "
+            f"(data.max_seq_len = {cfg.data.max_seq_len}, cluster.tokens_per_rank = {cfg.cluster.tokens_per_rank}): "
+            f"{'; '.join(problems)}. Re-measure it for this configuration: hetsp-launch --simulate {world_size} "
+            f"CONFIG --profile {p.profile_path} (or set planner.options.extrapolate = true)"
+        )
+
+
+def check_run(cfg: Config, world_size: int, profiling: bool = False) -> None:
+    """All checks of `cfg` on `world_size` ranks that need no process group; ValueError (ConfigError) on failure.
+
+    `profiling`: the run measures a profile (--profile), so the configured one need not exist or cover it."""
     from hetsp.data.module import check_data_config
     from hetsp.preflight import check_world
 
     check_values(cfg)
     check_planner_options(cfg)
-    check_files(cfg)
+    if not profiling:
+        check_files(cfg)
     check_data_config(cfg.data)
     check_world(cfg, world_size)
-    check_planner_fits(cfg, world_size)
+    if not profiling:
+        check_profile_covers(cfg, world_size)
+        check_planner_fits(cfg, world_size)

@@ -43,6 +43,9 @@ class RunConfig:
     # SIGTERM (preemption): ranks checkpoint at the end of the current step; the launcher
     # waits this long for them before killing them.
     stop_grace_s: float = 120.0
+    # Where step metrics go: "jsonl" (metrics.jsonl, always) and optionally "tensorboard"
+    # (the same scalars under RUN/tensorboard/; needs the tensorboard package).
+    report_to: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass

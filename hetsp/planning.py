@@ -40,6 +40,19 @@ def make_planner(cfg: Config, vocab_size: int) -> Any:
     return solver.get_planner(cfg.planner.name, planner_cfg, cfg.cluster, model)
 
 
+def profile_hardware_note(planner: Any, world_size: int) -> str | None:
+    """How the measured profile's hardware differs from this machine's (None: same, or no profile in use)."""
+    if planner.cfg.cost_model != "profile" or planner.name == "random":
+        return None
+    import torch
+
+    from hetsp.metrics.device import device_name
+    from solver.costs.profile import hardware_here
+
+    device = device_name("cuda") if torch.cuda.is_available() else "cpu"
+    return planner.cost_model(world_size).hardware_mismatch(hardware_here(device or "cpu"))
+
+
 class Planning:
     """Rank 0 plans step t+1 in a background thread while step t trains; plans are broadcast."""
 
@@ -54,6 +67,11 @@ class Planning:
         if rank == 0:
             self.planner = make_planner(cfg, data.vocab_size)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="hetsp-planner")
+            note = profile_hardware_note(self.planner, world_size)
+            if note:
+                log.warning("%s: its times may not hold here. Re-measure it on this machine: hetsp-launch "
+                            "--simulate %d CONFIG --profile OUT.json, then set planner.profile_path = OUT.json",
+                            note, world_size)
 
     def _plan_lengths(self, lengths: list[int]) -> Any:
         t0 = time.perf_counter()

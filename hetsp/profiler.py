@@ -1,11 +1,18 @@
 """Measure the planner's cost table on the machine itself: `hetsp-launch ... --profile OUT.json`.
 
 For every group size d and a grid of sequence lengths s, every rank runs the
-real step executor on a plan whose only group is ranks [0, d) holding one
-sequence of s tokens (the other ranks idle, as in training), and the
-slowest rank's forward+backward time is recorded. A plan in which every rank
-is idle gives the fixed cost of a micro-batch. The result is a `profile`
-cost model file (solver/costs/profile.py) stamped with device, host and time.
+real step executor on a micro-batch as training fills one: world // d groups of
+d ranks side by side, each holding one sequence of s tokens (the remaining
+ranks idle), and the slowest rank's forward+backward time is recorded. Ranks
+that share cores, memory bandwidth or links slow each other down; a group
+measured alone would miss that (on 4 ranks sharing 2 cores, by half).
+Three parts are kept apart, as the cost model adds them:
+- fixed_s: a micro-batch in which every rank is idle (placeholder token);
+- group_overhead_s[d]: what a group costs whatever it holds (2 tokens per rank:
+  the exchanges' latency, paid once per group and micro-batch);
+- points: the time a sequence of s tokens adds beyond both.
+The result is a `profile` cost model file (solver/costs/profile.py) stamped
+with the hardware (CPU model, cores, torch version, device), host and time.
 """
 
 from __future__ import annotations
@@ -57,8 +64,9 @@ def measure(
     max_len: int,
     tokens_per_rank: int,
     repeats: int = 2,
-) -> tuple[list[dict[str, Any]], float]:
-    """Median fwd+bwd time per (degree, length) and the fixed cost of a micro-batch (collective call)."""
+) -> tuple[list[dict[str, Any]], float, dict[int, float]]:
+    """Median fwd+bwd times: (points beyond the fixed costs, fixed cost of a micro-batch, fixed cost of a group
+    by size); see the module docstring."""
     world = dist.get_world_size()
     rng = random.Random(0)
     cases = [(d, s) for d in degrees for s in length_grid(min(max_len, tokens_per_rank * d))]
@@ -66,11 +74,18 @@ def measure(
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cases) + 1, desc="profiling", unit="case")
+        bar = tqdm(total=len(cases) + len(degrees) + 1, desc="profiling", unit="case")
 
     def median_time(plan: Plan, sequences: list[list[int]]) -> float:
         _timed(engine, plan, sequences, world, device, objective, kernel)  # warm-up
         return statistics.median(_timed(engine, plan, sequences, world, device, objective, kernel) for _ in range(repeats))
+
+    def side_by_side(d: int, s: int) -> float:
+        """One micro-batch of world // d groups of d ranks, each holding a sequence of s tokens."""
+        k = max(1, world // d)
+        seqs = [[rng.randrange(vocab_size) for _ in range(s)] for _ in range(k)]
+        plan = Plan(tuple(s for _ in range(k)), (MicroBatch(tuple(Group(j * d, d, (j,)) for j in range(k))),))
+        return median_time(plan, seqs)
 
     idle = Plan((2,), (MicroBatch((Group(0, 1, (0,)),)), MicroBatch(())))
     one_token_step = median_time(idle, [[1, 2]])
@@ -78,15 +93,19 @@ def measure(
     fixed_s = max(0.0, one_token_step - median_time(empty_only, [[1, 2]]))
     if show:
         bar.update()
+    overhead = {}
+    for d in degrees:
+        overhead[d] = max(0.0, side_by_side(d, 2 * d) - fixed_s)
+        if show:
+            bar.update()
+            bar.set_postfix(d=d, overhead_ms=f"{overhead[d] * 1e3:.0f}")
     points = []
     for d, s in cases:
-        seq = [rng.randrange(vocab_size) for _ in range(s)]
-        plan = Plan((s,), (MicroBatch((Group(0, d, (0,)),)),))
-        # A micro-batch costs fixed_s plus its groups' sequence times: keep only the latter here.
-        points.append({"degree": d, "tokens": s, "time_s": max(1e-6, median_time(plan, [seq]) - fixed_s)})
+        # A micro-batch costs fixed_s + the group's overhead + its sequences' times: keep only the last here.
+        points.append({"degree": d, "tokens": s, "time_s": max(1e-6, side_by_side(d, s) - fixed_s - overhead[d])})
         if show:
             bar.update()
             bar.set_postfix(d=d, s=s, ms=f"{points[-1]['time_s'] * 1e3:.0f}")
     if show:
         bar.close()
-    return points, fixed_s
+    return points, fixed_s, overhead

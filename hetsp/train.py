@@ -104,31 +104,22 @@ def profile(cfg: Config, out: Path) -> None:
 
     from hetsp.metrics.device import device_name
     from hetsp.profiler import measure
-    from solver.costs.profile import save_profile
+    from solver.costs.profile import hardware_here, save_profile
 
     from hetsp.loading import resolve_config
 
     rt = build_runtime(resolve_config(cfg))
     world = dist.get_world_size()
     degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
-    points, fixed_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel, degrees,
-                              cfg.data.max_seq_len, cfg.cluster.tokens_per_rank)
+    points, fixed_s, overhead = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel,
+                                        degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank)
     if dist.get_rank() == 0:
-        where = f"{device_name(rt.device) or _cpu_name()}, {world} ranks, {cfg.model.family} model"
-        save_profile(out, points, cfg.cluster.tokens_per_rank, fixed_s, device=where)
-        log.info("profile with %d points (fixed %.1f ms per micro-batch) written to %s", len(points), fixed_s * 1e3, out)
-
-
-def _cpu_name() -> str:
-    model = "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+        hardware = hardware_here(device_name(rt.device) or "cpu")
+        where = f"{hardware['cpu']} ({hardware['cores']} cores), {world} ranks, {cfg.model.family} model"
+        save_profile(out, points, cfg.cluster.tokens_per_rank, fixed_s, device=where, group_overhead_s=overhead,
+                     max_seq_len=cfg.data.max_seq_len, hardware=hardware)
+        log.info("profile with %d points (fixed %.1f ms per micro-batch; per group %s ms) written to %s", len(points),
+                 fixed_s * 1e3, ", ".join(f"{d}: {t * 1e3:.0f}" for d, t in overhead.items()), out)
 
 
 def train(cfg: Config, resume: bool) -> dict[str, int]:
@@ -167,7 +158,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
 
     planning = Planning(cfg, data, world_size, rank)
     metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size,
-                            peak_flops_per_rank=peak, print_every=cfg.train.log_every)
+                            peak_flops_per_rank=peak, print_every=cfg.train.log_every, report_to=cfg.run.report_to)
     ckpt_meta = {"vocab_size": engine.module.config.vocab_size if cfg.model.init_from else data.vocab_size,
                  "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
@@ -223,6 +214,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
                 "tokens": sum(plan.lengths),
                 "step_time_s": dt,
                 "plan_time_s": t_plan,
+                "est_time_s": plan.meta.get("est_time_s"),  # the planner's prediction of this step's time
                 "solve_s": plan.meta.get("solve_s"),
                 "num_micro_batches": plan.num_micro_batches,
                 "group_sizes": plan.group_sizes(),
@@ -290,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat.start_from_env(rank)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # what the launcher checked, before any collective
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), profiling=bool(args.profile))  # what the launcher checked, before any collective
     except ValueError as e:
         print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2

@@ -39,10 +39,10 @@ def _main(argv: list[str] | None) -> int:
         args = parse_args(argv)
         cfg = load_config(args.config, list(args.overrides))  # fail here, before any rank starts
         if args.mode == "simulate":
-            check_run(cfg, args.num_ranks)
+            check_run(cfg, args.num_ranks, profiling=bool(args.profile))
         num_gpus = count_gpus(args.device)
         if args.mode == "torchrun":
-            check_run(cfg, args.nnodes * (args.nproc_per_node or max(1, num_gpus)))
+            check_run(cfg, args.nnodes * (args.nproc_per_node or max(1, num_gpus)), profiling=bool(args.profile))
     except (UsageError, ConfigError, ValueError) as e:
         print(f"hetsp-launch: error: {e}", file=sys.stderr)
         return USAGE_EXIT

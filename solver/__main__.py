@@ -168,6 +168,7 @@ def run(args) -> int:
         for j, rep in enumerate(reports):
             path = stem if j == 0 else stem.with_name(f"{stem.stem}_{j}{stem.suffix or '.png'}")
             plot_plan(rep.plan, cm, num_ranks, str(path), f"batch {rep.index}: {rep.rows[name]['est_s']:.3f} s")
+    measured = _recorded_prediction(args.run) if args.run else None
     if args.json:
         totals = {n: sum(r.rows[n]["est_s"] for r in reports) for n in reports[0].rows}
         print(
@@ -179,6 +180,7 @@ def run(args) -> int:
                     "batches": [r.to_dict() for r in reports],
                     "totals": totals,
                     "lower_bound_total_s": sum(r.bound["total_s"] for r in reports),
+                    **({"recorded_prediction": measured} if args.run else {}),
                 }
             )
         )
@@ -195,7 +197,20 @@ def run(args) -> int:
     if len(reports) > 1:
         print("\n=== estimated step time (s) per batch")
         print(summary_table(reports))
+    if args.run:
+        from hetsp.metrics.prediction import format_prediction
+
+        print(f"\n=== the run's own plans: {format_prediction(measured)}")
     return 0
+
+
+def _recorded_prediction(run_dir: str) -> dict | None:
+    """Median and worst relative error of the run's recorded predicted step times (None: none recorded)."""
+    from hetsp.metrics.jsonl import read_jsonl
+    from hetsp.metrics.prediction import prediction_errors
+
+    path = Path(run_dir) / "metrics.jsonl"
+    return prediction_errors(read_jsonl(path)) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -279,6 +279,77 @@ def test_plot_writes_pngs(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
+def test_plot_draws_lengths_by_group_size_and_predicted_time(tmp_path):
+    run = tmp_path / "run"
+    logger = MetricsLogger(run, True, 4, progress="off")
+    for s in range(4):
+        logger.log_step(s, _record(s, est_time_s=0.4 + 0.05 * s))
+        logger.log_plan(s, _plan(s))
+    logger.close()
+    paths = {p.name for p in __import__("hetsp.metrics.plot", fromlist=["plot_run"]).plot_run(run, tmp_path / "png")}
+    assert {"lengths.png", "predicted.png"} <= paths
+    from hetsp.metrics.plot_plans import sequences_by_group_size
+
+    # _plan puts both sequences on groups of one
+    assert sequences_by_group_size(read_jsonl(run / "plans.jsonl")) == {1: [10, 7, 11, 7, 12, 7, 13, 7]}
+
+
+def test_prediction_errors_leave_out_the_first_step(tmp_path, capsys):
+    from hetsp.metrics.prediction import prediction_errors
+
+    recs = [{"kind": "train", "step": s, "step_time_s": m, "est_time_s": p}
+            for s, (p, m) in enumerate([(1.0, 9.0), (1.0, 1.25), (2.0, 2.0), (1.0, 0.5)])]
+    recs.append({"kind": "eval", "step": 3, "val_loss": 1.0})
+    got = prediction_errors(recs)
+    # steps 1..3: |1 - 1.25| / 1.25 = 0.2, 0, |1 - 0.5| / 0.5 = 1
+    assert got["steps"] == 3 and got["worst_step"] == 3
+    assert got["median_rel_error"] == pytest.approx(0.2) and got["worst_rel_error"] == pytest.approx(1.0)
+    assert prediction_errors([{"kind": "train", "step": 0, "step_time_s": 1.0}]) is None
+    logger = MetricsLogger(tmp_path, True, 4, progress="off")
+    for r in recs[:4]:
+        logger.log_step(r["step"], _record(r["step"], step_time_s=r["step_time_s"], est_time_s=r["est_time_s"]))
+    summary = logger.close()
+    assert summary["est_median_rel_error"] == pytest.approx(0.2)
+    assert summary["est_worst_rel_error"] == pytest.approx(1.0)
+    assert "step time predicted: median error" in capsys.readouterr().out
+
+
+def test_tensorboard_gets_the_same_scalars_as_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hetsp.metrics.tensorboard import scalars
+
+    _run(tmp_path, 6, report_to=["jsonl", "tensorboard"]).close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    expected = {}
+    for rec in read_jsonl(tmp_path / "metrics.jsonl"):
+        for tag, value in scalars(rec):
+            expected.setdefault(f"{rec['kind']}/{tag}", []).append((rec["step"], value))
+    assert "train/loss" in expected and "eval/val_loss" in expected and "train/group_sizes/2" in expected
+    assert set(acc.Tags()["scalars"]) == set(expected)
+    for tag, pairs in expected.items():
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert [g[0] for g in got] == [p[0] for p in pairs]
+        # event files store float32: compare within its round-off (relative 2^-23, with room)
+        assert [g[1] for g in got] == pytest.approx([p[1] for p in pairs], rel=1e-6, abs=1e-30)
+
+
+def test_report_to_refuses_what_it_cannot_write(monkeypatch):
+    from hetsp.metrics import tensorboard as tb
+
+    with pytest.raises(ValueError, match='must include "jsonl"'):
+        tb.check_report_to(["tensorboard"])
+    with pytest.raises(ValueError, match="unknown reporter"):
+        tb.check_report_to(["jsonl", "wandb"])
+    monkeypatch.setattr(tb.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="tensorboard package is not installed: pip install"):
+        tb.check_report_to(["jsonl", "tensorboard"])
+    with pytest.raises(ValueError, match="tensorboard package is not installed"):
+        tb.TensorBoardWriter("unused")
+
+
 def test_plot_errors_name_the_problem(tmp_path, capsys):
     assert plot_main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -116,6 +116,24 @@ def test_exact_fp64_and_fp32_all_layouts(rank_pool):
     assert not bad, bad
 
 
+def test_gathered_mode_is_bitwise_the_ring(rank_pool):
+    """K/V gathered in one exchange (and dK/dV sent home in one) gives bitwise the ring's results:
+    the same blocks meet the same queries, and each block's dK/dV is summed in ring order."""
+    cases = []
+    for name in ("1x4", "1+3", "2+2"):
+        for causal in (True, False):
+            base = make_case(LAYOUTS[name], [LENGTHS[i % 3] for i in range(len(LAYOUTS[name]))], 4, 2, 8,
+                             torch.float32, causal, 11)
+            cases += [dict(base, gather=True), dict(base, gather=False)]
+    per_rank = rank_pool(WORLD).run(attn_fns.ring_cases, cases)
+    for i in range(0, len(cases), 2):
+        for r in range(WORLD):
+            gathered, ring = per_rank[r][i], per_rank[r][i + 1]
+            for a, b in zip(gathered[1:], ring[1:]):
+                assert torch.equal(a, b), (i, r)
+        assert errors(cases[i], [per_rank[r][i] for r in range(WORLD)]) <= 1
+
+
 def test_reference_kernel_ring_fp64(rank_pool):
     cases = [make_case(g, [[9, 4, 1, 17]] * len(g), 4, 2, 8, torch.float64, c, 7, kernel="reference") for g in (LAYOUTS["1x4"], LAYOUTS["1+3"]) for c in (True, False)]
     errs = run_cases(rank_pool(WORLD), cases)

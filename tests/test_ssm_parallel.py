@@ -123,6 +123,15 @@ def test_hybrid_model_matches_single_process(rank_pool, world):
         )
 
 
+def test_seqboat_window_longer_than_every_chunk(rank_pool):
+    """A SeqBoat window longer than any chunk: the gathered tails shrink to the longest chunk of the
+    group, and loss and gradients still match one process (fp64)."""
+    wide = dict(SSM_ONLY, extra=dict(SSM_ONLY["extra"], seqboat_window=64))
+    cases = [("hybrid", wide, groups, lengths, 91 + i, "cu_seqlens", F64) for i, (groups, lengths) in enumerate(LAYOUTS[4])]
+    results = rank_pool(4).run(ssm_fns.model_cases, cases)
+    ssm_fns.check_model_results(results, cases, MODEL_TOL[F64])
+
+
 @pytest.mark.parametrize("kinds, dtype", [("ssm", F64), ("all", F32)])
 def test_random_plans_through_the_executor(rank_pool, kinds, dtype):
     """Random plans on 4 ranks (groups of every size, idle ranks, sequences shorter than their group):

@@ -8,11 +8,23 @@ current block is computed; block results merge online in the accumulation dtype
 Backward: K/V travel again; every block's backward gets the final merged O and lse;
 dK/dV accumulate in the accumulation dtype while they travel with their block, and one
 more hop brings them home.
+
+Gathered mode (a group whose K/V total at most `GATHER_MAX_BYTES`, decided from the
+layouts, so every rank of the group agrees): the d - 1 forward ring steps become one
+exchange in which each rank sends its K/V block to every other rank of the group; the
+backward reuses the gathered blocks (no K/V exchange) and sends each visiting block's
+dK/dV contribution home in one more exchange, where the owner adds them in ring order
+(its own first, then ranks r+1, r+2, ...), the order in which the ring adds them: the
+results are bitwise those of the ring. Two exchanges per layer instead of 3d - 2: a
+group's fixed cost is mostly its exchanges' latency when blocks are small, while the
+ring's overlap of transfer with compute only pays for large blocks.
 """
 
 from __future__ import annotations
 
 import torch
+
+from hetsp.comm import Exchange
 
 from .comm import TAG_DKV, TAG_KV, RingExchange
 from .context import ShardContext
@@ -45,8 +57,36 @@ def _kv_shape(ctx: ShardContext, src: int, k: torch.Tensor) -> tuple[int, ...]:
     return (2, ctx.layouts[src].num_tokens, k.shape[1], k.shape[2])
 
 
-def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel):
-    """(out (T, H, D) acc dtype, lse (T, H) acc dtype)."""
+GATHER_MAX_BYTES = 64 * 2**20  # K/V of the whole group; above it the ring overlaps transfer with compute
+
+
+def gathers_kv(ctx: ShardContext, k: torch.Tensor) -> bool:
+    """Whether this group exchanges K/V blocks in one exchange (gathered mode) instead of a ring."""
+    if ctx.group_size == 1:
+        return False
+    group_tokens = sum(lay.num_tokens for lay in ctx.layouts)
+    return group_tokens * 2 * k.shape[1] * k.shape[2] * k.element_size() <= GATHER_MAX_BYTES
+
+
+def _exchange_with_peers(ctx: ShardContext, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int) -> None:
+    """One batched exchange with the other ranks of the group (keys: ranks in group)."""
+    g0 = ctx.group_start
+    Exchange([(t, g0 + p) for p, t in sends.items()], [(t, g0 + p) for p, t in recvs.items()], tag).wait()
+
+
+def gather_kv(kv: torch.Tensor, ctx: ShardContext, k: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{rank in group: (2, T_src, K, D) K/V block}`` of every rank of the group, in one exchange."""
+    r = ctx.rank_in_group
+    peers = [p for p in range(ctx.group_size) if p != r]
+    blocks = {p: torch.empty(_kv_shape(ctx, p, k), dtype=kv.dtype, device=kv.device) for p in peers}
+    _exchange_with_peers(ctx, {p: kv for p in peers}, blocks, TAG_KV)
+    blocks[r] = kv
+    return blocks
+
+
+def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel, blocks=None):
+    """(out (T, H, D) acc dtype, lse (T, H) acc dtype). `blocks`: every rank's K/V (`gather_kv`), or None
+    for the ring."""
     acc = acc_dtype(q.dtype)
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
@@ -56,7 +96,10 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     for t, step in enumerate(steps):
-        pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
+        if blocks is not None:
+            kv, pending = blocks[step.src], None
+        else:
+            pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
         life, useful = lifetimes[t]
         if useful:
             q_rows, k_rows = step.rows(q.device)
@@ -130,21 +173,71 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
+def gathered_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scale: float, kernel, blocks):
+    """`ring_backward` on the gathered K/V `blocks`: bitwise the same (dq, dk, dv), with one exchange."""
+    acc = acc_dtype(q.dtype)
+    d, r = ctx.group_size, ctx.rank_in_group
+    steps = ctx.steps(causal)
+    lifetimes = ctx.lifetimes(causal, q.device)
+    out_q = out.to(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    contrib = {}  # rank in group -> this rank's dK/dV for that rank's block
+    for t, step in enumerate(steps):
+        kv = blocks[step.src]
+        c = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        life, useful = lifetimes[t]
+        if useful:
+            q_rows, k_rows = step.rows(q.device)
+            extra = {} if life is None else {"visible": life}
+            dq_b, dk_b, dv_b = kernel.backward(
+                _take(dout, q_rows), _take(q, q_rows), _take(kv[0], k_rows), _take(kv[1], k_rows),
+                _take(out_q, q_rows), _take(lse, q_rows), step.seg, step.causal, scale, **extra,
+            )
+            if q_rows is None:
+                dq += dq_b
+            else:
+                dq.index_add_(0, q_rows, dq_b.to(acc))
+            if k_rows is None:
+                c[0] += dk_b
+                c[1] += dv_b
+            else:
+                c[0].index_add_(0, k_rows, dk_b.to(acc))
+                c[1].index_add_(0, k_rows, dv_b.to(acc))
+        contrib[step.src] = c
+    peers = [p for p in range(d) if p != r]
+    mine = {p: torch.empty(contrib[r].shape, dtype=acc, device=q.device) for p in peers}
+    _exchange_with_peers(ctx, {p: contrib[p] for p in peers}, mine, TAG_DKV)
+    dkv = contrib[r]
+    for j in range(1, d):  # the ring's order: the owner's part first, then ranks r+1, r+2, ...
+        dkv += mine[(r + j) % d]
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, q, k, v, ctx, causal, scale, kernel):
-        out, lse = ring_forward(q, k, v, ctx, causal, scale, kernel)
+    def forward(fctx, q, k, v, ctx, causal, scale, kernel, gather=None):
+        gather = gathers_kv(ctx, k) if gather is None else (gather and ctx.group_size > 1)
+        blocks = gather_kv(torch.stack([k, v]), ctx, k) if gather else None
+        out, lse = ring_forward(q, k, v, ctx, causal, scale, kernel, blocks)
         out = out.to(q.dtype)  # kept in the input dtype, as flash attention does, to save activation memory
-        fctx.save_for_backward(q, k, v, out, lse)
-        fctx.ring = (ctx, causal, scale, kernel)
+        others = [] if blocks is None else [blocks[p] for p in range(ctx.group_size) if p != ctx.rank_in_group]
+        fctx.save_for_backward(q, k, v, out, lse, *others)
+        fctx.ring = (ctx, causal, scale, kernel, blocks is not None)
         return out
 
     @staticmethod
     def backward(fctx, dout):
-        q, k, v, out, lse = fctx.saved_tensors
-        ctx, causal, scale, kernel = fctx.ring
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx, causal, scale, kernel)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, out, lse, *others = fctx.saved_tensors
+        ctx, causal, scale, kernel, gathered = fctx.ring
+        if gathered:
+            r = ctx.rank_in_group
+            peers = [p for p in range(ctx.group_size) if p != r]
+            blocks = dict(zip(peers, others))
+            blocks[r] = torch.stack([k, v])
+            dq, dk, dv = gathered_backward(dout.contiguous(), q, k, v, out, lse, ctx, causal, scale, kernel, blocks)
+        else:
+            dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx, causal, scale, kernel)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _validate(q, k, v, ctx: ShardContext, causal: bool = True) -> None:
@@ -174,21 +267,25 @@ def _validate(q, k, v, ctx: ShardContext, causal: bool = True) -> None:
         raise ValueError(f"q, k, v and the context must be on one device, got {q.device}, {k.device}, {v.device}, {ctx.positions.device}")
 
 
-def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None):
+def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None,
+                   gather: bool | None = None):
     """Attention of this rank's queries against all keys of their sequences across the group.
 
     q (T, H, D), k/v (T, K, D) with H a multiple of K; T = ctx.layout.num_tokens, in the
     layout's order. Returns (T, H, D) in q's dtype; differentiable in q, k, v. Every rank
-    of the group must call it together (a rank holding 0 tokens too).
+    of the group must call it together (a rank holding 0 tokens too). `gather`: exchange
+    K/V in gathered mode (True) or round the ring (False); None: by size (`gathers_kv`).
+    Every rank of the group must pass the same `gather`.
     """
     _validate(q, k, v, ctx, causal)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _RingAttention.apply(q, k, v, ctx, causal, float(scale), ctx.kernel)
+    return _RingAttention.apply(q, k, v, ctx, causal, float(scale), ctx.kernel, gather)
 
 
-def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None):
-    """Reference twin of `ring_attention` (same shapes): the same ring with the plain-torch
+def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None,
+                       gather: bool | None = None):
+    """Reference twin of `ring_attention` (same shapes): the same exchanges with the plain-torch
     block kernel, which computes in float64 for float64 inputs."""
     _validate(q, k, v, ctx, causal)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _RingAttention.apply(q, k, v, ctx, causal, float(scale), REFERENCE_KERNEL)
+    return _RingAttention.apply(q, k, v, ctx, causal, float(scale), REFERENCE_KERNEL, gather)

@@ -74,6 +74,7 @@ class MetricsLogger:
         peak_flops_per_rank: float | None = None,
         progress: Progress = "auto",
         print_every: int = 1,
+        report_to: tuple[str, ...] | list[str] = ("jsonl",),
     ):
         self.run_dir = Path(run_dir)
         self.is_rank0 = is_rank0
@@ -94,6 +95,11 @@ class MetricsLogger:
         truncate_from_step(self.plans_path, start_step)
         self._metrics = self.metrics_path.open("a")
         self._plans = self.plans_path.open("a")
+        self._tensorboard = None
+        if "tensorboard" in report_to:  # run.report_to; metrics.jsonl is always written
+            from hetsp.metrics.tensorboard import TensorBoardWriter
+
+            self._tensorboard = TensorBoardWriter(self.run_dir)
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "lines"
         self.progress = progress
@@ -162,6 +168,8 @@ class MetricsLogger:
     def _write(self, handle: Any, record: dict[str, Any]) -> None:
         handle.write(dumps(record))
         handle.flush()
+        if handle is self._metrics and getattr(self, "_tensorboard", None) is not None:
+            self._tensorboard.add(record)
 
     def _show(self, out: dict[str, Any]) -> None:
         parts = [f"loss {out['loss']:.4f}" if out.get("loss") is not None else "loss n/a"]
@@ -192,6 +200,8 @@ class MetricsLogger:
             self._bar.close()
         for handle in (self._metrics, self._plans):
             handle.close()
+        if getattr(self, "_tensorboard", None) is not None:
+            self._tensorboard.close()
         summary = self.summary()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_table(summary), flush=True)

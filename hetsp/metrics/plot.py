@@ -1,8 +1,10 @@
 """`hetsp-plot RUN_DIR [--out DIR]`: PNG plots of a run folder's metrics.jsonl.
 
-Writes ``loss.png`` (train loss per step, validation loss per evaluation) and
+Writes ``loss.png`` (train loss per step, validation loss per evaluation),
 ``throughput.png`` (tokens/s in total and per rank, and MFU when it was
-recorded) into --out (default: RUN_DIR/plots).
+recorded), ``lengths.png`` (the batches' length histogram by the group size the
+planner chose) and ``predicted.png`` (predicted against measured step time) into
+--out (default: RUN_DIR/plots); see `hetsp.metrics.plot_plans`.
 """
 
 from __future__ import annotations
@@ -87,11 +89,14 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     fig.tight_layout()
     fig.savefig(throughput_png, dpi=120)
     plt.close(fig)
-    return [loss_png, throughput_png]
+    from hetsp.metrics.plot_plans import plot_lengths, plot_predicted
+
+    extra = [plot_lengths(run_dir, out_dir, plt), plot_predicted(records, name, out_dir, plt)]
+    return [loss_png, throughput_png] + [p for p in extra if p is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hetsp-plot", description="PNG plots of loss and throughput of a run folder.")
+    parser = argparse.ArgumentParser(prog="hetsp-plot", description="PNG plots of a run folder: loss, throughput, lengths by group size, predicted step time.")
     parser.add_argument("run_dir", type=Path, help="run folder holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG files (default: RUN_DIR/plots)")
     args = parser.parse_args(argv)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from hetsp.metrics.prediction import prediction_errors
+
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
@@ -13,7 +15,9 @@ def summarize(records: Iterable[dict[str, Any]], world_size: int) -> dict[str, A
     """Totals and means over the "train" and "eval" records of a run.
 
     tokens_per_s is total tokens over total step time (a time-weighted mean);
-    plan_time_share is the summed planning time over the summed step time.
+    plan_time_share is the summed planning time over the summed step time;
+    est_*_rel_error: the planner's predicted step time against the measured one
+    (`hetsp.metrics.prediction`).
     """
     records = list(records)
     train = [r for r in records if r.get("kind", "train") == "train"]
@@ -27,6 +31,7 @@ def summarize(records: Iterable[dict[str, Any]], world_size: int) -> dict[str, A
     mems = [r["peak_mem_bytes"] for r in train if r.get("peak_mem_bytes") is not None]
     mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
     tokens_per_s = tokens / step_time if step_time > 0 else None
+    errors = prediction_errors(train) or {}
     return {
         "steps": len(train),
         "last_step": max((r["step"] for r in train), default=None),
@@ -44,6 +49,8 @@ def summarize(records: Iterable[dict[str, Any]], world_size: int) -> dict[str, A
         "data_time_share": sum(data_times) / step_time if data_times and step_time > 0 else None,
         "mean_mfu": _mean(mfus),
         "peak_mem_bytes": max(mems) if mems else None,
+        "est_median_rel_error": errors.get("median_rel_error"),
+        "est_worst_rel_error": errors.get("worst_rel_error"),
     }
 
 
@@ -79,9 +86,11 @@ ROWS = (
     ("data_time_share", "data loading time share", "pct"),
     ("mean_mfu", "MFU (mean)", "pct"),
     ("peak_mem_bytes", "peak memory (rank 0)", "bytes"),
+    ("est_median_rel_error", "step time predicted: median error", "pct"),
+    ("est_worst_rel_error", "step time predicted: worst error", "pct"),
 )
 
-OPTIONAL_ROWS = {"comm_time_share", "data_time_share", "mean_mfu"}
+OPTIONAL_ROWS = {"comm_time_share", "data_time_share", "mean_mfu", "est_median_rel_error", "est_worst_rel_error"}
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from hetsp.layout import zigzag_chunk_bounds
 from hetsp.ssm_parallel.comm import group_all_gather
 from hetsp.ssm_parallel.state import chunk_order
 
@@ -39,6 +40,11 @@ def _tails(k, v, seg, num_segments: int, window: int):
     return tk, tv, valid
 
 
+def longest_chunk(segments) -> int:
+    """Tokens of the longest zigzag chunk of any sequence of the group (the same on every rank)."""
+    return max(b - a for n in segments.lengths for a, b in zigzag_chunk_bounds(n, segments.group_size))
+
+
 def local_attention_group(inner, active):
     """The group version of the kernel ``inner(q, k, v, seg, window, scale, prefix_k, prefix_v, prefix_seg)``.
 
@@ -60,32 +66,38 @@ def local_attention_group(inner, active):
             raise ValueError(f"local_attention under sequence parallelism takes one packed row, got batch {q.shape[0]}")
         S, d, z, e = segments.num_segments, group.size, k.shape[-1], v.shape[-1]
         num_seqs = S // 2
-        tk, tv, valid = _tails(k, v, seg, S, window)
-        payload = torch.cat([tk, tv, valid[..., None].to(tk.dtype)], -1)  # [S, W, Z + E + 1]
-        gathered = group_all_gather(payload, group)  # [d, S, W, F]
-        by_chunk = gathered.view(d, num_seqs, 2, window, -1).permute(1, 0, 2, 3, 4).reshape(num_seqs, 2 * d, window, -1)
-        by_chunk = by_chunk[:, chunk_order(d)]  # [num_seqs, 2d, W, F], chunk order
+        # A chunk activates at most as many tokens as it holds: tails of min(W, longest chunk of the
+        # group) slots lose nothing, and every rank of the group derives the same size.
+        tail = min(window, longest_chunk(segments))
+        tk, tv, valid = _tails(k, v, seg, S, tail)
+        payload = torch.cat([tk, tv, valid[..., None].to(tk.dtype)], -1)  # [S, tail, Z + E + 1]
+        gathered = group_all_gather(payload, group)  # [d, S, tail, F]
+        by_chunk = gathered.view(d, num_seqs, 2, tail, -1).permute(1, 0, 2, 3, 4).reshape(num_seqs, 2 * d, tail, -1)
+        by_chunk = by_chunk[:, chunk_order(d)]  # [num_seqs, 2d, tail, F], chunk order
         # Segment s (sequence i, chunk c) sees the tails of chunks 0..c-1 of sequence i.
-        cand = by_chunk[list(segments.seq)]  # [S, 2d, W, F]
+        cand = by_chunk[list(segments.seq)]  # [S, 2d, tail, F]
         before = torch.arange(2 * d, device=q.device)[None, :] < torch.tensor(segments.chunk, device=q.device)[:, None]
-        cand = cand.reshape(S, 2 * d * window, -1)
-        cand_valid = (cand[..., -1] > 0.5) & before.repeat_interleave(window, 1)
-        order = torch.argsort(cand_valid.to(torch.int8), dim=1, stable=True)[:, -window:]  # last W valid, in order
+        cand = cand.reshape(S, 2 * d * tail, -1)
+        cand_valid = (cand[..., -1] > 0.5) & before.repeat_interleave(tail, 1)
+        # P prefix slots per segment hold every valid candidate a window can reach (at most W of them).
+        P = min(window, 2 * d * tail)
+        order = torch.argsort(cand_valid.to(torch.int8), dim=1, stable=True)[:, -P:]  # last P valid, in order
         pick = torch.gather(cand, 1, order[..., None].expand(-1, -1, cand.shape[-1]))
         p_valid = torch.gather(cand_valid, 1, order)
-        # One extended row: each segment's W prefix slots just before its own activated tokens (packed
-        # order is segment order), so the window of a query reaches its prefix and nothing else.
+        # One extended row: each segment's P prefix slots just before its own activated tokens (packed
+        # order is segment order; valid slots right-aligned), so the window of a query reaches its
+        # prefix and nothing else.
         m = seg.shape[1]
         ok = seg[0] >= 0
         seg_tok = seg[0].clamp(min=0)
         counts = torch.bincount(seg_tok[ok], minlength=S)
         starts = torch.cumsum(counts, 0) - counts
-        slots = torch.arange(m, device=q.device)
-        tok_pos = torch.where(ok, slots + window * (seg_tok + 1), slots + S * window)
+        packed = torch.arange(m, device=q.device)
+        tok_pos = torch.where(ok, packed + P * (seg_tok + 1), packed + S * P)
         seg_ids = torch.arange(S, device=q.device)
-        pre_pos = ((starts + seg_ids * window)[:, None] + torch.arange(window, device=q.device)[None]).reshape(-1)
+        pre_pos = ((starts + seg_ids * P)[:, None] + torch.arange(P, device=q.device)[None]).reshape(-1)
         pre_seg = torch.where(p_valid, seg_ids[:, None].to(seg.dtype), torch.full_like(p_valid, -1, dtype=seg.dtype))
-        ext_len = m + S * window
+        ext_len = m + S * P
 
         def extend(t, prefix):
             ext = t.new_zeros((ext_len, t.shape[-1])).index_put((tok_pos,), t[0])

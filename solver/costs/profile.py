@@ -7,7 +7,17 @@ JSON format (``format: "hetsp-profile-v1"``)::
      "points": [{"degree": 1, "tokens": 1024, "time_s": 0.011}, ...]}
 
 `time_s` is the forward+backward time of one sequence of `tokens` tokens on a
-group of `degree` ranks. Between measured lengths of a degree, time is
+group of `degree` ranks, beyond the group's own fixed cost. Optional keys:
+``group_overhead_s`` (``{"2": 0.05, ...}``: what a non-empty group of that size costs
+per micro-batch whatever it holds, its exchanges' latency; paid once per group, not
+per sequence), ``max_seq_len`` (the longest length the profiler was asked to cover)
+and ``hardware`` (``{"cpu", "cores", "torch", "device"}``: where it was measured; a run
+on other hardware is told so, `hardware_mismatch`).
+
+A rank's token budget is ``cluster.tokens_per_rank`` (one truth): the profile's own
+``tokens_per_rank`` only says what it was measured with, and is used when no cluster is
+given. A profile must cover the lengths the configuration can place
+(`ProfileCostModel.coverage_problems`), or be re-measured. Between measured lengths of a degree, time is
 piecewise linear; below the shortest, proportional to s (the segment from
 no tokens, no time). A degree between measured degrees takes the rank-time
 (d x t) interpolated linearly in log(d) between its measured neighbours.
@@ -58,10 +68,18 @@ class ProfileCostModel(CostModel):
         self.points = {d: sorted(v) for d, v in sorted(pts.items())}
         self.measured_degrees = sorted(self.points)
         self._fixed = float(data.get("fixed_s", 0.0))
-        tpr = data.get("tokens_per_rank", tokens_per_rank)
+        tpr = tokens_per_rank or data.get("tokens_per_rank")
         if not tpr or int(tpr) < 1:
             raise ValueError(f"{where}: the profile needs 'tokens_per_rank' (activation memory of one rank)")
         self.tokens_per_rank = int(tpr)
+        self.measured_tokens_per_rank = data.get("tokens_per_rank")
+        self.max_seq_len = data.get("max_seq_len")
+        overhead = data.get("group_overhead_s") or {}
+        try:
+            self._overhead = {int(d): max(0.0, float(t)) for d, t in overhead.items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ValueError(f"{where}: 'group_overhead_s' must map group sizes to seconds, got {overhead!r}") from None
+        self.hardware = data.get("hardware") or {}
         self.meta = {k: data.get(k) for k in ("device", "host", "measured_at")}
         self.where = where
         self.extrapolate = bool(extrapolate)
@@ -132,11 +150,56 @@ class ProfileCostModel(CostModel):
         rank_time = (1 - w) * lo * self._at_degree(lo, s) + w * hi * self._at_degree(hi, s)
         return rank_time / d
 
+    def group_overhead_s(self, d: int) -> float:
+        """What a non-empty group of `d` ranks costs per micro-batch whatever it holds (0 when not measured);
+        a size between measured ones is interpolated in log(d), beyond them the nearest is taken."""
+        if not self._overhead:
+            return 0.0
+        if d in self._overhead:
+            return self._overhead[d]
+        ms = sorted(self._overhead)
+        if d < ms[0] or d > ms[-1]:
+            return self._overhead[ms[0] if d < ms[0] else ms[-1]]
+        k = bisect.bisect_left(ms, d)
+        lo, hi = ms[k - 1], ms[k]
+        w = (math.log(d) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return (1 - w) * self._overhead[lo] + w * self._overhead[hi]
+
     def capacity(self, d: int) -> int:
         return self.tokens_per_rank * d
 
+    def longest_measured(self, d: int) -> int | None:
+        """The longest length measured on groups of `d` ranks (None: that size was not measured)."""
+        pts = self.points.get(d)
+        return pts[-1][0] if pts else None
+
+    def coverage_problems(self, degrees, max_seq_len: int) -> list[str]:
+        """What a configuration placing sequences up to `max_seq_len` tokens on groups of `degrees` ranks
+        (each holding ``capacity(d)`` tokens) needs that this profile did not measure (empty: covered)."""
+        problems = []
+        for d in degrees:
+            need = min(int(max_seq_len), self.capacity(d))
+            have = self.longest_measured(d)
+            if have is None:
+                problems.append(f"group size {d} was not measured (measured: {self.measured_degrees})")
+            elif have < need:
+                problems.append(f"groups of {d} hold up to {need} tokens but the profile measured up to {have}")
+        return problems
+
+    def hardware_mismatch(self, here: dict[str, Any]) -> str | None:
+        """A sentence saying how this profile's hardware differs from `here` (None: same, or not recorded)."""
+        if not self.hardware:
+            return (f"profile {self.where} does not record the hardware it was measured on "
+                    f"(device: {self.meta.get('device')!r})")
+        diff = [f"{k} {self.hardware.get(k)!r} there, {here.get(k)!r} here"
+                for k in ("cpu", "cores", "torch", "device") if k in here and here.get(k) != self.hardware.get(k)]
+        if not diff:
+            return None
+        return f"profile {self.where} was measured on other hardware: " + "; ".join(diff)
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "file": self.where, "degrees": self.measured_degrees, **self.meta}
+        return {"name": self.name, "file": self.where, "degrees": self.measured_degrees, **self.meta,
+                "hardware": self.hardware, "tokens_per_rank": self.tokens_per_rank}
 
 
 def save_profile(
@@ -146,10 +209,15 @@ def save_profile(
     fixed_s: float = 0.0,
     device: str = "",
     host: str = "",
+    group_overhead_s: dict[int, float] | None = None,
+    max_seq_len: int | None = None,
+    hardware: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a profile (for the runtime's measurements): points are ``{"degree", "tokens", "time_s"}``.
 
     Stamps the time of writing as ``measured_at`` (UTC) and checks the result loads; returns the data.
+    `group_overhead_s`: per group size, its fixed cost per micro-batch; `hardware`: where it was measured
+    (`hardware_here`).
     """
     import datetime
     import socket
@@ -163,6 +231,34 @@ def save_profile(
         "tokens_per_rank": int(tokens_per_rank),
         "points": [{"degree": int(p["degree"]), "tokens": int(p["tokens"]), "time_s": float(p["time_s"])} for p in points],
     }
+    if group_overhead_s:
+        data["group_overhead_s"] = {str(int(d)): float(t) for d, t in sorted(group_overhead_s.items())}
+    if max_seq_len:
+        data["max_seq_len"] = int(max_seq_len)
+    if hardware:
+        data["hardware"] = dict(hardware)
     ProfileCostModel(data, str(path))  # refuse to write what could not be read back
     Path(path).write_text(json.dumps(data, indent=1))
     return data
+
+
+def hardware_here(device: str = "") -> dict[str, Any]:
+    """This machine as a profile records it: CPU model, cores, torch version and `device` (a GPU's name, or
+    "cpu"). Reads /proc/cpuinfo and package metadata; imports no torch."""
+    import os
+    from importlib import metadata
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "none"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": int(cores or 0), "torch": torch_version, "device": device or "cpu"}

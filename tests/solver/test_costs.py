@@ -122,6 +122,64 @@ def test_profile_refuses_to_extrapolate_unless_allowed(tmp_path, caplog):
     assert "group size 8" in said[1] and "nearest measured group size, 4" in said[1]
 
 
+def _profile_file(tmp_path, **extra):
+    pts = [{"degree": d, "tokens": s, "time_s": s * 1e-4 / d} for d in (1, 2) for s in (128, 1024, 2048 * d)]
+    data = {"format": "hetsp-profile-v1", "fixed_s": 0.1, "tokens_per_rank": 1024, "points": pts, **extra}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_profile_token_budget_is_the_clusters_and_group_overhead_is_paid_once(tmp_path):
+    path = _profile_file(tmp_path, group_overhead_s={"1": 0.0, "2": 0.5})
+    cm = build_cost_model(PlannerConfig(cost_model="profile", profile_path=str(path)), ClusterConfig(tokens_per_rank=2048), None, 2)
+    # one truth for a rank's budget: cluster.tokens_per_rank, not the 1,024 the profile was measured with
+    assert cm.capacity(1) == 2048 and cm.capacity(2) == 4096
+    assert cm.group_overhead_s(2) == 0.5 and cm.group_overhead_s(1) == 0.0
+    plan = Plan((1024, 1024, 1024), (MicroBatch((Group(0, 2, (0, 1, 2)),)),))
+    # fixed + the group's overhead once + three sequences
+    assert simulate(plan, cm).total_s == pytest.approx(0.1 + 0.5 + 3 * 1024 * 1e-4 / 2)
+    old = _profile_file(tmp_path)  # no group_overhead_s: every group cost is in the points (0 overhead)
+    assert build_cost_model(PlannerConfig(cost_model="profile", profile_path=str(old)), ClusterConfig(), None, 2).group_overhead_s(2) == 0.0
+
+
+def test_profile_must_cover_the_configuration(tmp_path):
+    from hetsp.checks import check_profile_covers
+    from hetsp.config import ConfigError, config_from_dict
+
+    path = _profile_file(tmp_path)
+    cm = ProfileCostModel.load(path, ClusterConfig(tokens_per_rank=2048))
+    assert cm.coverage_problems([1, 2], 4096) == []
+    assert cm.coverage_problems([1, 2, 3], 2048) == ["group size 3 was not measured (measured: [1, 2])"]
+    big = ProfileCostModel.load(path, ClusterConfig(tokens_per_rank=4096))
+    assert big.coverage_problems([1, 2], 8192) == [
+        "groups of 1 hold up to 4096 tokens but the profile measured up to 2048",
+        "groups of 2 hold up to 8192 tokens but the profile measured up to 4096",
+    ]
+    cfg = config_from_dict({"data": {"max_seq_len": 8192}, "cluster": {"tokens_per_rank": 4096},
+                            "planner": {"name": "milp", "cost_model": "profile", "profile_path": str(path)}})
+    with pytest.raises(ConfigError, match=r"does not cover this configuration.*Re-measure it.*--profile"):
+        check_profile_covers(cfg, 2)
+    cfg.planner.options["extrapolate"] = True
+    check_profile_covers(cfg, 2)  # explicitly allowed
+
+
+def test_profile_records_and_compares_hardware(tmp_path):
+    from solver.costs.profile import hardware_here
+
+    here = hardware_here()
+    assert here["cores"] >= 1 and here["torch"] and here["cpu"] and here["device"] == "cpu"
+    pts = [{"degree": 1, "tokens": 128, "time_s": 0.01}]
+    save_profile(tmp_path / "h.json", pts, 1024, 0.0, group_overhead_s={1: 0.0}, max_seq_len=128, hardware=here)
+    cm = ProfileCostModel.load(tmp_path / "h.json")
+    assert cm.hardware == here and cm.max_seq_len == 128
+    assert cm.hardware_mismatch(here) is None
+    other = dict(here, cpu="Some Other CPU", cores=here["cores"] + 6)
+    note = cm.hardware_mismatch(other)
+    assert "measured on other hardware" in note and "Some Other CPU" in note and "cores" in note
+    assert "does not record the hardware" in ProfileCostModel.load(_profile_file(tmp_path)).hardware_mismatch(here)
+
+
 def test_bucketize_is_optimal():
     rng = random.Random(1)
     for _ in range(20):
