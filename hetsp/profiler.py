@@ -10,7 +10,9 @@ Three parts are kept apart, as the cost model adds them:
 - fixed_s: a micro-batch in which every rank is idle (placeholder token);
 - group_overhead_s[d]: what a group costs whatever it holds (2 tokens per rank:
   the exchanges' latency, paid once per group and micro-batch);
-- points: the time a sequence of s tokens adds beyond both.
+- points: the time a sequence of s tokens adds beyond both;
+- step_s: what a step costs once whatever its plan (the gradient reduction at the
+  last micro-batch, the optimizer step, the loss reduction).
 The result is a `profile` cost model file (solver/costs/profile.py) stamped
 with the hardware (CPU model, cores, torch version, device), host and time.
 """
@@ -64,9 +66,9 @@ def measure(
     max_len: int,
     tokens_per_rank: int,
     repeats: int = 2,
-) -> tuple[list[dict[str, Any]], float, dict[int, float]]:
+) -> tuple[list[dict[str, Any]], float, dict[int, float], float]:
     """Median fwd+bwd times: (points beyond the fixed costs, fixed cost of a micro-batch, fixed cost of a group
-    by size); see the module docstring."""
+    by size, fixed cost of a step); see the module docstring."""
     world = dist.get_world_size()
     rng = random.Random(0)
     cases = [(d, s) for d in degrees for s in length_grid(min(max_len, tokens_per_rank * d))]
@@ -80,32 +82,57 @@ def measure(
         _timed(engine, plan, sequences, world, device, objective, kernel)  # warm-up
         return statistics.median(_timed(engine, plan, sequences, world, device, objective, kernel) for _ in range(repeats))
 
-    def side_by_side(d: int, s: int) -> float:
-        """One micro-batch of world // d groups of d ranks, each holding a sequence of s tokens."""
-        k = max(1, world // d)
-        seqs = [[rng.randrange(vocab_size) for _ in range(s)] for _ in range(k)]
-        plan = Plan(tuple(s for _ in range(k)), (MicroBatch(tuple(Group(j * d, d, (j,)) for j in range(k))),))
-        return median_time(plan, seqs)
-
-    idle = Plan((2,), (MicroBatch((Group(0, 1, (0,)),)), MicroBatch(())))
-    one_token_step = median_time(idle, [[1, 2]])
-    empty_only = Plan((2,), (MicroBatch((Group(0, 1, (0,)),)),))
-    fixed_s = max(0.0, one_token_step - median_time(empty_only, [[1, 2]]))
+    # An (almost) idle micro-batch: 2 tokens on rank 0, every other rank idle. The last micro-batch of a
+    # plan also reduces the gradients (ZeRO's boundary): every measured case is followed by one of
+    # these, and the same plan with two of them is subtracted, so the boundary cancels out.
+    idle_mb = MicroBatch((Group(0, 1, (0,)),))
+    tiny = [[1, 2]]
+    one_idle = median_time(Plan((2,), (idle_mb,)), tiny)
+    two_idle = median_time(Plan((2, 2), (idle_mb, MicroBatch((Group(0, 1, (1,)),)))), tiny * 2)
+    fixed_s = max(0.0, two_idle - one_idle)
+    step_s = max(0.0, one_idle - fixed_s) + _optimizer_step_s(
+        engine, lambda: _timed(engine, Plan((2,), (idle_mb,)), tiny, world, device, objective, kernel), repeats)
     if show:
         bar.update()
+
+    def side_by_side(d: int, s: int) -> float:
+        """One micro-batch of world // d groups of d ranks, each holding a sequence of s tokens (beyond an
+        idle micro-batch)."""
+        k = max(1, world // d)
+        seqs = [[rng.randrange(vocab_size) for _ in range(s)] for _ in range(k)] + tiny
+        groups = MicroBatch(tuple(Group(j * d, d, (j,)) for j in range(k)))
+        plan = Plan(tuple(s for _ in range(k)) + (2,), (groups, MicroBatch((Group(0, 1, (k,)),))))
+        return median_time(plan, seqs) - two_idle
+
     overhead = {}
     for d in degrees:
-        overhead[d] = max(0.0, side_by_side(d, 2 * d) - fixed_s)
+        overhead[d] = max(0.0, side_by_side(d, 2 * d))
         if show:
             bar.update()
             bar.set_postfix(d=d, overhead_ms=f"{overhead[d] * 1e3:.0f}")
     points = []
     for d, s in cases:
         # A micro-batch costs fixed_s + the group's overhead + its sequences' times: keep only the last here.
-        points.append({"degree": d, "tokens": s, "time_s": max(1e-6, side_by_side(d, s) - fixed_s - overhead[d])})
+        points.append({"degree": d, "tokens": s, "time_s": max(1e-6, side_by_side(d, s) - overhead[d])})
         if show:
             bar.update()
             bar.set_postfix(d=d, s=s, ms=f"{points[-1]['time_s'] * 1e3:.0f}")
     if show:
         bar.close()
-    return points, fixed_s, overhead
+    return points, fixed_s, overhead, step_s
+
+
+def _optimizer_step_s(engine: Any, backward: Any, repeats: int) -> float:
+    """Slowest rank's median time of the optimizer step with the step's loss reduction (once per step),
+    each after a `backward()` pass as in training."""
+    times = []
+    for _ in range(repeats + 1):
+        backward()
+        dist.barrier()
+        t0 = time.perf_counter()
+        engine.step()
+        dist.all_reduce(torch.zeros(3, dtype=torch.float64))
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(elapsed.item())
+    return statistics.median(times[1:])

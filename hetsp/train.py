@@ -111,15 +111,15 @@ def profile(cfg: Config, out: Path) -> None:
     rt = build_runtime(resolve_config(cfg))
     world = dist.get_world_size()
     degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
-    points, fixed_s, overhead = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel,
+    points, fixed_s, overhead, step_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel,
                                         degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank)
     if dist.get_rank() == 0:
         hardware = hardware_here(device_name(rt.device) or "cpu")
         where = f"{hardware['cpu']} ({hardware['cores']} cores), {world} ranks, {cfg.model.family} model"
         save_profile(out, points, cfg.cluster.tokens_per_rank, fixed_s, device=where, group_overhead_s=overhead,
-                     max_seq_len=cfg.data.max_seq_len, hardware=hardware)
-        log.info("profile with %d points (fixed %.1f ms per micro-batch; per group %s ms) written to %s", len(points),
-                 fixed_s * 1e3, ", ".join(f"{d}: {t * 1e3:.0f}" for d, t in overhead.items()), out)
+                     max_seq_len=cfg.data.max_seq_len, hardware=hardware, step_s=step_s)
+        log.info("profile with %d points (fixed %.1f ms per step, %.1f ms per micro-batch; per group %s ms) written to %s",
+                 len(points), step_s * 1e3, fixed_s * 1e3, ", ".join(f"{d}: {t * 1e3:.0f}" for d, t in overhead.items()), out)
 
 
 def train(cfg: Config, resume: bool) -> dict[str, int]:

@@ -3,7 +3,8 @@
 Every planner subclasses `Planner` and implements `_plan(lengths, num_ranks)`;
 `Planner.plan` checks the input, drops sequences that cannot fit when the
 config says so, times the solve, validates the plan and fills `Plan.meta`
-with at least ``planner``, ``solve_s``, ``status`` and ``est_time_s``.
+with at least ``planner``, ``solve_s``, ``status`` and ``est_time_s`` (the
+simulated step: its micro-batches plus the cost model's per-step ``step_s``).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Planner:
             return None, f"no time estimate: {e}"
         from .simulate import simulate
 
-        return simulate(plan, cm).total_s, None
+        return simulate(plan, cm).total_s + cm.step_s, None
 
     # ---- the interface -------------------------------------------------------
     def plan(self, lengths: Sequence[int], num_ranks: int) -> Plan:

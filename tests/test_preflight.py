@@ -54,11 +54,13 @@ def test_dry_run_of_the_cluster_config_needs_no_gpu(tmp_path):
 @pytest.mark.parametrize("name", ["default.toml", "llama_small.toml"])
 def test_shipped_configs_plan_a_long_tailed_batch(name):
     """The shipped CPU configs' planners (measured profile, analytic ring model) give valid plans
-    within every group's token budget, with the 2,048-token sequences in groups of ranks."""
+    within every group's token budget, with the longest sequences in groups of ranks."""
     from hetsp.planning import make_planner
 
     cfg = load_config(ROOT / "configs" / name)
-    lengths = [2048, 2048, 1500, 700, 300, 90, 12, 2]
+    longest = cfg.data.max_seq_len
+    assert longest > cfg.cluster.tokens_per_rank  # the longest sequences need a group
+    lengths = [longest, longest // 2 + 1, 1500, 700, 300, 90, 12, 2]
     plan = make_planner(cfg, 259).plan(lengths, 4).validate(4)
     assert plan.meta["est_time_s"] is not None
     for g in plan.groups():

@@ -89,6 +89,14 @@ def test_profile_writes_a_cost_table_the_planner_uses(rank_pool, tmp_path):
     assert data["format"] == "hetsp-profile-v1" and data["fixed_s"] >= 0
     assert {(p["degree"], p["tokens"]) for p in data["points"]} == {(1, 96), (2, 96)}  # max_seq_len 96 < 128
     assert all(p["time_s"] > 0 for p in data["points"])
+    # the fixed costs it separates: per group size, per step; and where it was measured
+    assert set(data["group_overhead_s"]) == {"1", "2"} and all(t >= 0 for t in data["group_overhead_s"].values())
+    assert data.get("step_s", 0.0) >= 0 and data["max_seq_len"] == 96
+    assert {"cpu", "cores", "torch", "device"} <= set(data["hardware"])
     cfg["planner"].update(cost_model="profile", profile_path=str(out))
-    plan = make_planner(config_from_dict(cfg), 259).plan([90, 3, 40, 7], 2)
+    planner = make_planner(config_from_dict(cfg), 259)
+    plan = planner.plan([90, 3, 40, 7], 2)
     assert plan.meta["est_time_s"] is not None and plan.validate(2)
+    from hetsp.planning import profile_hardware_note
+
+    assert profile_hardware_note(planner, 2) is None  # measured here

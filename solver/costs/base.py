@@ -30,6 +30,12 @@ class CostModel(ABC):
     def fixed_s(self) -> float:
         """Fixed time of every micro-batch (seconds): e.g. per-micro-batch collectives, launch costs."""
 
+    @property
+    def step_s(self) -> float:
+        """Time a step costs once whatever its plan (gradient reduction, optimizer step); 0 when unknown.
+        It changes no decision, only the predicted step time (`Plan.meta["est_time_s"]`)."""
+        return 0.0
+
     @abstractmethod
     def seq_time(self, s: int, d: int) -> float:
         """Seconds one sequence of `s` tokens adds to a group of `d` ranks."""

@@ -10,7 +10,8 @@ JSON format (``format: "hetsp-profile-v1"``)::
 group of `degree` ranks, beyond the group's own fixed cost. Optional keys:
 ``group_overhead_s`` (``{"2": 0.05, ...}``: what a non-empty group of that size costs
 per micro-batch whatever it holds, its exchanges' latency; paid once per group, not
-per sequence), ``max_seq_len`` (the longest length the profiler was asked to cover)
+per sequence), ``step_s`` (what a step costs once, whatever its plan: gradient
+reduction, optimizer step), ``max_seq_len`` (the longest length the profiler was asked to cover)
 and ``hardware`` (``{"cpu", "cores", "torch", "device"}``: where it was measured; a run
 on other hardware is told so, `hardware_mismatch`).
 
@@ -68,6 +69,7 @@ class ProfileCostModel(CostModel):
         self.points = {d: sorted(v) for d, v in sorted(pts.items())}
         self.measured_degrees = sorted(self.points)
         self._fixed = float(data.get("fixed_s", 0.0))
+        self._step = float(data.get("step_s", 0.0))
         tpr = tokens_per_rank or data.get("tokens_per_rank")
         if not tpr or int(tpr) < 1:
             raise ValueError(f"{where}: the profile needs 'tokens_per_rank' (activation memory of one rank)")
@@ -111,6 +113,10 @@ class ProfileCostModel(CostModel):
     @property
     def fixed_s(self) -> float:
         return self._fixed
+
+    @property
+    def step_s(self) -> float:
+        return self._step
 
     def _at_degree(self, d: int, s: int) -> float:
         pts = self.points[d]
@@ -212,6 +218,7 @@ def save_profile(
     group_overhead_s: dict[int, float] | None = None,
     max_seq_len: int | None = None,
     hardware: dict[str, Any] | None = None,
+    step_s: float = 0.0,
 ) -> dict[str, Any]:
     """Write a profile (for the runtime's measurements): points are ``{"degree", "tokens", "time_s"}``.
 
@@ -235,6 +242,8 @@ def save_profile(
         data["group_overhead_s"] = {str(int(d)): float(t) for d, t in sorted(group_overhead_s.items())}
     if max_seq_len:
         data["max_seq_len"] = int(max_seq_len)
+    if step_s:
+        data["step_s"] = float(step_s)
     if hardware:
         data["hardware"] = dict(hardware)
     ProfileCostModel(data, str(path))  # refuse to write what could not be read back

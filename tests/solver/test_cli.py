@@ -49,6 +49,13 @@ def test_run_folder(tmp_path, capsys):
     rows = out["batches"][0]["planners"]
     assert rows["recorded"]["est_s"] >= out["batches"][0]["lower_bound"]["total_s"] - 1e-9
     assert rows["recorded"]["micro_batches"] == 1
+    assert out["recorded_prediction"] is None  # no metrics.jsonl in this folder
+    # with the run's metrics: the recorded predicted step times against the measured ones
+    metrics = [{"kind": "train", "step": s, "step_time_s": 2.0, "est_time_s": e} for s, e in ((0, 9.0), (1, 1.5), (2, 2.0))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    assert main(["--run", str(tmp_path), *FLEX, "--memory-gb", "80", "--step", "2", "--no-baselines"]) == 0
+    text = capsys.readouterr().out
+    assert "relative error median 12%, worst 25% (step 1), over 2 steps" in text
 
 
 def test_dataset_with_bytes_tokenizer(tmp_path, capsys):
