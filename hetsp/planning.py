@@ -72,13 +72,14 @@ class Planning:
     @staticmethod
     def kept(plan: Plan, sequences: list[list[int]]) -> list[list[int]]:
         """The batch as the plan indexes it: a planner that drops sequences that cannot
-        fit (planner.long_policy = "drop") records which ones it kept in meta["source_index"]."""
-        index = plan.meta.get("source_index")
-        if index is None:
-            return sequences
-        if plan.meta.get("dropped"):
-            log.warning("planner dropped %d sequence(s) that fit no group: %s", len(plan.meta["dropped"]), plan.meta["dropped"])
-        return [sequences[i] for i in index]
+        fit (planner.long_policy = "drop") records which ones it trains in the plan."""
+        if plan.dropped:
+            log.warning("planner dropped %d sequence(s) that fit no group: %s", len(plan.dropped), list(plan.dropped))
+        kept = plan.inputs_trained(sequences)
+        bad = [j for j, (seq, n) in enumerate(zip(kept, plan.lengths)) if len(seq) != n]
+        if bad:
+            raise ValueError(f"plan sequence {bad[0]} has {plan.lengths[bad[0]]} tokens but the batch's has {len(kept[bad[0]])}")
+        return kept
 
     def close(self) -> None:
         if self._pool is not None:

@@ -187,8 +187,8 @@ def run(args) -> int:
     for rep in reports:
         meta = rep.plan.meta
         print(f"\n=== batch {rep.index}: {len(rep.lengths)} sequences, {sum(rep.lengths)} tokens")
-        if meta.get("num_dropped"):
-            print(f"dropped {meta['num_dropped']} sequence(s) that fit no group: {meta['dropped'][:10]}")
+        if rep.plan.dropped:
+            print(f"dropped {len(rep.plan.dropped)} sequence(s) that fit no group: {list(rep.plan.dropped[:10])}")
         print(plan_table(rep, cm, num_ranks))
         print()
         print(comparison_table(rep))
