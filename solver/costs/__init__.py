@@ -23,7 +23,8 @@ def build_cost_model(
 
     ``flexsp`` reads ``planner.flexsp_model`` ("7b", "13b", "30b") and
     ``cluster.memory_per_rank_gb`` (30 when 0). ``profile`` reads
-    ``planner.profile_path``. ``ring`` needs `model` and the cluster's hardware, and reads
+    ``planner.profile_path`` (and ``planner.options["extrapolate"]``, default false: refuse lengths
+and group sizes beyond the measured ones). ``ring`` needs `model` and the cluster's hardware, and reads
     ``planner.options["zero_stage"]`` (default 1) for the collectives paid per micro-batch.
     """
     name = planner.cost_model
@@ -37,7 +38,7 @@ def build_cost_model(
 
         if not planner.profile_path:
             raise ValueError("planner.cost_model = 'profile' needs planner.profile_path (a JSON profile)")
-        return ProfileCostModel.load(planner.profile_path, cluster)
+        return ProfileCostModel.load(planner.profile_path, cluster, bool(planner.options.get("extrapolate", False)))
     if name == "ring":
         from .ring import RingCostModel
 
