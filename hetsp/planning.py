@@ -19,15 +19,30 @@ from hetsp.plan import Plan
 log = logging.getLogger("hetsp.planning")
 
 
-def make_planner(cfg: Config, vocab_size: int) -> Any:
-    """The configured planner, told the real vocabulary size and the ZeRO stage."""
-    import solver
+def planner_config(cfg: Config, on_gpu: bool) -> Any:
+    """`cfg.planner` with the run's training settings the cost models need filled into its
+    options (unless set there): "zero_stage", "dtype" (`hetsp.memory.run_dtype`) and
+    "activation_checkpointing". Training, the dry run and ``hetsp-plan --config`` all plan with it."""
+    from hetsp.memory import run_dtype
 
-    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
     options = dict(cfg.planner.options)
     options.setdefault("zero_stage", cfg.train.zero_stage)
-    planner_cfg = dataclasses.replace(cfg.planner, options=options)
-    return solver.get_planner(cfg.planner.name, planner_cfg, cfg.cluster, model)
+    options.setdefault("dtype", run_dtype(cfg.train.dtype, on_gpu))
+    options.setdefault("activation_checkpointing", cfg.train.activation_checkpointing)
+    return dataclasses.replace(cfg.planner, options=options)
+
+
+def make_planner(cfg: Config, vocab_size: int, on_gpu: bool | None = None) -> Any:
+    """The configured planner, told the real vocabulary size and the run's training settings
+    (`planner_config`); `on_gpu` None: whether this process sees CUDA."""
+    import solver
+
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
+    return solver.get_planner(cfg.planner.name, planner_config(cfg, on_gpu), cfg.cluster, model)
 
 
 class Planning:

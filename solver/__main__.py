@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", choices=["ring", "profile", "flexsp"])
     p.add_argument("--flexsp-model", choices=["7b", "13b", "30b"])
     p.add_argument("--profile", help="a measured cost profile (JSON)")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="the device the run trains on: with train.dtype 'auto', bf16 on gpu and fp32 on cpu")
     p.add_argument("--group-sizes", help="allowed group sizes, comma separated (default: all)")
     p.add_argument("--time-limit", type=float, help="planner time limit per batch (s)")
     p.add_argument("--drop-long", action="store_true", help="drop sequences that fit no group (default: error)")
@@ -62,8 +64,11 @@ class UsageError(ValueError):
 
 
 def _configs(args):
+    from hetsp.planning import planner_config
+
     cfg = load_config(args.config, args.set) if (args.config or args.set) else load_config(None)
-    cl, pl, model = cfg.cluster, cfg.planner, cfg.model
+    # the planner as training makes it: the train section's ZeRO stage, dtype and checkpointing in its options
+    cl, pl, model = cfg.cluster, planner_config(cfg, args.device == "gpu"), cfg.model
     if args.ranks_per_node is not None:
         cl.ranks_per_node = args.ranks_per_node
     if args.tokens_per_rank is not None:
