@@ -75,8 +75,6 @@ class RingCostModel(CostModel):
         source: dict[str, Any] | None = None,
         dtype: str = "bf16",
     ) -> None:
-        if hw.peak_flops <= 0:
-            raise ValueError("ring cost model: peak FLOP/s must be > 0 (set cluster.peak_tflops)")
         if tokens_per_rank < 1:
             raise ValueError(f"ring cost model: no room for activations ({tokens_per_rank} tokens per rank)")
         self.shape, self.hw, self.num_ranks = shape, hw, num_ranks
@@ -93,11 +91,6 @@ class RingCostModel(CostModel):
     def from_configs(
         cls, model, cluster, num_ranks: int, zero_stage: int = 1, dtype: str = "bf16", activation_checkpointing: bool = False
     ) -> "RingCostModel":
-        if cluster.peak_tflops <= 0:
-            raise ValueError(
-                "the ring cost model needs cluster.peak_tflops (the device's peak bf16 TFLOP/s); set it, "
-                "or use planner.cost_model = 'profile' with a measured table"
-            )
         vocab = model.vocab_size or 32000
         shape = ModelShape(
             model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads or model.num_heads,
@@ -123,20 +116,30 @@ class RingCostModel(CostModel):
         src = {"vocab": vocab if model.vocab_size else f"{vocab} (model.vocab_size = 0: assumed)", "memory": mem_src}
         return cls(shape, hw, num_ranks, tpr, zero_stage, src, dtype)
 
+    @property
+    def _flops(self) -> float:
+        """Achievable FLOP/s per rank; times need it, the memory budget (`capacity`) does not."""
+        if self.hw.peak_flops <= 0:
+            raise ValueError(
+                "the ring cost model needs cluster.peak_tflops (the device's peak bf16 TFLOP/s) for times; set it, "
+                "or use planner.cost_model = 'profile' with a measured table"
+            )
+        return self.hw.peak_flops
+
     # ---- pieces ---------------------------------------------------------------
     def _bw(self, d: int) -> float:
         rpn = self.hw.ranks_per_node
         return self.hw.intra_bps if rpn == 0 or d <= rpn else self.hw.inter_bps
 
     def compute_s(self, s: int, d: int) -> float:
-        return (self._lin * s + self._attn * s * s) / d / self.hw.peak_flops
+        return (self._lin * s + self._attn * s * s) / d / self._flops
 
     def _steps(self, s: int, d: int) -> tuple[float, float, float, float]:
         """Per ring step: (forward transfer, forward block compute, backward transfer, backward compute) seconds."""
         blk = s / d
         bw = self._bw(d)
         cf = self._kv_bytes * blk / bw
-        pf = 2.0 * self.shape.hidden * blk * blk / self.hw.peak_flops
+        pf = 2.0 * self.shape.hidden * blk * blk / self._flops
         return cf, pf, 4.0 * cf, 2.5 * pf
 
     def seq_comm(self, s: int, d: int) -> float:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import solver
-from hetsp.config import ClusterConfig, PlannerConfig
+from hetsp.config import ClusterConfig, ModelConfig, PlannerConfig
 from hetsp.plan import Group, MicroBatch, Plan, PlanError
 
 
@@ -40,6 +40,26 @@ def test_static_micro_batches_and_budget():
     assert plan.num_micro_batches == 3
     for g in plan.groups():
         assert g.num_tokens(plan.lengths) <= 10
+
+
+def test_static_planner_is_the_static_baseline():
+    """Training's static planner and the static baseline of hetsp-plan / the benchmark are one
+    algorithm with one budget (the cost model's capacity x fill)."""
+    from solver.baselines import static_packing
+    from solver.table import CostTable
+
+    cl = ClusterConfig(tokens_per_rank=60, peak_tflops=100.0)
+    lengths = [5, 3, 7, 100, 2, 45, 61, 8, 19, 33]
+    for d, fill in ((2, 1.0), (2, 0.9), (4, 0.9), (1, 1.0)):
+        cfg = PlannerConfig(group_size=d, options={"fill": fill})
+        planner = solver.get_planner("static", cfg, cl, ModelConfig())
+        if max(lengths) > 60 * d:
+            continue
+        plan = planner.plan(lengths, 4)
+        mbs = static_packing(CostTable(lengths, [d], planner.cost_model(4)), 4, d, fill)
+        assert [sorted(sorted(g.seqs) for g in mb.groups) for mb in plan.micro_batches] == [
+            sorted(sorted(g.seqs) for g in mb.groups) for mb in mbs
+        ], (d, fill)
 
 
 @pytest.mark.parametrize("d, msg", [(3, "does not divide"), (8, "larger than"), (0, ">= 1")])
