@@ -18,6 +18,7 @@ world_size / num_units before backward.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,7 @@ import torch
 
 from hetsp.attention import make_shard_context
 from hetsp.layout import shard_layout, zigzag_chunk_bounds
+from hetsp.metrics.timing import COMM_WAIT
 from hetsp.objectives.lm import IGNORE_INDEX
 from hetsp.plan import Group, Plan
 
@@ -46,6 +48,8 @@ class StepResult:
     num_units: int  # units in the whole global batch
     num_local_tokens: int
     micro_batch_tokens: list[int] = field(default_factory=list)
+    data_s: float = 0.0  # seconds building this rank's micro-batch inputs
+    comm_s: float = 0.0  # seconds blocked in hetsp's exchanges (ring, SSM state, halos)
 
 
 class PlainEngine:
@@ -146,8 +150,12 @@ def run_plan(
     local_tokens = 0
     per_mb = []
     num_mb = plan.num_micro_batches
+    data_s = 0.0
+    comm_start = COMM_WAIT.total()
     for m in range(num_mb):
+        t0 = time.perf_counter()
         inputs = micro_batch_inputs(plan, m, sequences, rank, device, objective, kernel)
+        data_s += time.perf_counter() - t0
         n_tok = inputs.input_ids.shape[1] if inputs.weight else 0
         local_tokens += n_tok
         per_mb.append(n_tok)
@@ -159,4 +167,4 @@ def run_plan(
             with torch.no_grad():
                 loss_sum = forward_loss(engine, inputs, objective)
         total += float(loss_sum.detach())
-    return StepResult(total, num_units, local_tokens, per_mb)
+    return StepResult(total, num_units, local_tokens, per_mb, data_s, COMM_WAIT.total() - comm_start)

@@ -16,7 +16,8 @@ from hetsp.config import ConfigError, ModelConfig
 ConfigBuilder = Callable[[ModelConfig, int], Any]
 _FAMILIES: dict[str, ConfigBuilder] = {}
 # Families provided by other modules, imported on first use: name -> module that registers it.
-_LAZY: dict[str, str] = {"hybrid": "models", "bamba": "models.hf_clients", "granitemoehybrid": "models.hf_clients"}
+# `models` holds model definitions only and never imports hetsp; the runtime registers them.
+_LAZY: dict[str, str] = {name: "hetsp.model_families" for name in ("hybrid", "bamba", "granitemoehybrid")}
 
 
 def register_family(name: str, builder: ConfigBuilder) -> None:

@@ -192,28 +192,33 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
         for step in range(start, end):
             t0 = time.perf_counter()
             batch = data.train_batch(step)
+            t_data = time.perf_counter() - t0
             plan = planning.plan_for(step)
             batch = planning.kept(plan, batch)
             if step + 1 < end:
                 planning.prefetch(step + 1)
-            t_plan = time.perf_counter() - t0
+            t_plan = time.perf_counter() - t0 - t_data
             metrics.log_plan(step, plan)
             if not plan.lengths:
                 skipped.append(step)
                 if rank == 0:
                     log.warning("step %d skipped: all %d sequences are too long to place (%d steps skipped so far)",
-                                step, len(plan.meta.get("dropped", [])), len(skipped))
+                                step, len(plan.dropped), len(skipped))
                 if end_of_step(step + 1):
                     end = step + 1
                     break
                 continue
             res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel)
             engine.step()
-            loss_sum = torch.tensor([res.loss_sum], dtype=torch.float64)
-            dist.all_reduce(loss_sum)
+            # one reduction: the loss sum, and each rank's data and exchange seconds (logged as the mean over ranks)
+            sums = torch.tensor([res.loss_sum, t_data + res.data_s, res.comm_s], dtype=torch.float64)
+            dist.all_reduce(sums)
+            loss_total, data_s, comm_s = sums.tolist()
             dt = time.perf_counter() - t0
             record = {
-                "loss": loss_sum.item() / res.num_units,
+                "loss": loss_total / res.num_units,
+                "data_s": data_s / world_size,
+                "comm_s": comm_s / world_size,
                 "lr": engine.get_lr()[0],
                 "tokens": sum(plan.lengths),
                 "step_time_s": dt,

@@ -54,6 +54,9 @@ def test_resume_continues_exactly(rank_pool, tmp_path):
     # the loss falls: a tiny model on a small corpus drops about 0.6 nats in 6 steps (seeded);
     # the validation batches are the same at every evaluation
     assert sum(losses_full[-3:]) / 3 < sum(losses_full[:3]) / 3 - 0.2, losses_full
+    train_records = [r for r in full if r.get("kind") == "train"]
+    # comm_s (time blocked in exchanges) and data_s (building batches) are written at every step
+    assert all(r["comm_s"] >= 0 and r["data_s"] > 0 for r in train_records), train_records
     vals = [r["val_loss"] for r in full if r.get("kind") == "eval"]
     assert len(vals) == 2 and vals[1] < vals[0] - 0.1, vals
     plans = (tmp_path / "runs" / "resumed" / "plans.jsonl").read_text().splitlines()
