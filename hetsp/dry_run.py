@@ -42,6 +42,7 @@ def activation_bytes_per_token(hf_config: Any, bf16: bool, checkpointing: bool) 
 def dry_run(cfg: Config, world_size: int) -> int:
     from hetsp.data import build_data
     from hetsp.model_registry import build_hf_config, build_model
+    from hetsp.overhead import process_overhead
     from hetsp.planning import make_planner
 
     bf16 = cfg.train.dtype == "bf16" or cfg.train.dtype == "auto" and cfg.cluster.peak_tflops > 0
@@ -58,6 +59,10 @@ def dry_run(cfg: Config, world_size: int) -> int:
           f"({act_tok / 2**20:.2f} MiB/token x {cfg.cluster.tokens_per_rank} tokens) = {(states + acts) / GIB:.2f} GiB")
     if cfg.cluster.memory_per_rank_gb and (states + acts) / GIB > cfg.cluster.memory_per_rank_gb:
         print(f"WARNING      estimate exceeds cluster.memory_per_rank_gb={cfg.cluster.memory_per_rank_gb}")
+    process = process_overhead(cfg, num_params, bf16)
+    print(f"process/rank {process.describe()}")
+    print(f"total/rank   {(states + acts + process.total) / GIB:.2f} GiB of host memory on CPU "
+          "(on GPU, the process terms are host memory and the rest device memory)")
     print(f"data         {', '.join(f'{k}={v}' for k, v in data.stats.items())}")
     planner = make_planner(cfg, data.vocab_size)
     for step in range(min(3, cfg.train.steps)):
