@@ -49,6 +49,9 @@ def test_dry_run_of_the_cluster_config_needs_no_gpu(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "parameters" in out.stdout and "memory/rank" in out.stdout
     assert out.stdout.count("\nstep ") == 3
+    # what a rank process holds besides model states and activations is counted too
+    assert "process/rank libraries" in out.stdout and "+ data" in out.stdout and "DeepSpeed buffers" in out.stdout
+    assert "total/rank" in out.stdout
 
 
 @pytest.mark.parametrize("name", ["default.toml", "llama_small.toml"])
