@@ -57,7 +57,9 @@ def _device() -> Any:
 
 def run_dir_for(cfg: Config) -> Path:
     """The run folder: HETSP_RUN_DIR when the launcher sets it (--run-dir), else output_dir/name."""
-    return Path(os.environ.get("HETSP_RUN_DIR") or Path(cfg.run.output_dir) / cfg.run.name)
+    from hetsp.runlock import run_folder
+
+    return run_folder(cfg.run.output_dir, cfg.run.name, os.environ.get("HETSP_RUN_DIR"))
 
 
 @dataclass
