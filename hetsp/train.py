@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat.start_from_env(rank)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # what the launcher checked, before any collective
+        # what the launcher checked, before any collective
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), planning=not args.profile)
     except ValueError as e:
         print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2

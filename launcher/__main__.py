@@ -39,11 +39,11 @@ def _main(argv: list[str] | None) -> int:
         args = parse_args(argv)
         cfg = load_config(args.config, list(args.overrides))  # fail here, before any rank starts
         if args.mode == "simulate":  # before count_gpus, which imports torch
-            check_run(cfg, args.num_ranks)
+            check_run(cfg, args.num_ranks, planning=not args.profile)
         num_gpus = count_gpus(args.device)
         world, ranks_here = _world(args, num_gpus)
         if args.mode == "torchrun":
-            check_run(cfg, world)
+            check_run(cfg, world, planning=not args.profile)
     except (UsageError, ConfigError, ValueError) as e:
         print(f"hetsp-launch: error: {e}", file=sys.stderr)
         return USAGE_EXIT

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -160,14 +161,16 @@ def test_lock_held_from_another_host_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- hung ranks
 
 
-def test_a_stopped_rank_is_named_and_the_job_stopped(config):
-    proc, lines = _start("beat_then_wait", "--simulate", "3", "--all-ranks", "--set", "run.heartbeat_timeout_s=2",
-                         str(config))
+@pytest.mark.parametrize("mode", [["--simulate", "3"], ["--nproc-per-node", "3"]], ids=["simulate", "torchrun"])
+def test_a_stopped_rank_is_named_and_the_job_stopped(config, mode):
+    proc, lines = _start("beat_then_wait", *mode, "--all-ranks", "--set", "run.heartbeat_timeout_s=2", str(config))
     pids = {}
     try:
-        for line in _wait_for(lines, 3):
-            pids[line.split("]")[0] + "]"] = int(line.split()[-1])
-        os.kill(pids["[rank 1]"], signal.SIGSTOP)
+        for line in _wait_for(lines, 3):  # "[rank 1] ready pid N" or torchrun's "[default1]:ready pid N"
+            match = re.search(r"\[(?:rank |default)(\d+)\]:? ?ready pid (\d+)", line)
+            assert match, line
+            pids[int(match.group(1))] = int(match.group(2))
+        os.kill(pids[1], signal.SIGSTOP)
         # the barrier's timeout is 600 s: ending well before means the heartbeat caught it
         assert proc.wait(timeout=60) == 1
         err = proc.stderr.read()
@@ -286,3 +289,11 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(tmp_path):
     resumed = run(path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _metrics_losses(tmp_path / "runs" / "preempted") == _metrics_losses(tmp_path / "runs" / "straight")
+
+
+def test_profiling_may_write_the_cost_table_the_config_names(tmp_path):
+    """--profile makes the table that planner.profile_path will name: it need not exist yet."""
+    cfg = load_config(DEFAULT, [f"planner.profile_path={json.dumps(str(tmp_path / 'new.json'))}"])
+    with pytest.raises(ValueError, match="no such file"):
+        checks.check_run(cfg, 4)
+    checks.check_run(cfg, 4, planning=False)
