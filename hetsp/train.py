@@ -57,7 +57,9 @@ def _device() -> Any:
 
 def run_dir_for(cfg: Config) -> Path:
     """The run folder: HETSP_RUN_DIR when the launcher sets it (--run-dir), else output_dir/name."""
-    return Path(os.environ.get("HETSP_RUN_DIR") or Path(cfg.run.output_dir) / cfg.run.name)
+    from hetsp.runlock import run_folder
+
+    return run_folder(cfg.run.output_dir, cfg.run.name, os.environ.get("HETSP_RUN_DIR"))
 
 
 @dataclass
@@ -290,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat.start_from_env(rank)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # what the launcher checked, before any collective
+        # what the launcher checked, before any collective
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), planning=not args.profile)
     except ValueError as e:
         print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2
