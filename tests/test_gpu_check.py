@@ -161,3 +161,44 @@ def test_ring_step_logic_on_cpu_ranks():
     assert worst_error(per_rank, full) <= 1.0
     per_rank[0]["shard"][0][0] += 1.0  # a wrong row must be seen
     assert worst_error(per_rank, full) > 1.0
+
+
+def test_ssd_step_logic_on_cpu():
+    """The ssd step's comparison (outputs, final states, every gradient) with hetsp's CPU scan."""
+    from bench.gpu.throughput import ssd_exactness
+    from models.kernels.ssd import ssd_chunk_scan
+
+    shape = dict(heads=4, head_dim=8, groups=2, state=8)
+    res = ssd_exactness(ssd_chunk_scan, (1, 5, 70), torch.float32, device="cpu", shape=shape)
+    assert set(res) == {"y", "final", "dx", "ddt", "dA", "dB", "dC", "dinit"}
+    assert max(res.values()) <= 1.0, res
+
+
+def test_main_job_summary_reads_the_metrics(tmp_path):
+    import json
+
+    from bench.gpu.main_job import summarize
+
+    rows = [{"kind": "train", "step": i, "loss": 5.0 - i, "tokens": 100, "step_time_s": 0.5, "peak_mem_bytes": 2**30 * (i + 1)}
+            for i in range(4)] + [{"kind": "eval", "step": 3, "val_loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = summarize(tmp_path)
+    assert s["steps"] == 4 and s["loss_first"] == 5.0 and s["loss_last"] == 2.0
+    assert s["tokens_per_s"] == pytest.approx(200.0) and s["peak_mem_gib"] == pytest.approx(4.0)
+
+
+def test_choice_keeps_hetsp_kernels_unless_a_library_one_is_exact_and_faster():
+    from bench.gpu.check import choices
+    from bench.gpu.results import StepResult
+
+    def steps(flash_ok, flash_tf):
+        exact = StepResult("exactness", "ok", "", tables={"kernels vs fp64": [
+            {"case": "triton bfloat16 causal=True", "ok": True}, {"case": "torch_flash bfloat16 causal=True", "ok": flash_ok}]})
+        speed = StepResult("throughput", "ok", "", tables={"attention fwd+bwd, causal, bf16": [
+            {"kernel": "triton", "tflops": 200.0}, {"kernel": "torch_flash", "tflops": flash_tf}]})
+        return [exact, speed]
+
+    assert 'attention.kernel="torch_flash"' in choices(steps(True, 300.0))[0]
+    assert "keep the Triton kernel" in choices(steps(False, 300.0))[0]
+    assert "keep the Triton kernel" in choices(steps(True, 100.0))[0]
+    assert "not decided" in choices([])[0]
