@@ -7,9 +7,7 @@ Legend: T tokens, H query heads, K kv heads, D head dim.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -100,7 +98,3 @@ def ssd_flops(length: int, heads: int, head_dim: int, groups: int, state: int, c
     per head); the backward counted as twice the forward."""
     fwd = 2.0 * length * chunk * state * groups + heads * (2.0 * length * chunk * head_dim + 4.0 * length * head_dim * state)
     return fwd, 2.0 * fwd
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
