@@ -202,3 +202,40 @@ def test_choice_keeps_hetsp_kernels_unless_a_library_one_is_exact_and_faster():
     assert "keep the Triton kernel" in choices(steps(False, 300.0))[0]
     assert "keep the Triton kernel" in choices(steps(True, 100.0))[0]
     assert "not decided" in choices([])[0]
+
+
+def test_ssd_kernel_option_defaults_to_hetsp_and_is_checked():
+    from models.kernels import ssd_chunk_scan
+    from models.kernels.ssd_fla import ssd_chunk_scan_fla
+    from models import HybridForCausalLM
+
+    from .test_models import tiny_config
+
+    assert tiny_config(layer_pattern="mamba2").ssd_kernel == "hetsp"
+    with pytest.raises(ValueError, match="ssd_kernel"):
+        tiny_config(layer_pattern="mamba2", ssd_kernel="other")
+    model = HybridForCausalLM(tiny_config(layer_pattern="mamba2"))
+    assert model.model.layers[0].mixer.kernels["ssd_scan"] is ssd_chunk_scan
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="CUDA"):
+        ssd_chunk_scan_fla(x, torch.rand(1, 4, 2), -torch.rand(2), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8))
+
+
+def test_build_data_without_datasets_gives_the_same_batches(monkeypatch):
+    """`build_data` pointed at the main-job step's readers serves the same global batches."""
+    pytest.importorskip("datasets")
+    import hetsp.data.module as module
+    from bench.gpu.main_job import use_datasets_free_corpus
+    from hetsp.config import DataConfig
+
+    data = DataConfig(dataset="stdlib", tokenizer="bytes", max_documents=60, max_seq_len=512, tokens_per_batch=2048)
+    want = module.build_data(data, seed=1)
+    for name in ("load_documents", "tokenize_dataset"):  # restored after the test
+        monkeypatch.setattr(module, name, getattr(module, name))
+    use_datasets_free_corpus()
+    got = module.build_data(data, seed=1)
+    timings = ("tokenize_seconds", "build_seconds")
+    assert {k: v for k, v in got.stats.items() if k not in timings} == {k: v for k, v in want.stats.items() if k not in timings}
+    for step in (0, 3):
+        assert got.train_batch(step) == want.train_batch(step)
+    assert got.val_batches(2) == want.val_batches(2)
