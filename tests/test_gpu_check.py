@@ -116,7 +116,7 @@ _TILES_SCRIPT = """
 import torch
 from tests.attn_fns import kernel_vs_reference
 from hetsp.attention.kernels.triton_kernel import triton_kernel
-for tiles in ((16, 32), (32, 16)):
+for tiles in ((16, 32), (32, 16), (128, 16)):
     rep = kernel_vs_reference(triton_kernel(*tiles), "cpu", torch.float32, sizes=((3, 5), (40, 33), (1, 1)))
     bad = [(lab, e) for lab, e in rep if not e < 1e-5]
     assert not bad, (tiles, bad)
@@ -239,3 +239,10 @@ def test_build_data_without_datasets_gives_the_same_batches(monkeypatch):
     for step in (0, 3):
         assert got.train_batch(step) == want.train_batch(step)
     assert got.val_batches(2) == want.val_batches(2)
+
+
+def test_wheel_unpacks_without_pip(tmp_path):
+    from bench.gpu.install import make_wheel, unpack
+
+    unpack(make_wheel(tmp_path / "w"), tmp_path / "site")
+    assert (tmp_path / "site" / "hetsp_gpu_check_probe.py").read_text() == "VALUE = 42\n"

@@ -168,7 +168,10 @@ def choices(steps: list[StepResult]) -> list[str]:
         lines.append("attention: not decided (exactness or throughput missing); the default stays")
     ssd = by.get("ssd")
     if ssd is not None and "ssd_choice" in ssd.data:
-        lines.append(f"SSD scan: {ssd.summary.split('GPU path to use: ')[-1]}")
+        lines.append(f"SSD scan: {ssd.data['ssd_choice']} ({ssd.data.get('ssd_reason', '')}): "
+                     f"--set model.extra.ssd_kernel=\"{ssd.data['ssd_choice']}\"")
+    else:
+        lines.append("SSD scan: not decided (the ssd step did not finish); hetsp's own scan stays")
     return lines
 
 

@@ -224,6 +224,7 @@ def run_ssd(rec, quick: bool = False) -> None:
     else:
         why = "fla exact but not faster" if "fla" in speed else "fla did not run"
     rec.data["ssd_choice"] = choice
+    rec.data["ssd_reason"] = why
     bad = [k for k, ok in verdicts.items() if not ok and k.startswith("hetsp")]
     rec.finish("fail" if bad else "ok", f"SSD exact: {', '.join(k for k, ok in verdicts.items() if ok) or 'none'}; "
-               f"GPU path to use: {choice} ({why})")
+               f"GPU path to use: {choice} ({why}): model.extra.ssd_kernel = \"{choice}\"")

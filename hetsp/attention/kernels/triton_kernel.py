@@ -47,6 +47,13 @@ def _blocks(device: torch.device, blocks: tuple[int, int] | None = None) -> tupl
     return DEFAULT_BLOCKS_CUDA if device.type == "cuda" else DEFAULT_BLOCKS_INTERPRETER
 
 
+def _num_warps(block_m: int) -> int:
+    # Each program keeps a (BLOCK_M, D) fp32 accumulator and the q tile in registers: with
+    # 128-row tiles 4 warps (Triton's default) would need about twice the registers per
+    # thread and spill, so they get 8 warps.
+    return 8 if block_m >= 128 else 4
+
+
 @triton.jit
 def _fwd(Q, K, V, O, L, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
          G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -208,6 +215,7 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, blocks: tuple[int, int
         BLOCK_N=bn,
         CAUSAL=bool(causal),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_num_warps(bm),
     )
 
 
