@@ -21,7 +21,7 @@ from .exactness import check_case, cuda_kernels
 ATTN = dict(heads=32, kv_heads=8, dim=128)
 SEQS_FULL = (4096, 16384, 65536)
 SEQS_QUICK = (4096,)
-TRITON_TILES = ((64, 64), (128, 64), (64, 128), (128, 128), (32, 64))
+TRITON_TILES = ((64, 64), (128, 64), (64, 128), (128, 128))
 SSD = dict(heads=32, head_dim=64, groups=1, state=128)
 
 
