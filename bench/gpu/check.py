@@ -81,13 +81,14 @@ def run_boxed(name: str, cmd: list[str], box_s: float, env: dict[str, str], log_
         try:
             rc = proc.wait(timeout=box_s)
         except subprocess.TimeoutExpired:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            # SIGTERM first: the launcher of the main job then stops its ranks (own sessions)
+            for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     break
                 try:
-                    proc.wait(timeout=5)
+                    proc.wait(timeout=grace_s)
                     break
                 except subprocess.TimeoutExpired:
                     continue
