@@ -138,9 +138,9 @@ def run_plan(
     `set_gradient_accumulation_boundary` are used; the caller calls
     `engine.step()` afterwards), or any callable model for evaluation.
     """
-    num_units = objective.num_units(plan.lengths)
+    num_units = objective.num_units(plan.lengths, sequences)
     if num_units == 0:
-        raise ValueError("the global batch has no target tokens (every sequence has a single token)")
+        raise ValueError("the global batch has no target tokens (single-token sequences, or no trainable token)")
     scale = world_size / num_units
     total = 0.0
     local_tokens = 0

@@ -131,11 +131,10 @@ class Planner:
                     )
                 dropped = too_long
                 kept = [i for i in kept if lengths[i] <= limit]
-                if not kept:
-                    raise PlanningError(
-                        f"all {len(lengths)} sequences are longer than {limit} tokens, the longest that fits; "
-                        "nothing left to plan"
-                    )
+                if not kept:  # nothing to run: the caller skips this batch (and counts it)
+                    meta = {"planner": self.name, "solve_s": time.perf_counter() - t0, "status": "skipped",
+                            "dropped": dropped, "num_dropped": len(dropped), "source_index": []}
+                    return Plan([], [], meta)
         work = [lengths[i] for i in kept]
         plan, status, extra = self._plan(work, num_ranks)
         solve_s = time.perf_counter() - t0

@@ -116,9 +116,11 @@ _TILES_SCRIPT = """
 import torch
 from tests.attn_fns import kernel_vs_reference
 from hetsp.attention.kernels.triton_kernel import triton_kernel
+# fp32 kernels on O(1) randn inputs: round-off 6e-8 per operation over at most 40 keys
+tol = dict(atol=1e-5, rtol=1e-5)
 for tiles in ((16, 32), (32, 16), (128, 16)):
-    rep = kernel_vs_reference(triton_kernel(*tiles), "cpu", torch.float32, sizes=((3, 5), (40, 33), (1, 1)))
-    bad = [(lab, e) for lab, e in rep if not e < 1e-5]
+    rep = kernel_vs_reference(triton_kernel(*tiles), "cpu", torch.float32, tol, sizes=((3, 5), (40, 33), (1, 1)))
+    bad = [(lab, e) for lab, e in rep if not e <= 1]
     assert not bad, (tiles, bad)
 print("ok")
 """
