@@ -248,3 +248,15 @@ def test_wheel_unpacks_without_pip(tmp_path):
 
     unpack(make_wheel(tmp_path / "w"), tmp_path / "site")
     assert (tmp_path / "site" / "hetsp_gpu_check_probe.py").read_text() == "VALUE = 42\n"
+
+
+def test_config_checks_refuse_bad_triton_tiles_before_any_rank_starts():
+    from hetsp.checks import check_attention
+    from hetsp.config import ConfigError, load_config
+
+    for sets, match in ((["attention.triton_block_m=48", "attention.triton_block_n=64"], "power of two"),
+                        (["attention.triton_block_m=64"], "both or neither"),
+                        (['attention.kernel="torch_cpu"', "attention.triton_block_m=64", "attention.triton_block_n=64"], "kernel")):
+        with pytest.raises(ConfigError, match=match):
+            check_attention(load_config(ROOT / "configs" / "default.toml", sets))
+    check_attention(load_config(ROOT / "configs" / "default.toml", ["attention.triton_block_m=128", "attention.triton_block_n=64"]))

@@ -36,8 +36,10 @@ DEFAULT_BLOCKS_INTERPRETER = (16, 16)
 
 def check_blocks(block_m: int, block_n: int) -> None:
     """ValueError unless both tile sizes are powers of two of at least 16 (Triton's tl.dot limits)."""
+    from hetsp.checks import triton_block_ok
+
     for name, b in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
+        if not triton_block_ok(b):
             raise ValueError(f"triton attention {name} = {b!r}: must be a power of two >= 16 (tl.dot and tl.arange limits), e.g. 64 or 128")
 
 
