@@ -260,3 +260,33 @@ def test_config_checks_refuse_bad_triton_tiles_before_any_rank_starts():
         with pytest.raises(ConfigError, match=match):
             check_attention(load_config(ROOT / "configs" / "default.toml", sets))
     check_attention(load_config(ROOT / "configs" / "default.toml", ["attention.triton_block_m=128", "attention.triton_block_n=64"]))
+
+
+# GPU tests (skipped without CUDA; `bench/gpu_check.sh` runs them in its `tests` step).
+_BF16 = dict(atol=2e-2, rtol=2e-2)  # unit round-off 4e-3 on O(1) values, a few roundings deep
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["torch_flash", "triton_128x64", "triton_64x128"])
+def test_cuda_library_kernel_and_tiles_match_reference(kernel):
+    from hetsp.attention.kernels.triton_kernel import triton_kernel
+
+    from .attn_fns import kernel_vs_reference
+
+    if kernel.startswith("triton_"):
+        kernel = triton_kernel(*map(int, kernel.split("_")[1].split("x")))
+    sizes = ((300, 300), (1, 1), (129, 517), (1000, 1000))
+    report = kernel_vs_reference(kernel, "cuda", torch.bfloat16, _BF16, sizes=sizes, heads=(8, 2), dim=128)
+    bad = [(lab, e) for lab, e in report if not e <= 1]
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+def test_fla_ssd_scan_matches_the_fp64_twin():
+    pytest.importorskip("fla")
+    from bench.gpu.throughput import ssd_exactness
+    from models.kernels.ssd_fla import ssd_chunk_scan_fla
+
+    shape = dict(heads=4, head_dim=64, groups=2, state=64)
+    res = ssd_exactness(ssd_chunk_scan_fla, (1, 5, 64, 200), torch.float32, device="cuda", shape=shape)
+    assert max(res.values()) <= 1.0, res
