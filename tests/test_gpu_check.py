@@ -197,7 +197,8 @@ def test_choice_keeps_hetsp_kernels_unless_a_library_one_is_exact_and_faster():
         exact = StepResult("exactness", "ok", "", tables={"kernels vs fp64": [
             {"case": "triton bfloat16 causal=True", "ok": True}, {"case": "torch_flash bfloat16 causal=True", "ok": flash_ok}]})
         speed = StepResult("throughput", "ok", "", tables={"attention fwd+bwd, causal, bf16": [
-            {"kernel": "triton", "tflops": 200.0}, {"kernel": "torch_flash", "tflops": flash_tf}]})
+            {"kernel": "triton", "tokens": 4096, "tflops": 200.0}, {"kernel": "torch_flash", "tokens": 4096, "tflops": flash_tf},
+            {"kernel": "triton", "tokens": 65536, "tflops": 400.0}, {"kernel": "torch_flash", "tokens": 65536, "error": "x"}]})
         return [exact, speed]
 
     assert 'attention.kernel="torch_flash"' in choices(steps(True, 300.0))[0]

@@ -152,17 +152,21 @@ def choices(steps: list[StepResult]) -> list[str]:
     for row in by.get("exactness", StepResult("exactness", "skip", "")).tables.get("kernels vs fp64", []):
         kernel = row["case"].split()[0]
         exact[kernel] = exact.get(kernel, True) and bool(row.get("ok"))
-    speed = {}
+    speed: dict[str, dict[int, float]] = {}
     for row in by.get("throughput", StepResult("throughput", "skip", "")).tables.get("attention fwd+bwd, causal, bf16", []):
         if "tflops" in row:
-            speed.setdefault(row["kernel"], []).append(row["tflops"])
-    mean = {k: sum(v) / len(v) for k, v in speed.items()}
-    candidates = [k for k in mean if exact.get(k)]
-    if "triton" in mean and candidates:
-        best = max(candidates, key=mean.get)
-        if best != "triton" and mean[best] > mean["triton"]:
-            lines.append(f"attention: {best} is exact and {mean[best] / mean['triton']:.2f}x the Triton kernel's "
-                         f"TFLOP/s: --set attention.kernel=\"{best}\"")
+            speed.setdefault(row["kernel"], {})[row["tokens"]] = row["tflops"]
+    base = speed.get("triton", {})
+    gains = {}  # kernel -> mean speed ratio to Triton over the lengths both ran
+    for k, by_len in speed.items():
+        common = [n for n in by_len if n in base]
+        if k != "triton" and exact.get(k) and common:
+            gains[k] = sum(by_len[n] / base[n] for n in common) / len(common)
+    if base and exact.get("triton") is not None:
+        best = max(gains, key=gains.get, default=None)
+        if best is not None and gains[best] > 1:
+            lines.append(f"attention: {best} is exact and {gains[best]:.2f}x the Triton kernel's TFLOP/s: "
+                         f"--set attention.kernel=\"{best}\"")
         else:
             lines.append("attention: keep the Triton kernel (no exact library kernel was faster)")
     else:
