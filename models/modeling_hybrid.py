@@ -10,6 +10,8 @@ state, convolution context or attention.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -183,6 +185,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.model = HybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        if config.ssd_kernel == "fla":
+            from .kernels.ssd_fla import fla_available, ssd_chunk_scan_fla
+
+            if not fla_available():
+                raise ValueError("ssd_kernel = 'fla' needs flash-linear-attention (pip install fla-core); or set ssd_kernel = 'hetsp'")
+            self.set_kernels(ssd_scan=ssd_chunk_scan_fla)
+            logging.getLogger(__name__).info("SSD scan: flash-linear-attention's chunked kernels (ssd_kernel = 'fla')")
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

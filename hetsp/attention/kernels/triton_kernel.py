@@ -36,8 +36,10 @@ DEFAULT_BLOCKS_INTERPRETER = (16, 16)
 
 def check_blocks(block_m: int, block_n: int) -> None:
     """ValueError unless both tile sizes are powers of two of at least 16 (Triton's tl.dot limits)."""
+    from hetsp.checks import triton_block_ok
+
     for name, b in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
+        if not triton_block_ok(b):
             raise ValueError(f"triton attention {name} = {b!r}: must be a power of two >= 16 (tl.dot and tl.arange limits), e.g. 64 or 128")
 
 
@@ -45,6 +47,13 @@ def _blocks(device: torch.device, blocks: tuple[int, int] | None = None) -> tupl
     if blocks is not None:
         return blocks
     return DEFAULT_BLOCKS_CUDA if device.type == "cuda" else DEFAULT_BLOCKS_INTERPRETER
+
+
+def _num_warps(block_m: int) -> int:
+    # Each program keeps a (BLOCK_M, D) fp32 accumulator and the q tile in registers: with
+    # 128-row tiles 4 warps (Triton's default) would need about twice the registers per
+    # thread and spill, so they get 8 warps.
+    return 8 if block_m >= 128 else 4
 
 
 @triton.jit
@@ -208,6 +217,7 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, blocks: tuple[int, int
         BLOCK_N=bn,
         CAUSAL=bool(causal),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_num_warps(bm),
     )
 
 
