@@ -186,6 +186,28 @@ def test_lora_training_changes_only_the_adapter(rank_pool, tiny, tmp_path, zero_
     ckpt = tmp_path / "lora" / "checkpoints" / "step00000003"
     states = torch.load(next(ckpt.glob("*model_states.pt")), weights_only=False)["module"] or {}
     assert all("lora_" in k for k in states)
+    if zero_stage == 1:
+        _check_lora_exports(tmp_path, tiny, params)
+
+
+def _check_lora_exports(tmp_path, tiny, params):
+    """Merged export = base + (alpha / r) B A; the adapter folder and the run folder generate the same text."""
+    from transformers import AutoModelForCausalLM
+
+    from hetsp.export import export
+    from hetsp.generate import generate, load_for_generation
+
+    export(tmp_path / "lora" / "checkpoints", tmp_path / "merged")
+    export(tmp_path / "lora" / "checkpoints", tmp_path / "adapter", lora_output="adapter")
+    merged = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").named_parameters())
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj."
+    a, b = params[prefix + "lora_A.default.weight"][0], params[prefix + "lora_B.default.weight"][0]
+    expected = params[prefix + "base_layer.weight"][0] + (8.0 / 4) * b @ a
+    # fp32 merge (peft) against the same formula here: rounding of a 32-term matmul.
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected, rtol=1e-5, atol=1e-6)
+    texts = [generate(*load_for_generation(p), "def f1():\n", max_new_tokens=8)
+             for p in (tmp_path / "merged", tmp_path / "adapter", tmp_path / "lora")]
+    assert texts[0] == texts[1] == texts[2]
 
 
 def test_rope_scaling_logits_past_original_max_match_one_process(rank_pool, tiny):
@@ -315,3 +337,52 @@ def test_funcbody_examples_from_source():
     assert ex["prompt"] == '@staticmethod\ndef f(x,\n      y):\n    """Add.\n\n    More."""\n'
     assert ex["completion"] == "    z = x + y\n    return z\n"
     assert function_examples("def broken(:\n") == []
+
+
+def _family_config(family):
+    from transformers import MistralConfig, Qwen2Config
+
+    from hetsp.config import ModelConfig
+
+    small = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    if family == "qwen2":
+        return Qwen2Config(**small)
+    if family == "mistral":
+        return MistralConfig(**small, sliding_window=None)
+    mc = ModelConfig(family=family, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                     max_position_embeddings=64,
+                     extra={"layer_pattern": "attention,mamba2,s4d"} if family == "hybrid" else {})
+    from hetsp.model_registry import build_hf_config
+
+    return build_hf_config(mc, 50)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "bamba", "granitemoehybrid", "hybrid"])
+def test_every_family_loads_as_from_pretrained(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    from hetsp.loading import load_pretrained, resolve_config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_family_config(family)).save_pretrained(tmp_path, safe_serialization=True)
+    cfg = resolve_config(config_from_dict({"model": {"init_from": str(tmp_path)}, "data": {"max_seq_len": 32,
+                                                                                          "tokens_per_batch": 64}}))
+    assert cfg.model.family == family and cfg.model.hidden_size == 32
+    model = load_pretrained(cfg.model, cfg.train, 1, torch.device("cpu"), None)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 50, (1, 20))
+    with torch.no_grad():  # same weights, same code, one process: bit for bit
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_sliding_window_shorter_than_sequences_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from hetsp.loading import resolve_config
+
+    small = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(MistralConfig(**small, sliding_window=16)).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="sliding_window = 16"):
+        resolve_config(config_from_dict({"model": {"init_from": str(tmp_path)}, "data": {"max_seq_len": 32, "tokens_per_batch": 64}}))
