@@ -41,3 +41,62 @@ def inserted_pairs_ids(rng: random.Random, n: int, frac: float, bk: int = BK, vo
         else:
             ids.append(rng.randrange(vocab))
     return ids
+
+
+# ---------------------------------------------------------------- whole plans through the executor
+
+def _model(family, model_kwargs, attn):
+    import types
+
+    import torch
+
+    from .ssm_fns import _build
+    from .step_fns import _rmsnorm_in_input_dtype
+
+    model = _build(family, model_kwargs, attn, 1234).to(torch.float64)
+    for m in model.modules():  # transformers' Llama RMSNorm computes in fp32; keep fp64 exact
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.forward = types.MethodType(_rmsnorm_in_input_dtype, m)
+    return model
+
+
+def plan_steps(cases, family, model_kwargs, kernel):
+    """For each (sequences, structures, plan_json): (local loss sum, num units, local grads) through
+    `run_plan` with ring attention and the SSM layers parallelised."""
+    import torch
+    import torch.distributed as dist
+
+    from hetsp.attention import register_attention
+    from hetsp.executor import PlainEngine, run_plan
+    from hetsp.objectives.lm import LanguageModeling
+    from hetsp.plan import Plan
+    from hetsp.ssm_parallel import parallelize
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for sequences, structures, plan_json in cases:
+        model = parallelize(_model(family, model_kwargs, register_attention()))
+        plan = Plan.from_json(plan_json).validate(world)
+        res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), kernel, structures=structures)
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+        out.append((res.loss_sum, res.num_units, grads))
+    return out
+
+
+def per_context_reference(sequences, structures, family, model_kwargs):
+    """The semantics, slowly: position j's logits are the last logits of the model on ctx(j) (positions 0..); mean token loss over the batch and its gradients, one process."""
+    import torch
+
+    from hetsp.objectives.lm import LanguageModeling
+
+    # transformers' eager attention takes its softmax in fp32; sdpa stays in fp64 (the hybrid's eager is fp64)
+    model = _model(family, model_kwargs, "sdpa" if family == "llama" else "eager")
+    lm = LanguageModeling()
+    units = lm.num_units([len(s) for s in sequences])
+    total = 0.0
+    for seq, s in zip(sequences, structures):
+        rows = [model(input_ids=torch.tensor([[seq[i] for i in s.context(j)]]), use_cache=False).logits[0, -1] for j in range(len(seq))]
+        loss = lm.loss_sum(torch.stack(rows), torch.tensor(lm.labels(seq))) / units
+        loss.backward()
+        total += loss.item()
+    return total, {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
