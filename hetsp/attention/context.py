@@ -81,6 +81,20 @@ class ShardContext:
             self._steps[causal] = ring_steps(list(self.layouts), self.rank_in_group, causal)
         return self._steps[causal]
 
+    @property
+    def local_parents(self) -> torch.Tensor | None:
+        """(1, T) int64 for the model (models/kernels/tree.py), None without a tree: each local token's
+        parent as a local index, -1 at a document root, -2 when the parent is held by another rank."""
+        if self.tree is None:
+            return None
+        key = ("local_parents",)
+        if key not in self._steps:
+            local = {g: i for i, g in enumerate(self.layout.token_index)}
+            par = self.tree.structure.parents
+            out = [-1 if par[g] < 0 else local.get(par[g], -2) for g in self.layout.token_index]
+            self._steps[key] = torch.tensor(out, dtype=torch.int64, device=self.positions.device)[None]
+        return self._steps[key]
+
     def lifetimes(self, causal: bool, device: torch.device):
         """Per ring step, the block's `Lifetimes` (None without a tree), and whether any key of the
         block is visible to any of its queries (a block hidden entirely is skipped), cached."""

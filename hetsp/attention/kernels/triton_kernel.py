@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .base import BlockKernel, Segments
+from .base import BlockKernel, Lifetimes, Segments
 
 
 # Tile sizes (BLOCK_M query rows x BLOCK_N key rows per program). On CUDA 64 x 64: with head
@@ -57,9 +57,19 @@ def _num_warps(block_m: int) -> int:
 
 
 @triton.jit
+def _alive(QT, KT, KP, rows, cols, row_ok, col_ok):
+    """Lifetime mask (base.Lifetimes): key j visible to query i iff k_time[j] <= q_time[i] < k_pop[j]."""
+    qt = tl.load(QT + rows, mask=row_ok, other=0)
+    kt = tl.load(KT + cols, mask=col_ok, other=0)
+    kp = tl.load(KP + cols, mask=col_ok, other=0)
+    return (kt[None, :] <= qt[:, None]) & (qt[:, None] < kp[None, :])
+
+
+@triton.jit
 def _fwd(Q, K, V, O, L, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
          G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+         QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -91,6 +101,8 @@ def _fwd(Q, K, V, O, L, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s
             valid = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + shift)
+            if LIFE:
+                valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + cols, row_ok, col_ok)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
@@ -109,7 +121,8 @@ def _fwd(Q, K, V, O, L, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
               G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
     kh = tl.program_id(2)
@@ -144,6 +157,8 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, scale, s_qt, s_qh, s_kt
                 valid = row_ok[:, None] & col_ok[None, :]
                 if CAUSAL:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
+                if LIFE:
+                    valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
                 p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -157,7 +172,8 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, scale, s_qt, s_qh, s_kt
 @triton.jit
 def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
             G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+            QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -190,6 +206,8 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh
             valid = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
+            if LIFE:
+                valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -221,8 +239,17 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, blocks: tuple[int, int
     )
 
 
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, blocks: tuple[int, int] | None = None):
-    """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32). blocks: (BLOCK_M, BLOCK_N), None for the default."""
+def _life(visible: Lifetimes | None, device) -> dict:
+    if visible is None:
+        return {}
+    return dict(QT=visible.q_time.to(device).contiguous(), KT=visible.k_time.to(device).contiguous(),
+                KP=visible.k_pop.to(device).contiguous(), LIFE=True)
+
+
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None,
+                  blocks: tuple[int, int] | None = None):
+    """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32); `visible`: optional lifetime mask (base.Lifetimes);
+    blocks: (BLOCK_M, BLOCK_N), None for the default."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
     out = torch.empty_like(q)
@@ -231,12 +258,12 @@ def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float
     meta = _meta(q, k, causal, blocks)
     grid = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
     _fwd[grid](q, k, v, out, lse, cu_q, cu_k, float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-               out.stride(0), out.stride(1), lse.stride(0), **meta)
+               out.stride(0), out.stride(1), lse.stride(0), **meta, **_life(visible, q.device))
     return out, lse
 
 
 def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
-                   blocks: tuple[int, int] | None = None):
+                   visible: Lifetimes | None = None, blocks: tuple[int, int] | None = None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) in fp32 from the given final `out` and `lse`."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
@@ -250,10 +277,10 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     meta = _meta(q, k, causal, blocks)
     grid_kv = (triton.cdiv(seg.max_k, meta["BLOCK_N"]), seg.num_segments, k.shape[1])
     _bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, float(scale), q.stride(0), q.stride(1),
-                       k.stride(0), k.stride(1), lse.stride(0), dk.stride(0), dk.stride(1), **meta)
+                       k.stride(0), k.stride(1), lse.stride(0), dk.stride(0), dk.stride(1), **meta, **_life(visible, q.device))
     grid_q = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
     _bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_q, cu_k, float(scale), q.stride(0), q.stride(1),
-                    k.stride(0), k.stride(1), lse.stride(0), dq.stride(0), dq.stride(1), **meta)
+                    k.stride(0), k.stride(1), lse.stride(0), dq.stride(0), dq.stride(1), **meta, **_life(visible, q.device))
     return dq, dk, dv
 
 
@@ -263,6 +290,7 @@ TRITON_KERNEL = BlockKernel(
     backward=block_backward,
     causal_alignment="bottom_right",
     note="Triton varlen flash attention with log-sum-exp",
+    lifetime_mask=True,
 )
 
 
@@ -280,4 +308,5 @@ def triton_kernel(block_m: int | None = None, block_n: int | None = None) -> Blo
         backward=functools.partial(block_backward, blocks=blocks),
         causal_alignment="bottom_right",
         note=f"Triton varlen flash attention with log-sum-exp, tiles {block_m}x{block_n}",
+        lifetime_mask=True,
     )
