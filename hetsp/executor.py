@@ -27,6 +27,7 @@ from hetsp.attention import make_shard_context
 from hetsp.layout import shard_layout, zigzag_chunk_bounds
 from hetsp.objectives.lm import IGNORE_INDEX
 from hetsp.plan import Group, Plan
+from hetsp.ssm_parallel.detect import require_parallelized
 
 
 @dataclass
@@ -137,7 +138,10 @@ def run_plan(
     `engine` is a DeepSpeed engine when training (its `backward` and
     `set_gradient_accumulation_boundary` are used; the caller calls
     `engine.step()` afterwards), or any callable model for evaluation.
+    A model with recurrent or causal-convolution layers must have been through
+    `hetsp.ssm_parallel.parallelize` (refused otherwise).
     """
+    require_parallelized(getattr(engine, "module", engine))
     num_units = objective.num_units(plan.lengths)
     if num_units == 0:
         raise ValueError("the global batch has no target tokens (every sequence has a single token)")

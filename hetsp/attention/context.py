@@ -44,17 +44,26 @@ class ShardContext:
     def num_tokens(self) -> int:
         return self.layout.num_tokens
 
-    def steps(self, causal: bool):
-        """The ring's blocks for this rank (cached per causal flag)."""
+    def steps(self, causal: bool, window: int | None = None):
+        """The ring's blocks for this rank (cached per causal flag and sliding window)."""
         from .steps import ring_steps
 
-        if causal not in self._steps:
-            self._steps[causal] = ring_steps(list(self.layouts), self.rank_in_group, causal)
-        return self._steps[causal]
+        key = causal if window is None else (causal, window)
+        if key not in self._steps:
+            self._steps[key] = ring_steps(list(self.layouts), self.rank_in_group, causal, window)
+        return self._steps[key]
 
 
-def make_shard_context(lengths, group_start: int, group_size: int, global_rank: int, device, kernel: str = "auto") -> ShardContext:
-    """The `ShardContext` of `global_rank` in group [group_start, group_start + group_size) for `lengths`."""
+def make_shard_context(
+    lengths, group_start: int, group_size: int, global_rank: int, device, kernel: str = "auto", *, allow_empty_ranks: bool = False
+) -> ShardContext:
+    """The `ShardContext` of `global_rank` in group [group_start, group_start + group_size) for `lengths`.
+
+    A rank of the group that would hold no token is refused on every rank of the group at once
+    (all compute the same layouts from `lengths`, before any exchange): a stock model cannot run
+    on 0 tokens, and its peers would wait in the ring. `allow_empty_ranks=True` is for callers
+    that handle empty ranks (`ring_attention` called directly, SSM-only models).
+    """
     import torch.distributed as dist
 
     if group_size < 1 or group_start < 0:
@@ -69,6 +78,13 @@ def make_shard_context(lengths, group_start: int, group_size: int, global_rank: 
         raise ValueError(f"a group of {group_size} ranks needs torch.distributed initialised (init_process_group) first")
     device = torch.device(device)
     layouts = tuple(group_layouts(lengths, group_size))
+    empty = [lay.rank for lay in layouts if lay.num_tokens == 0]
+    if empty and not allow_empty_ranks:
+        raise ValueError(
+            f"ranks {[group_start + r for r in empty]} of group [{group_start}, {group_start + group_size}) would hold no token "
+            f"({sum(lengths)} tokens in {len(lengths)} sequences over {group_size} ranks); use a smaller group, add a filler "
+            "document of group_size tokens (as hetsp.executor does), or pass allow_empty_ranks=True when calling ring_attention directly"
+        )
     lay = layouts[global_rank - group_start]
     return ShardContext(
         group_start=group_start,
