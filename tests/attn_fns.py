@@ -38,7 +38,7 @@ def ring_cases(cases):
         idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
         q, k, v, dout = (x.index_select(0, idx) for x in case["inputs"][gi])
         q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-        out = ring_attention(q, k, v, ctx, causal=case["causal"], softmax_scale=case.get("scale"))
+        out = ring_attention(q, k, v, ctx, causal=case["causal"], softmax_scale=case.get("scale"), window=case.get("window"), softcap=case.get("softcap"))
         out.backward(dout)
         results.append((gi, out.detach(), q.grad, k.grad, v.grad))
     return results
