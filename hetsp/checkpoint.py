@@ -116,6 +116,10 @@ def save(engine: Any, run_dir: Path, step: int, meta: dict[str, Any], keep: int)
         if final.exists():  # the same step saved again (a resumed run that went back)
             shutil.rmtree(final)
         os.rename(part, final)
+        for leftover in staging.iterdir():  # DeepSpeed's zero_to_fp32.py, written next to the tags
+            if leftover.is_file():
+                os.replace(leftover, ckpt / leftover.name)
+        shutil.rmtree(staging, ignore_errors=True)
         _write_atomic(ckpt / "latest", tag)
         _write_atomic(ckpt / META, json.dumps(full, indent=1))
         _prune(ckpt, keep)

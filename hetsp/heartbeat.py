@@ -58,14 +58,27 @@ class HeartbeatWatch:
         self.timeout_s = timeout_s
 
     def stale(self, now: float | None = None) -> list[tuple[str, float]]:
-        """(child name "rank r", seconds since its last beat) for every rank past the timeout."""
+        """(child name "rank r", seconds since its last beat) for every rank past the timeout whose
+        process still exists (a rank that has exited stops beating and is not hung)."""
         now = time.time() if now is None else now
         out = []
         for path in sorted(self.folder.glob("rank_*")):
             try:
                 age = now - path.stat().st_mtime
-            except FileNotFoundError:
+                pid = int(path.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
                 continue
-            if age > self.timeout_s:
+            if age > self.timeout_s and _running(pid):
                 out.append((f"rank {path.name.split('_', 1)[1]}", age))
         return out
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting to be reaped has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True

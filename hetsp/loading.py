@@ -234,7 +234,8 @@ def checkpoint_hf_config(model: ModelConfig) -> Any:
             scaling["rope_type"] = scaling.pop("type")
         params.update(scaling)
         params.setdefault("rope_theta", resolved.rope_theta)
-        params.setdefault("original_max_position_embeddings", _checkpoint_value(checkpoint_config(model.init_from), "max_position_embeddings"))
+        if params.get("rope_type") in ("yarn", "llama3"):  # they scale relative to the trained context
+            params.setdefault("original_max_position_embeddings", checkpoint_config(model.init_from).get("max_position_embeddings"))
         hf_cfg.rope_parameters = params
         try:
             hf_cfg.validate_rope()
@@ -311,9 +312,13 @@ def load_pretrained(model: ModelConfig, train: Any, world_size: int, device: Any
     zero3 = train.zero_stage == 3
     if zero3:
         import deepspeed
+        import torch.distributed as dist
 
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
         dtype = resolve_dtype(train, device)
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(train, world_size, dtype), dtype=dtype):
+        # The dtype comes from the config (bf16 or fp32): zero.Init's own dtype argument is ignored
+        # on accelerators without fp16, where it would fall back to bf16.
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(train, world_size, dtype)):
             net = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
     else:
         net = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)

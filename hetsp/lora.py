@@ -62,3 +62,31 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
 
 def has_frozen_parameters(model: Any) -> bool:
     return any(not p.requires_grad for p in model.parameters())
+
+
+def lora_model_for_export(cfg: Any, state: dict[str, Any], merge: bool) -> Any:
+    """The base model of `cfg.model.init_from` with the adapter weights of `state` (consolidated from a
+    LoRA run's checkpoint, trained parameters only): merged into a plain model, or the peft model."""
+    from hetsp.loading import load_pretrained
+    from hetsp.config import TrainConfig
+
+    import torch
+
+    base = load_pretrained(cfg.model, TrainConfig(zero_stage=1, dtype="fp32"), 1, torch.device("cpu"), None)
+    model = apply_lora(base, cfg.lora)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if set(state) != names:
+        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+        raise ValueError(
+            f"the checkpoint's trained parameters do not match the LoRA adapter of the config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}. Was it written by this run's config ([lora], model.init_from)?"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+    if merge:
+        return model.merge_and_unload()
+    model.peft_config["default"].base_model_name_or_path = str(cfg.model.init_from)
+    return model

@@ -57,7 +57,9 @@ def _device() -> Any:
 
 def run_dir_for(cfg: Config) -> Path:
     """The run folder: HETSP_RUN_DIR when the launcher sets it (--run-dir), else output_dir/name."""
-    return Path(os.environ.get("HETSP_RUN_DIR") or Path(cfg.run.output_dir) / cfg.run.name)
+    from hetsp.runlock import run_folder
+
+    return run_folder(cfg.run.output_dir, cfg.run.name, os.environ.get("HETSP_RUN_DIR"))
 
 
 @dataclass
@@ -194,7 +196,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
                 skipped.append(step)
                 if rank == 0:
                     log.warning("step %d skipped: all %d sequences are too long to place (%d steps skipped so far)",
-                                step, len(plan.meta.get("dropped", [])), len(skipped))
+                                step, len(plan.dropped), len(skipped))
                 if end_of_step(step + 1):
                     end = step + 1
                     break
@@ -282,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat.start_from_env(rank)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), profiling=bool(args.profile))  # what the launcher checked, before any collective
+        # what the launcher checked, before any collective
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), planning=not args.profile)
     except ValueError as e:
         print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import sys
 
 from hetsp.config import Config, ConfigError, load_config
 
-from .cli import LaunchArgs, UsageError, parse_args
+from .cli import DEFAULT_MODULE, LaunchArgs, UsageError, parse_args
 from .devices import count_gpus, simulated_arrangement, threads_per_rank, torchrun_arrangement, available_cores
 from .rank_env import BACKEND_VAR, DEVICE_VAR, RUN_DIR_VAR
 from .ranks import log
@@ -38,28 +38,28 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = parse_args(argv)
         cfg = load_config(args.config, list(args.overrides))  # fail here, before any rank starts
-        if args.mode == "simulate":
-            check_run(cfg, args.num_ranks, profiling=bool(args.profile))
+        if args.mode == "simulate":  # before count_gpus, which imports torch
+            check_run(cfg, args.num_ranks, planning=not args.profile)
         num_gpus = count_gpus(args.device)
+        world, ranks_here = _world(args, num_gpus)
         if args.mode == "torchrun":
-            check_run(cfg, args.nnodes * (args.nproc_per_node or max(1, num_gpus)), profiling=bool(args.profile))
+            check_run(cfg, world, planning=not args.profile)
     except (UsageError, ConfigError, ValueError) as e:
         print(f"hetsp-launch: error: {e}", file=sys.stderr)
         return USAGE_EXIT
     if args.dry_run or args.profile:
         return _simulate(args, num_gpus, cfg) if args.mode == "simulate" else _torchrun(args, num_gpus, cfg)
+    from hetsp.checkpoint import CheckpointError
     from hetsp.runlock import RunFolderBusy, RunLock, run_folder
 
-    run_dir = run_folder(cfg.run.output_dir, cfg.run.name, args.run_dir)
+    lock = None
     try:
-        ranks_here = args.num_ranks if args.mode == "simulate" else (args.nproc_per_node or max(1, num_gpus))
-        _check_resume(cfg, args, run_dir, ranks_here if args.mode == "simulate" else
-                      args.nnodes * (args.nproc_per_node or max(1, num_gpus)))
+        run_dir = run_folder(cfg.run.output_dir, cfg.run.name, args.run_dir)
+        _check_resume(cfg, args, run_dir, world)
         _check_host(cfg, args, ranks_here, num_gpus)
-        lock = RunLock(run_dir) if args.node_rank == 0 else None
-        if lock is not None:
-            lock.acquire()
-    except (ValueError, RunFolderBusy) as e:
+        if args.node_rank == 0:  # one lock per job, on the shared run folder
+            lock = RunLock(run_dir).acquire()
+    except (ValueError, RunFolderBusy, CheckpointError) as e:
         print(f"hetsp-launch: error: {e}", file=sys.stderr)
         return USAGE_EXIT
     try:
@@ -71,6 +71,15 @@ def _main(argv: list[str] | None) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _world(args: LaunchArgs, num_gpus: int) -> tuple[int, int]:
+    """(ranks in the job, ranks on this host)."""
+    if args.mode == "simulate":
+        assert args.num_ranks is not None
+        return args.num_ranks, args.num_ranks
+    nproc = args.nproc_per_node or max(1, num_gpus)
+    return args.nnodes * nproc, nproc
 
 
 def _check_resume(cfg: Config, args: LaunchArgs, run_dir, world: int) -> None:
@@ -95,7 +104,7 @@ def _relaunch_hint(args: LaunchArgs):
 
 def _check_host(cfg: Config, args: LaunchArgs, ranks_here: int, num_gpus: int) -> None:
     """hetsp ranks on CPU: refuse (or warn with --force) when this host cannot hold them."""
-    if args.module != "hetsp.train" or num_gpus > 0:
+    if args.module != DEFAULT_MODULE or num_gpus > 0:  # test programs, or ranks on GPUs
         return
     from hetsp.overhead import cached_library_bytes, host_memory, host_problems, process_overhead
 

@@ -46,9 +46,9 @@ def heartbeat_watchdog(folder: Path, timeout_s: float):
     """A `supervise` watchdog: every rank whose heartbeat file is older than `timeout_s`, and why."""
     watch = heartbeat.HeartbeatWatch(folder, timeout_s)
 
-    def check() -> dict[str, str]:
+    def check(running: set[str]) -> dict[str, str]:
         return {name: f"{name} made no progress (no heartbeat) for {age:.1f} s, over run.heartbeat_timeout_s = "
-                f"{timeout_s:g}: stopped, frozen or swapped out?" for name, age in watch.stale()}
+                f"{timeout_s:g}: stopped, frozen or swapped out?" for name, age in watch.stale() if name in running}
 
     return check
 

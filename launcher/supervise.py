@@ -75,13 +75,14 @@ class _SignalTrap:
 
 
 def supervise(children: list[ChildProcess], *, stop: StopPolicy = StopPolicy(),
-              finish_grace_s: float | None = None, watchdog: Callable[[], dict[str, str]] | None = None) -> Outcome:
+              finish_grace_s: float | None = None, watchdog: Callable[[set[str]], dict[str, str]] | None = None) -> Outcome:
     """Start `children`, wait for all of them to exit 0, or stop them all at the first failure.
 
     finish_grace_s: once one child has exited 0, how long the others may still run before
     they are taken as hung (e.g. waiting in a collective for a peer that is gone) and stopped.
-    watchdog: called about every POLL_S seconds; a non-empty answer ({child name: why}, e.g. a
-    rank without heartbeat) stops the job and is kept in `Outcome.hung`.
+    watchdog: called about every POLL_S seconds with the names of the children still running; a
+    non-empty answer ({child name: why}, e.g. a rank without heartbeat) stops the job and is kept
+    in `Outcome.hung`.
     """
     outcome = Outcome()
     exits: queue.Queue[tuple[str, int]] = queue.Queue()
@@ -108,7 +109,7 @@ def supervise(children: list[ChildProcess], *, stop: StopPolicy = StopPolicy(),
                 outcome.stragglers = [c.name for c in children if c.name in pending]
                 break
             if watchdog is not None:
-                outcome.hung = watchdog()
+                outcome.hung = watchdog(pending)
                 if outcome.hung:
                     break
             try:

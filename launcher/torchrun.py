@@ -122,8 +122,10 @@ def _kill_stale_workers(folder: Path, timeout_s: float):
 
     check = heartbeat_watchdog(folder, timeout_s)
 
-    def watchdog() -> dict[str, str]:
-        stale = check()
+    def watchdog(running: set[str]) -> dict[str, str]:
+        # torchrun's workers are not the launcher's children: every rank with a file counts (a rank
+        # that has exited is not reported, see HeartbeatWatch.stale)
+        stale = check({f"rank {p.name.split('_', 1)[1]}" for p in folder.glob("rank_*")})
         for name in stale:
             beat = heartbeat.beat_file(folder, int(name.split()[-1]))
             try:

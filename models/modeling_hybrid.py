@@ -10,6 +10,8 @@ state, convolution context or attention.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -154,6 +156,14 @@ class HybridModel(HybridPreTrainedModel):
         mask = None
         impl = self.config._attn_implementation
         padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded:
+            recurrent = sorted(set(self.config.layer_kinds) - {"attention"})
+            if recurrent:
+                # their states, convolution windows, routers and local windows would consume the pads
+                raise NotImplementedError(
+                    f"HybridForCausalLM: padding in attention_mask is not honoured by its {', '.join(recurrent)} layers; "
+                    "run prompts of different lengths one at a time (or as packed rows with cu_seqlens, without a cache)"
+                )
         # sdpa applies plain causal masking itself (and may pick a fused kernel) when no mask is given.
         plain_causal = impl == "sdpa" and cu_seqlens is None and past == 0 and not padded and tree is None
         if impl in _MASKED_IMPLEMENTATIONS and "attention" in self.config.layer_kinds and not plain_causal:
@@ -183,6 +193,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.model = HybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        if config.ssd_kernel == "fla":
+            from .kernels.ssd_fla import fla_available, ssd_chunk_scan_fla
+
+            if not fla_available():
+                raise ValueError("ssd_kernel = 'fla' needs flash-linear-attention (pip install fla-core); or set ssd_kernel = 'hetsp'")
+            self.set_kernels(ssd_scan=ssd_chunk_scan_fla)
+            logging.getLogger(__name__).info("SSD scan: flash-linear-attention's chunked kernels (ssd_kernel = 'fla')")
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -69,11 +69,16 @@ def loaded_parameters(folder: str, zero_stage: int):
     return out if dist.get_rank() == 0 else None
 
 
-def plain_model(cfg_dict: dict, dtype=torch.float64):
-    """The run's model built exactly as training builds it (LoRA included), as a plain module in `dtype`."""
+def plain_model(cfg_dict: dict, dtype=torch.float64, attn: str | None = None):
+    """The run's model built exactly as training builds it (LoRA included), as a plain module in `dtype`
+    (ring attention unless `attn` names a stock one). In fp64, RMSNorm computes in fp64 as in step_fns."""
+    import types
+
     from hetsp.attention import register_attention
     from hetsp.data import load_tokenizer
     from hetsp.loading import build_training_model, resolve_config
+
+    from .step_fns import _rmsnorm_in_input_dtype
 
     cfg = resolve_config(config_from_dict(cfg_dict))
     vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
@@ -82,8 +87,13 @@ def plain_model(cfg_dict: dict, dtype=torch.float64):
         vocab_size = vocab
 
     torch.manual_seed(7)
-    model = build_training_model(cfg, _Data, 1, torch.device("cpu"), register_attention())
-    return model.to(dtype)
+    model = build_training_model(cfg, _Data, 1, torch.device("cpu"), attn or register_attention())
+    model = model.to(dtype)
+    if dtype == torch.float64:
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.forward = types.MethodType(_rmsnorm_in_input_dtype, m)
+    return model
 
 
 def plan_loss_and_grads(cfg_dict: dict, sequences, plan_json: str, dtype=torch.float64):
@@ -95,7 +105,7 @@ def plan_loss_and_grads(cfg_dict: dict, sequences, plan_json: str, dtype=torch.f
     model = plain_model(cfg_dict, dtype)
     model.train()
     plan = Plan.from_json(plan_json).validate(world)
-    res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling())
+    res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), "reference")
     loss = torch.tensor([res.loss_sum], dtype=torch.float64)
     dist.all_reduce(loss)
     grads = {}
@@ -139,3 +149,36 @@ def run_training(cfg_dict: dict):
         return None
     path = Path(cfg.run.output_dir) / cfg.run.name / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()], params
+
+
+def plan_logits(cfg_dict: dict, sequences, plan_json: str):
+    """Logits of every token under `plan_json` (fp64, ring attention), assembled on rank 0 by sequence."""
+    from hetsp.attention import make_shard_context
+    from hetsp.layout import shard_layout
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = plain_model(cfg_dict, torch.float64)
+    plan = Plan.from_json(plan_json).validate(world)
+    out = {}
+    with torch.no_grad():
+        for mb in plan.micro_batches:
+            group = mb.group_of(rank)
+            pieces = []
+            if group is not None and group.seqs:
+                lengths = [plan.lengths[s] for s in group.seqs]
+                ids = torch.tensor([t for s in group.seqs for t in sequences[s]])
+                layout = shard_layout(lengths, group.size, rank - group.start)
+                index = torch.tensor(layout.token_index, dtype=torch.long)
+                shard = make_shard_context(lengths, group.start, group.size, rank, "cpu", kernel="reference")
+                logits = model(input_ids=ids[index][None], position_ids=shard.positions[None], hetsp_shard=shard).logits[0]
+                pieces = [(group.seqs, lengths, index, logits)]
+            gathered = [None] * world
+            dist.all_gather_object(gathered, pieces)
+            for part in gathered:
+                for seqs, lengths, index, logits in part:
+                    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+                    for s, start, n in zip(seqs, starts, lengths):
+                        full = out.setdefault(s, torch.zeros(n, logits.shape[-1], dtype=logits.dtype))
+                        sel = (index >= start) & (index < start + n)
+                        full[index[sel] - start] = logits[sel]
+    return out if rank == 0 else None

@@ -9,7 +9,13 @@ from hetsp.attention import make_shard_context, ring_attention
 from hetsp.backspace import pack_structures, stack_structure
 
 from .backspace_fns import BK, deep_pop_ids, random_backspace_ids
-from .test_ring_attention import LAYOUTS, WORLD, assemble, make_case, rel
+from hetsp.testing import tolerance_ratio
+
+from .test_ring_attention import LAYOUTS, WORLD, assemble, make_case
+
+# fp64 on O(1) inputs over at most ~50 keys: rounding is ~1e-15; a zero gradient (a key no query
+# sees) has round-off of the same order, hence the absolute term.
+TOL = dict(atol=1e-10, rtol=1e-9)
 
 
 def structures_for(lengths, rng, kind):
@@ -54,7 +60,7 @@ def run(pool, cases):
         worst = 0.0
         for gi, got in assemble(c, [per_rank[r][i] for r in range(WORLD)]).items():
             for a, b in zip(got, context_truth(c, gi)):
-                worst = max(worst, rel(a, b))
+                worst = max(worst, tolerance_ratio(a, b, **TOL))
         errs.append(worst)
     return errs
 
@@ -62,7 +68,7 @@ def run(pool, cases):
 @pytest.mark.parametrize("kernel", ["torch_cpu", "reference"])
 def test_ring_attention_backspace_all_layouts(rank_pool, kernel):
     """Random structures (isolated pops, runs of pops) and a deep run popping across several shards,
-    on every group layout, GQA, fp64: rel 1e-9 against the per-context truth (fp64 rounding only)."""
+    on every group layout, GQA, fp64: within TOL of the per-context truth (fp64 rounding only)."""
     rng = random.Random(1)
     cases = []
     seed = 0
@@ -75,7 +81,7 @@ def test_ring_attention_backspace_all_layouts(rank_pool, kernel):
             case["structures"] = structures
             cases.append(case)
     errs = run(rank_pool(WORLD), cases)
-    assert max(errs) < 1e-9, errs
+    assert max(errs) <= 1, errs
 
 
 def test_plain_structure_takes_todays_path():
@@ -123,3 +129,30 @@ def test_flash_attn_kernel_declares_no_mask():
     from hetsp.attention.kernels.flash import FLASH_ATTN_KERNEL
 
     assert not FLASH_ATTN_KERNEL.lifetime_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_cpu_kernel_lifetime_mask(dtype):
+    """The CPU flash op with the additive lifetime mask against the reference kernel; rows that see no
+    key get lse = -inf (the op itself gives 0). fp64: 1e-12 (rounding); fp32: 1e-5 (fp32 rounding)."""
+    from .backspace_fns import lifetime_kernel_vs_reference
+
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    bad = [(lab, e) for lab, e in lifetime_kernel_vs_reference("torch_cpu", "cpu", dtype) if not e < tol]
+    assert not bad, bad
+
+
+def test_triton_lifetime_mask_in_interpreter():
+    """Triton fwd+bwd with the lifetime mask vs reference on CPU (TRITON_INTERPRET=1 in a subprocess,
+    set before triton is imported); fp32 tolerance 1e-5."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = "from tests import backspace_fns; print(backspace_fns.triton_lifetime_checks())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("ok")

@@ -118,7 +118,7 @@ from tests.attn_fns import kernel_vs_reference
 from hetsp.attention.kernels.triton_kernel import triton_kernel
 # fp32 kernels on O(1) randn inputs: round-off 6e-8 per operation over at most 40 keys
 tol = dict(atol=1e-5, rtol=1e-5)
-for tiles in ((16, 32), (32, 16)):
+for tiles in ((16, 32), (32, 16), (128, 16)):
     rep = kernel_vs_reference(triton_kernel(*tiles), "cpu", torch.float32, tol, sizes=((3, 5), (40, 33), (1, 1)))
     bad = [(lab, e) for lab, e in rep if not e <= 1]
     assert not bad, (tiles, bad)
@@ -163,3 +163,131 @@ def test_ring_step_logic_on_cpu_ranks():
     assert worst_error(per_rank, full) <= 1.0
     per_rank[0]["shard"][0][0] += 1.0  # a wrong row must be seen
     assert worst_error(per_rank, full) > 1.0
+
+
+def test_ssd_step_logic_on_cpu():
+    """The ssd step's comparison (outputs, final states, every gradient) with hetsp's CPU scan."""
+    from bench.gpu.throughput import ssd_exactness
+    from models.kernels.ssd import ssd_chunk_scan
+
+    shape = dict(heads=4, head_dim=8, groups=2, state=8)
+    res = ssd_exactness(ssd_chunk_scan, (1, 5, 70), torch.float32, device="cpu", shape=shape)
+    assert set(res) == {"y", "final", "dx", "ddt", "dA", "dB", "dC", "dinit"}
+    assert max(res.values()) <= 1.0, res
+
+
+def test_main_job_summary_reads_the_metrics(tmp_path):
+    import json
+
+    from bench.gpu.main_job import summarize
+
+    rows = [{"kind": "train", "step": i, "loss": 5.0 - i, "tokens": 100, "step_time_s": 0.5, "peak_mem_bytes": 2**30 * (i + 1)}
+            for i in range(4)] + [{"kind": "eval", "step": 3, "val_loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = summarize(tmp_path)
+    assert s["steps"] == 4 and s["loss_first"] == 5.0 and s["loss_last"] == 2.0
+    assert s["tokens_per_s"] == pytest.approx(200.0) and s["peak_mem_gib"] == pytest.approx(4.0)
+
+
+def test_choice_keeps_hetsp_kernels_unless_a_library_one_is_exact_and_faster():
+    from bench.gpu.check import choices
+    from bench.gpu.results import StepResult
+
+    def steps(flash_ok, flash_tf):
+        exact = StepResult("exactness", "ok", "", tables={"kernels vs fp64": [
+            {"case": "triton bfloat16 causal=True", "ok": True}, {"case": "torch_flash bfloat16 causal=True", "ok": flash_ok}]})
+        speed = StepResult("throughput", "ok", "", tables={"attention fwd+bwd, causal, bf16": [
+            {"kernel": "triton", "tokens": 4096, "tflops": 200.0}, {"kernel": "torch_flash", "tokens": 4096, "tflops": flash_tf},
+            {"kernel": "triton", "tokens": 65536, "tflops": 400.0}, {"kernel": "torch_flash", "tokens": 65536, "error": "x"}]})
+        return [exact, speed]
+
+    assert 'attention.kernel="torch_flash"' in choices(steps(True, 300.0))[0]
+    assert "keep the Triton kernel" in choices(steps(False, 300.0))[0]
+    assert "keep the Triton kernel" in choices(steps(True, 100.0))[0]
+    assert "not decided" in choices([])[0]
+
+
+def test_ssd_kernel_option_defaults_to_hetsp_and_is_checked():
+    from models.kernels import ssd_chunk_scan
+    from models.kernels.ssd_fla import ssd_chunk_scan_fla
+    from models import HybridForCausalLM
+
+    from .test_models import tiny_config
+
+    assert tiny_config(layer_pattern="mamba2").ssd_kernel == "hetsp"
+    with pytest.raises(ValueError, match="ssd_kernel"):
+        tiny_config(layer_pattern="mamba2", ssd_kernel="other")
+    model = HybridForCausalLM(tiny_config(layer_pattern="mamba2"))
+    assert model.model.layers[0].mixer.kernels["ssd_scan"] is ssd_chunk_scan
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="CUDA"):
+        ssd_chunk_scan_fla(x, torch.rand(1, 4, 2), -torch.rand(2), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8))
+
+
+def test_build_data_without_datasets_gives_the_same_batches(monkeypatch):
+    """`build_data` pointed at the main-job step's readers serves the same global batches."""
+    pytest.importorskip("datasets")
+    import hetsp.data.module as module
+    from bench.gpu.main_job import use_datasets_free_corpus
+    from hetsp.config import DataConfig
+
+    data = DataConfig(dataset="stdlib", tokenizer="bytes", max_documents=60, max_seq_len=512, tokens_per_batch=2048)
+    want = module.build_data(data, seed=1)
+    for name in ("load_documents", "tokenize_dataset"):  # restored after the test
+        monkeypatch.setattr(module, name, getattr(module, name))
+    use_datasets_free_corpus()
+    got = module.build_data(data, seed=1)
+    timings = ("tokenize_seconds", "build_seconds")
+    assert {k: v for k, v in got.stats.items() if k not in timings} == {k: v for k, v in want.stats.items() if k not in timings}
+    for step in (0, 3):
+        assert got.train_batch(step) == want.train_batch(step)
+    assert got.val_batches(2) == want.val_batches(2)
+
+
+def test_wheel_unpacks_without_pip(tmp_path):
+    from bench.gpu.install import make_wheel, unpack
+
+    unpack(make_wheel(tmp_path / "w"), tmp_path / "site")
+    assert (tmp_path / "site" / "hetsp_gpu_check_probe.py").read_text() == "VALUE = 42\n"
+
+
+def test_config_checks_refuse_bad_triton_tiles_before_any_rank_starts():
+    from hetsp.checks import check_attention
+    from hetsp.config import ConfigError, load_config
+
+    for sets, match in ((["attention.triton_block_m=48", "attention.triton_block_n=64"], "power of two"),
+                        (["attention.triton_block_m=64"], "both or neither"),
+                        (['attention.kernel="torch_cpu"', "attention.triton_block_m=64", "attention.triton_block_n=64"], "kernel")):
+        with pytest.raises(ConfigError, match=match):
+            check_attention(load_config(ROOT / "configs" / "default.toml", sets))
+    check_attention(load_config(ROOT / "configs" / "default.toml", ["attention.triton_block_m=128", "attention.triton_block_n=64"]))
+
+
+# GPU tests (skipped without CUDA; `bench/gpu_check.sh` runs them in its `tests` step).
+_BF16 = dict(atol=2e-2, rtol=2e-2)  # unit round-off 4e-3 on O(1) values, a few roundings deep
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["torch_flash", "triton_128x64", "triton_64x128"])
+def test_cuda_library_kernel_and_tiles_match_reference(kernel):
+    from hetsp.attention.kernels.triton_kernel import triton_kernel
+
+    from .attn_fns import kernel_vs_reference
+
+    if kernel.startswith("triton_"):
+        kernel = triton_kernel(*map(int, kernel.split("_")[1].split("x")))
+    sizes = ((300, 300), (1, 1), (129, 517), (1000, 1000))
+    report = kernel_vs_reference(kernel, "cuda", torch.bfloat16, _BF16, sizes=sizes, heads=(8, 2), dim=128)
+    bad = [(lab, e) for lab, e in report if not e <= 1]
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+def test_fla_ssd_scan_matches_the_fp64_twin():
+    pytest.importorskip("fla")
+    from bench.gpu.throughput import ssd_exactness
+    from models.kernels.ssd_fla import ssd_chunk_scan_fla
+
+    shape = dict(heads=4, head_dim=64, groups=2, state=64)
+    res = ssd_exactness(ssd_chunk_scan_fla, (1, 5, 64, 200), torch.float32, device="cuda", shape=shape)
+    assert max(res.values()) <= 1.0, res

@@ -45,7 +45,7 @@ def launch(target: str, *args: str, timeout: float = 60, **env: str) -> subproce
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "run.toml"
-    path.write_text("[train]\nsteps = 1\n")
+    path.write_text(f"[run]\noutput_dir = {json.dumps(str(tmp_path / 'runs'))}\n[train]\nsteps = 1\n")
     return path
 
 

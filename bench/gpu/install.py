@@ -25,11 +25,34 @@ def install(wheel_dir: Path, target: Path, python: str = sys.executable) -> tupl
     wheels = wheel_files(wheel_dir)
     if not wheels:
         return False, f"no wheels in {wheel_dir}: run bench/gpu_wheels.sh where there is network and carry the folder"
+    has_pip = subprocess.run([python, "-c", "import pip"], capture_output=True).returncode == 0
+    if not has_pip:
+        for w in wheels:
+            unpack(w, target)
+        return True, f"{len(wheels)} wheels from {wheel_dir} unpacked into {target} (no pip here)"
     res = subprocess.run(install_command(wheels, target, python), capture_output=True, text=True)
     if res.returncode != 0:
         last = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
         return False, f"pip install from {wheel_dir} failed: {last[0][:200]}"
     return True, f"{len(wheels)} wheels from {wheel_dir} installed offline into {target}"
+
+
+def unpack(wheel: Path, target: Path) -> None:
+    """Install without pip: a wheel's root is site-packages; its .data/purelib and platlib too
+    (scripts and headers are not needed by the check)."""
+    with zipfile.ZipFile(wheel) as z:
+        for member in z.namelist():
+            parts = member.split("/")
+            if parts[0].endswith(".data"):
+                if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                    continue
+                dest = target.joinpath(*parts[2:])
+            else:
+                dest = target / member
+            if member.endswith("/"):
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(z.read(member))
 
 
 def check_for_node(wheel_dir: Path, python_version: str, platforms: tuple[str, ...]) -> tuple[bool, str]:

@@ -21,7 +21,7 @@ from .exactness import check_case, cuda_kernels
 ATTN = dict(heads=32, kv_heads=8, dim=128)
 SEQS_FULL = (4096, 16384, 65536)
 SEQS_QUICK = (4096,)
-TRITON_TILES = ((64, 64), (128, 64), (64, 128), (128, 128), (32, 64))
+TRITON_TILES = ((64, 64), (128, 64), (64, 128), (128, 128))
 SSD = dict(heads=32, head_dim=64, groups=1, state=128)
 
 
@@ -66,16 +66,16 @@ def run_throughput(rec, quick: bool = False) -> None:
                + (f" (peak {peak / 1e12:.0f})" if peak else " (peak unknown for this GPU)"))
 
 
-def _ssd_inputs(length: int, dtype, seed: int = 0):
+def _ssd_inputs(length: int, dtype, seed: int = 0, device="cuda", shape=SSD):
     g = torch.Generator().manual_seed(seed)
-    H, P, G, N = SSD["heads"], SSD["head_dim"], SSD["groups"], SSD["state"]
+    H, P, G, N = shape["heads"], shape["head_dim"], shape["groups"], shape["state"]
     x = torch.randn(1, length, H, P, generator=g)
     dt = torch.nn.functional.softplus(torch.randn(1, length, H, generator=g) - 2.0)
     A = -torch.exp(torch.rand(H, generator=g))
     B = torch.randn(1, length, G, N, generator=g) / N ** 0.5
     C = torch.randn(1, length, G, N, generator=g) / N ** 0.5
     dy = torch.randn(1, length, H, P, generator=g)
-    return [t.to("cuda", dtype) for t in (x, dt, A, B, C)], dy.to("cuda", dtype)
+    return [t.to(device, dtype) for t in (x, dt, A, B, C)], dy.to(device, dtype)
 
 
 def ssd_impls() -> dict:
@@ -170,15 +170,15 @@ def _ssd_blocks(rec, length: int) -> str:
     return "none ran" if best is None else f"best chunk {best[1]} with {best[2]} warps ({best[0] * 1e3:.1f} ms)"
 
 
-def ssd_exactness(fn, lengths, dtype, seed: int = 0) -> dict[str, float]:
+def ssd_exactness(fn, lengths, dtype, seed: int = 0, device="cuda", shape=SSD) -> dict[str, float]:
     """{tensor: closeness} of one scan on packed `lengths` (with initial states) vs the fp64 twin."""
     from models.kernels.ssd import ssd_chunk_scan_ref
 
     total = sum(lengths)
-    ins, dy = _ssd_inputs(total, torch.float64, seed)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), device="cuda")
+    ins, dy = _ssd_inputs(total, torch.float64, seed, device, shape)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), device=device)
     g = torch.Generator().manual_seed(seed + 1)
-    init = torch.randn(len(lengths), SSD["heads"], SSD["head_dim"], SSD["state"], generator=g).to("cuda", torch.float64) * 0.1
+    init = torch.randn(len(lengths), shape["heads"], shape["head_dim"], shape["state"], generator=g).to(device, torch.float64) * 0.1
     ref_in = [t.clone().requires_grad_(True) for t in ins + [init]]
     y_ref, f_ref = ssd_chunk_scan_ref(*ref_in[:5], cu_seqlens=cu, initial_states=ref_in[5])
     g_ref = torch.autograd.grad((y_ref * dy).sum() + f_ref.sum(), ref_in)
@@ -224,6 +224,7 @@ def run_ssd(rec, quick: bool = False) -> None:
     else:
         why = "fla exact but not faster" if "fla" in speed else "fla did not run"
     rec.data["ssd_choice"] = choice
+    rec.data["ssd_reason"] = why
     bad = [k for k, ok in verdicts.items() if not ok and k.startswith("hetsp")]
     rec.finish("fail" if bad else "ok", f"SSD exact: {', '.join(k for k, ok in verdicts.items() if ok) or 'none'}; "
-               f"GPU path to use: {choice} ({why})")
+               f"GPU path to use: {choice} ({why}): model.extra.ssd_kernel = \"{choice}\"")

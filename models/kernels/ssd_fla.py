@@ -6,8 +6,8 @@ y = q state, with q = C, k = B (groups repeated to heads), v = dt x, g = dt A an
 fla keeps the state as (V, K) = (P, N) with ``state_v_first=True``, hetsp's own layout.
 fla's chunk length is its own (64); `chunk_size` is accepted for the common signature.
 Only for CUDA (Triton). Not selected by default: `bench/gpu_check.sh` compares it with
-hetsp's scan against the fp64 twin, and a model uses it only through
-``model.set_kernels(ssd_scan=ssd_chunk_scan_fla)``.
+hetsp's scan against the fp64 twin, and a hybrid model uses it only when its config says
+``ssd_kernel = "fla"`` (``model.extra.ssd_kernel`` in a run config).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def fla_available() -> bool:
 def ssd_chunk_scan_fla(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK, cu_seqlens=None, initial_states=None):
     """Returns y (B, L, H, P) and final_states (S, H, P, N), like `ssd_chunk_scan`."""
     _check(x, dt, A, B, C)
+    if not x.is_cuda:
+        raise ValueError(f"ssd_chunk_scan_fla runs on CUDA tensors only, got {x.device}; use ssd_chunk_scan (ssd_kernel = 'hetsp')")
     if not fla_available():
         raise ValueError("ssd_chunk_scan_fla needs flash-linear-attention (pip install fla-core); use ssd_chunk_scan")
     from fla.ops.simple_gla import chunk_simple_gla

@@ -18,7 +18,9 @@ on other hardware is told so, `hardware_mismatch`).
 A rank's token budget is ``cluster.tokens_per_rank`` (one truth): the profile's own
 ``tokens_per_rank`` only says what it was measured with, and is used when no cluster is
 given. A profile must cover the lengths the configuration can place
-(`ProfileCostModel.coverage_problems`), or be re-measured. Between measured lengths of a degree, time is
+(`ProfileCostModel.coverage_problems`), or be re-measured.
+
+Between measured lengths of a degree, time is
 piecewise linear; below the shortest, proportional to s (the segment from
 no tokens, no time). A degree between measured degrees takes the rank-time
 (d x t) interpolated linearly in log(d) between its measured neighbours.

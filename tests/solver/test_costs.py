@@ -56,8 +56,10 @@ def test_ring_overlap_and_bounds():
         bound = cm.group_overhead_s(d) + sum(cm.seq_time(s, d) for s in ls)
         assert exact <= bound * (1 + 1e-12)
         assert exact >= sum(cm.compute_s(s, d) for s in ls)
+    no_peak = build_cost_model(PlannerConfig(cost_model="ring"), ClusterConfig(), ModelConfig(), 4)
+    assert no_peak.capacity(2) == 2 * ClusterConfig().tokens_per_rank  # the memory budget needs no FLOP/s
     with pytest.raises(ValueError, match="peak_tflops"):
-        build_cost_model(PlannerConfig(cost_model="ring"), ClusterConfig(), ModelConfig(), 4)
+        no_peak.seq_time(100, 1)
     with pytest.raises(ValueError, match="model's shape"):
         build_cost_model(PlannerConfig(cost_model="ring"), ClusterConfig(peak_tflops=1), None, 4)
 
