@@ -10,13 +10,12 @@ the exchanges a rank posts (batched isend/irecv calls, by kind: ring K/V, ring
 dK/dV, SSM state gathers and their gradients, convolution halos), the messages
 and bytes it sends, and the time it is blocked waiting for them. Counting wraps
 `torch.distributed.batch_isend_irecv` in this process only, so it measures any
-version of hetsp the same way. Rank 0 prints a Markdown table (and --json).
+version of hetsp the same way. Rank 0 prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -80,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--tokens", type=int, default=128, help="tokens of each group's sequence")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default="", help="also write the rows to this JSON file (rank 0)")
     args, _ = p.parse_known_args(argv)
 
     from hetsp.config import load_config
@@ -145,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["by_kind"].items())) or "-"
             print(f"| {name} | {r['time_s']:.3f} | {r['blocked_s']:.3f} | {r['exchanges']} | "
                   f"{r['exchanges'] / layers:.1f} | {r['messages']} | {r['bytes']:,} | {kinds} |")
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
     dist.destroy_process_group()
     return 0
 

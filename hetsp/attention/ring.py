@@ -126,6 +126,35 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel,
     return out, lse
 
 
+def _block_grads(kernel, step, lifetime, mods, dout, q, kv, out_q, lse, scale):
+    """One block's backward: (dq_b, dk_b, dv_b, q_rows, k_rows), or None for a block that contributes nothing."""
+    life, useful = lifetime
+    if not useful:
+        return None
+    q_rows, k_rows = step.rows(q.device)
+    extra = mods if life is None else dict(mods, visible=life)
+    dq_b, dk_b, dv_b = kernel.backward(
+        _take(dout, q_rows), _take(q, q_rows), _take(kv[0], k_rows), _take(kv[1], k_rows),
+        _take(out_q, q_rows), _take(lse, q_rows), step.seg, step.causal, scale, **extra,
+    )
+    return dq_b, dk_b, dv_b, q_rows, k_rows
+
+
+def _add_block_grads(dq, dkv, grads, acc) -> None:
+    """Add a block's gradients (`_block_grads`) into dq and the visiting block's dK/dV accumulator dkv (in place)."""
+    dq_b, dk_b, dv_b, q_rows, k_rows = grads
+    if q_rows is None:
+        dq += dq_b
+    else:
+        dq.index_add_(0, q_rows, dq_b.to(acc))
+    if k_rows is None:
+        dkv[0] += dk_b
+        dkv[1] += dv_b
+    else:
+        dkv[0].index_add_(0, k_rows, dk_b.to(acc))
+        dkv[1].index_add_(0, k_rows, dv_b.to(acc))
+
+
 def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scale: float, kernel, window=None, softcap=None):
     """(dq, dk, dv) in q's dtype; `out` (T, H, D) and `lse` (T, H) are the final merged ones."""
     acc = acc_dtype(q.dtype)
@@ -141,37 +170,11 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
     dkv_pending = None
     for t, step in enumerate(steps):
         kv_pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
-        grads = None
-        life, useful = lifetimes[t]
-        if useful:
-            q_rows, k_rows = step.rows(q.device)
-            extra = mods if life is None else dict(mods, visible=life)
-            grads = kernel.backward(
-                _take(dout, q_rows),
-                _take(q, q_rows),
-                _take(kv[0], k_rows),
-                _take(kv[1], k_rows),
-                _take(out_q, q_rows),
-                _take(lse, q_rows),
-                step.seg,
-                step.causal,
-                scale,
-                **extra,
-            )
+        grads = _block_grads(kernel, step, lifetimes[t], mods, dout, q, kv, out_q, lse, scale)
         if dkv_pending is not None:
             dkv = dkv_pending.wait()
         if grads is not None:
-            dq_b, dk_b, dv_b = grads
-            if q_rows is None:
-                dq += dq_b
-            else:
-                dq.index_add_(0, q_rows, dq_b.to(acc))
-            if k_rows is None:
-                dkv[0] += dk_b
-                dkv[1] += dv_b
-            else:
-                dkv[0].index_add_(0, k_rows, dk_b.to(acc))
-                dkv[1].index_add_(0, k_rows, dv_b.to(acc))
+            _add_block_grads(dq, dkv, grads, acc)
         if d > 1:
             # the gradient travels on with its block; after the last step this hop takes it home
             next_src = steps[t + 1].src if t + 1 < d else r
@@ -196,26 +199,10 @@ def gathered_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, 
     contrib = {}  # rank in group -> this rank's dK/dV for that rank's block
     for t, step in enumerate(steps):
         kv = blocks[step.src]
-        c = torch.zeros(kv.shape, dtype=acc, device=q.device)
-        life, useful = lifetimes[t]
-        if useful:
-            q_rows, k_rows = step.rows(q.device)
-            extra = mods if life is None else dict(mods, visible=life)
-            dq_b, dk_b, dv_b = kernel.backward(
-                _take(dout, q_rows), _take(q, q_rows), _take(kv[0], k_rows), _take(kv[1], k_rows),
-                _take(out_q, q_rows), _take(lse, q_rows), step.seg, step.causal, scale, **extra,
-            )
-            if q_rows is None:
-                dq += dq_b
-            else:
-                dq.index_add_(0, q_rows, dq_b.to(acc))
-            if k_rows is None:
-                c[0] += dk_b
-                c[1] += dv_b
-            else:
-                c[0].index_add_(0, k_rows, dk_b.to(acc))
-                c[1].index_add_(0, k_rows, dv_b.to(acc))
-        contrib[step.src] = c
+        contrib[step.src] = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        grads = _block_grads(kernel, step, lifetimes[t], mods, dout, q, kv, out_q, lse, scale)
+        if grads is not None:
+            _add_block_grads(dq, contrib[step.src], grads, acc)
     peers = [p for p in range(d) if p != r]
     mine = {p: torch.empty(contrib[r].shape, dtype=acc, device=q.device) for p in peers}
     _exchange_with_peers(ctx, {p: contrib[p] for p in peers}, mine, TAG_DKV)

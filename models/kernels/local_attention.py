@@ -53,13 +53,27 @@ def _local_attention_tree(q, k, v, window, scale, prefix_k, tree, tree_index):
     return torch.einsum("bqk,bke->bqe", _softmax_masked(scores, allowed), v)
 
 
+def _one_block(q, k, v, seg, window, scale):
+    """No prefix and at most `window` slots: one (M, M) block instead of a padded (W, 2W) one."""
+    m = q.shape[1]
+    i = torch.arange(m, device=q.device)[:, None]
+    j = torch.arange(m, device=q.device)[None, :]
+    near = (j <= i) & (j > i - window)
+    allowed = near & (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    scores = torch.einsum("bqz,bkz->bqk", q, k) * scale
+    return torch.einsum("bqk,bke->bqe", _softmax_masked(scores, allowed), v)
+
+
 def local_attention(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, prefix_seg=None, tree=None, tree_index=None):
-    """Blocked version: query block b (W queries) reads key blocks b-1 and b, O(M W).
+    """Blocked version: query block b (W queries) reads key blocks b-1 and b, O(M W); a row of at
+    most W slots without prefix is one (M, M) block.
 
     tree, tree_index: stack-structured rows (models.kernels.tree); None takes today's path."""
     if tree is not None:
         return _local_attention_tree(q, k, v, window, scale, prefix_k, tree, tree_index)
     batch, m, _ = q.shape
+    if prefix_k is None and m <= window:
+        return _one_block(q, k, v, seg, window, scale)
     w = window
     kx, vx, sx = _with_prefix(k, v, seg, prefix_k, prefix_v, prefix_seg, w)
     nb = max((m + w - 1) // w, 1)
