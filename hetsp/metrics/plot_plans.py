@@ -45,7 +45,11 @@ def plot_lengths(run_dir: Path, out_dir: Path, plt: Any) -> Path | None:
     sizes = list(by_size)
     ax.hist([by_size[d] for d in sizes], bins=edges, stacked=True, label=[f"group of {d}" for d in sizes])
     if hi > lo:
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="sequence length (tokens)", ylabel="sequences",
            title=f"{Path(run_dir).resolve().name}: lengths of {len(every):,} sequences by the group size they ran on")
     ax.legend()
@@ -73,6 +77,9 @@ def plot_predicted(records: list[dict[str, Any]], run_name: str, out_dir: Path, 
     ax.plot(steps, [m for _, _, m in pairs], label="measured", linewidth=1)
     ax.plot(steps, [p for _, p, _ in pairs], label="predicted by the planner", linewidth=1)
     ax.set(xlabel="step", ylabel="step time (s)", title=f"{run_name}: step time")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     ax2.scatter([m for _, _, m in pairs[1:] or pairs], [p for _, p, _ in pairs[1:] or pairs], s=10)
