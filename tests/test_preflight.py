@@ -93,3 +93,20 @@ def test_shipped_configs_plan_a_long_tailed_batch(name):
     for g in plan.groups():
         assert g.num_tokens(lengths) <= cfg.cluster.tokens_per_rank * g.size
     assert max(g.size for g in plan.groups() if g.seqs) >= 2
+
+
+def test_a_profile_from_other_hardware_is_named(tmp_path):
+    """A run planning with a profile measured elsewhere is told so (the launcher logs it with the
+    command that re-measures it); one measured here is not."""
+    from hetsp.config import config_from_dict
+    from hetsp.planning import make_planner, profile_hardware_note
+    from solver.costs.profile import hardware_here, save_profile
+
+    pts = [{"degree": d, "tokens": s, "time_s": s * 1e-4} for d in (1, 2) for s in (128, 256)]
+    cfg = {"cluster": {"tokens_per_rank": 128}, "data": {"max_seq_len": 256},
+           "planner": {"name": "greedy", "cost_model": "profile", "profile_path": str(tmp_path / "p.json")}}
+    save_profile(tmp_path / "p.json", pts, 128, hardware=dict(hardware_here(), cpu="Another CPU", cores=96))
+    note = profile_hardware_note(make_planner(config_from_dict(cfg), 259, on_gpu=False), 2)
+    assert "measured on other hardware" in note and "'Another CPU' there" in note and "cores 96 there" in note
+    save_profile(tmp_path / "p.json", pts, 128, hardware=hardware_here())
+    assert profile_hardware_note(make_planner(config_from_dict(cfg), 259, on_gpu=False), 2) is None
