@@ -218,11 +218,15 @@ def _seed_library_cache(tmp_path: Path, value: int) -> dict[str, str]:
     return env
 
 
+FOUR = "[1,2,3,4]"  # the group sizes the default job's profile measured (on 4 ranks)
+
+
 def test_launcher_refuses_ranks_the_host_cannot_hold(tmp_path):
     # a rank's libraries as measured on a CPU machine (about 0.5 GiB): 64 ranks exceed any test host
     env = _seed_library_cache(tmp_path, 500 * 2**20)
     r = subprocess.run([sys.executable, "-m", "launcher", "--device", "cpu", "--simulate", "64", DEFAULT,
-                        "--set", "cluster.ranks_per_node=0", "--set", f"run.output_dir={json.dumps(str(tmp_path))}"],
+                        "--set", "cluster.ranks_per_node=0", "--set", f"run.output_dir={json.dumps(str(tmp_path))}",
+                        "--set", f"planner.allowed_group_sizes={FOUR}"],
                        cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "64 ranks need about" in r.stderr and "libraries 0.49 GiB + data" in r.stderr
@@ -235,7 +239,8 @@ def test_force_starts_anyway_with_a_warning(tmp_path, monkeypatch, capsys):
     started = []
     monkeypatch.setattr(launcher_main, "_simulate", lambda args, gpus, cfg: started.append(args.num_ranks) or 0)
     rc = launcher_main.main(["--device", "cpu", "--simulate", "64", "--force", DEFAULT, "--set",
-                             "cluster.ranks_per_node=0", "--set", f"run.output_dir={json.dumps(str(tmp_path))}"])
+                             "cluster.ranks_per_node=0", "--set", f"run.output_dir={json.dumps(str(tmp_path))}",
+                             "--set", f"planner.allowed_group_sizes={FOUR}"])
     assert rc == 0 and started == [64]
     assert "warning: 64 ranks need about" in capsys.readouterr().err
 
