@@ -102,7 +102,9 @@ def save(engine: Any, run_dir: Path, step: int, meta: dict[str, Any], keep: int)
     if rank == 0:
         shutil.rmtree(staging / tag, ignore_errors=True)  # what an interrupted save left
     dist.barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state={"hetsp_step": step}, save_latest=False)
+    # With frozen parameters (LoRA) only the trained ones are saved; the rest come from model.init_from.
+    engine.save_checkpoint(str(staging), tag=tag, client_state={"hetsp_step": step}, save_latest=False,
+                           exclude_frozen_parameters=_has_frozen(engine))
     torch.save(_rng_state(), staging / tag / f"rng_rank{rank}.pt")
     dist.barrier()  # every rank's files are written
     if rank == 0:
@@ -163,6 +165,10 @@ def problems(tag_dir: Path) -> list[str]:
         out += [f"{tag_dir / f'rng_rank{r}.pt'} (RNG state of rank {r}) is missing"
                 for r in range(world) if f"rng_rank{r}.pt" not in files]
     return out
+
+
+def _has_frozen(engine: Any) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 @dataclass
@@ -237,7 +243,7 @@ def load(engine: Any, found: Resumable) -> int:
                                 "checkpoint, and resuming without it would not continue exactly")
     try:
         path, _ = engine.load_checkpoint(str(found.tag.parent), tag=found.tag.name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+                                         load_lr_scheduler_states=True, load_module_strict=not _has_frozen(engine))
     except Exception as e:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {found.tag}: {type(e).__name__}: {e}") from e
     if path is None:

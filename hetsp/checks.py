@@ -90,6 +90,24 @@ def _at_least(value: float, low: float, key: str, strict: bool = False) -> None:
         raise ConfigError(f"{key} = {value}: must be {'>' if strict else '>='} {low}")
 
 
+def triton_block_ok(block: int) -> bool:
+    """A Triton tile size: a power of two of at least 16 (tl.dot and tl.arange limits)."""
+    return isinstance(block, int) and block >= 16 and not block & (block - 1)
+
+
+def check_attention(cfg: Config) -> None:
+    a = cfg.attention
+    for key in ("triton_block_m", "triton_block_n"):
+        b = getattr(a, key)
+        if b and not triton_block_ok(b):
+            raise ConfigError(f"attention.{key} = {b}: must be 0 (the kernel's default) or a power of two >= 16, e.g. 64")
+    if bool(a.triton_block_m) != bool(a.triton_block_n):
+        raise ConfigError("attention.triton_block_m and attention.triton_block_n: set both or neither")
+    if a.triton_block_m and a.kernel not in ("triton", "auto"):
+        raise ConfigError(f"attention.triton_block_m/n are set but attention.kernel = {a.kernel!r}; "
+                          "set attention.kernel = \"triton\" or leave the block sizes at 0")
+
+
 def check_values(cfg: Config) -> None:
     """Numbers that no run can use (a negative step count runs nothing and reports success)."""
     t, r = cfg.train, cfg.run
@@ -149,6 +167,7 @@ def check_run(cfg: Config, world_size: int, planning: bool = True) -> None:
     from hetsp.preflight import check_world
 
     check_values(cfg)
+    check_attention(cfg)
     check_planner_options(cfg)
     check_data_config(cfg.data)
     check_world(cfg, world_size)

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 # Fixed choices, checked at load (a new choice is one more name in its Literal).
 PlannerName = Literal["static", "random", "greedy", "batch_adaptive", "milp"]
 CostModelName = Literal["ring", "profile", "flexsp"]
-AttentionKernelName = Literal["auto", "torch_cpu", "flash_attn", "triton", "reference"]
+AttentionKernelName = Literal["auto", "torch_cpu", "flash_attn", "triton", "torch_flash", "reference"]
 ObjectiveName = Literal["lm"]
 
 
@@ -61,6 +61,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # Family-specific options passed to the model's config (e.g. layer_pattern for hybrid).
     extra: dict[str, Any] = field(default_factory=dict)
+    # A local Hugging Face model folder to start from (config.json + safetensors); the family and
+    # the shape come from its config.json (hetsp.loading). "" starts from random weights.
+    init_from: str = ""
+    # RoPE scaling that overrides the checkpoint's, e.g. {rope_type = "linear", factor = 4.0}.
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +88,12 @@ class DataConfig:
     validation_seed: int = 0  # picks the held-out documents; independent of run.seed on purpose
     # Local .txt/.md files: one document per "document" (file), "paragraph" or "line".
     text_sample_by: Literal["document", "paragraph", "line"] = "document"
+    # "text": documents (continued pretraining); "prompt_completion" and "messages": fine-tuning
+    # examples where only completion / assistant tokens carry loss (hetsp.data.finetune).
+    format: Literal["text", "prompt_completion", "messages"] = "text"
+    # An example longer than max_seq_len: "error", "drop" (counted), or "keep_end" (cut the start of
+    # the prompt so the example fits; an example whose completion alone does not fit is dropped).
+    prompt_policy: Literal["error", "drop", "keep_end"] = "error"
 
 
 @dataclass
@@ -119,6 +130,10 @@ class PlannerConfig:
 @dataclass
 class AttentionConfig:
     kernel: AttentionKernelName = "auto"
+    # Triton kernel tiles (query rows, key rows per program), powers of two >= 16; 0 = the
+    # kernel's default (64 x 64 on CUDA). bench/gpu_check.sh reports the fastest on a GPU.
+    triton_block_m: int = 0
+    triton_block_n: int = 0
 
 
 @dataclass
@@ -146,6 +161,14 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0  # 0: no LoRA (every parameter trains)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,6 +177,7 @@ class Config:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,7 +250,14 @@ def _build(cls: type, data: dict[str, Any], path: str, where: str) -> Any:
         if key not in names:
             raise ConfigError(f"{where}: unknown key {key_path!r} (known keys here: {sorted(names)})")
         kwargs[key] = _coerce(value, hints[key], key_path, where)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    obj.__dict__["_explicit_keys"] = frozenset(kwargs)  # read by explicit_keys()
+    return obj
+
+
+def explicit_keys(section: Any) -> frozenset[str]:
+    """The keys of a config section that its file or overrides set (not defaults)."""
+    return section.__dict__.get("_explicit_keys", frozenset())
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -29,15 +29,30 @@ def is_fallback(plan: Plan) -> bool:
     return "fallback" in plan.meta or (plan.meta.get("planner") == "milp" and plan.meta.get("status") == "heuristic")
 
 
-def make_planner(cfg: Config, vocab_size: int) -> Any:
-    """The configured planner, told the real vocabulary size and the ZeRO stage."""
-    import solver
+def planner_config(cfg: Config, on_gpu: bool) -> Any:
+    """`cfg.planner` with the run's training settings the cost models need filled into its
+    options (unless set there): "zero_stage", "dtype" (`hetsp.memory.run_dtype`) and
+    "activation_checkpointing". Training, the dry run and ``hetsp-plan --config`` all plan with it."""
+    from hetsp.memory import run_dtype
 
-    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
     options = dict(cfg.planner.options)
     options.setdefault("zero_stage", cfg.train.zero_stage)
-    planner_cfg = dataclasses.replace(cfg.planner, options=options)
-    return solver.get_planner(cfg.planner.name, planner_cfg, cfg.cluster, model)
+    options.setdefault("dtype", run_dtype(cfg.train.dtype, on_gpu))
+    options.setdefault("activation_checkpointing", cfg.train.activation_checkpointing)
+    return dataclasses.replace(cfg.planner, options=options)
+
+
+def make_planner(cfg: Config, vocab_size: int, on_gpu: bool | None = None) -> Any:
+    """The configured planner, told the real vocabulary size and the run's training settings
+    (`planner_config`); `on_gpu` None: whether this process sees CUDA."""
+    import solver
+
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
+    return solver.get_planner(cfg.planner.name, planner_config(cfg, on_gpu), cfg.cluster, model)
 
 
 class Planning:
@@ -108,13 +123,14 @@ class Planning:
     @staticmethod
     def kept(plan: Plan, sequences: list[list[int]]) -> list[list[int]]:
         """The batch as the plan indexes it: a planner that drops sequences that cannot
-        fit (planner.long_policy = "drop") records which ones it kept in meta["source_index"]."""
-        index = plan.meta.get("source_index")
-        if index is None:
-            return sequences
-        if plan.meta.get("dropped"):
-            log.warning("planner dropped %d sequence(s) that fit no group: %s", len(plan.meta["dropped"]), plan.meta["dropped"])
-        return [sequences[i] for i in index]
+        fit (planner.long_policy = "drop") records which ones it trains in the plan."""
+        if plan.dropped:
+            log.warning("planner dropped %d sequence(s) that fit no group: %s", len(plan.dropped), list(plan.dropped))
+        kept = plan.inputs_trained(sequences)
+        bad = [j for j, (seq, n) in enumerate(zip(kept, plan.lengths)) if len(seq) != n]
+        if bad:
+            raise ValueError(f"plan sequence {bad[0]} has {plan.lengths[bad[0]]} tokens but the batch's has {len(kept[bad[0]])}")
+        return kept
 
     def close(self) -> None:
         summary = self.fallback_summary() if self.rank == 0 else None

@@ -82,9 +82,8 @@ def build_runtime(cfg: Config) -> Runtime:
     from hetsp.data import build_data
     from hetsp.engine import build_engine
     from hetsp.metrics.flops import ModelFlops
-    from hetsp.model_registry import build_model
+    from hetsp.loading import build_training_model, num_parameters
     from hetsp.objectives import get_objective
-    from hetsp.ssm_parallel import parallelize
 
     world_size = dist.get_world_size()
     device = _device()
@@ -92,11 +91,11 @@ def build_runtime(cfg: Config) -> Runtime:
     torch.manual_seed(cfg.run.seed)
     objective = get_objective(cfg.train.objective)
     data = build_data(cfg.data, cfg.run.seed)
-    model = parallelize(build_model(cfg.model, data.vocab_size, attn_implementation=register_attention()))
-    num_params = sum(p.numel() for p in model.parameters())
+    model = build_training_model(cfg, data, world_size, device, register_attention())
+    num_params = num_parameters(model)
     if dist.get_rank() == 0:
         log.info("model: %s, %.2fM parameters, %d ranks on %s", cfg.model.family, num_params / 1e6, world_size, device)
-    flops = ModelFlops.from_model(model)  # before ZeRO-3 partitions the parameters
+    flops = ModelFlops.from_hf_config(model.config)  # a meta-device twin: ZeRO-3 may have partitioned the model
     engine = build_engine(model, cfg.train, world_size, device)
     return Runtime(device, data, objective, flops, engine)
 
@@ -109,7 +108,9 @@ def profile(cfg: Config, out: Path) -> None:
     from hetsp.profiler import measure
     from solver.costs.profile import save_profile
 
-    rt = build_runtime(cfg)
+    from hetsp.loading import resolve_config
+
+    rt = build_runtime(resolve_config(cfg))
     world = dist.get_world_size()
     degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
     points, fixed_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel, degrees,
@@ -138,6 +139,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     import torch.distributed as dist
 
     from hetsp import checkpoint
+    from hetsp.attention.kernels import kernel_for_config
     from hetsp.engine import resolve_dtype
     from hetsp.executor import run_plan
     from hetsp.metrics import MetricsLogger
@@ -146,6 +148,9 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     from hetsp.planning import Planning
     from hetsp.preempt import StopRequest
 
+    from hetsp.loading import resolve_config
+
+    cfg = resolve_config(cfg)  # the checkpoint's model fields and tokenizer (model.init_from)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = run_dir_for(cfg)
     if rank == 0:
@@ -165,10 +170,11 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     planning = Planning(cfg, data, world_size, rank)
     metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size,
                             peak_flops_per_rank=peak, print_every=cfg.train.log_every)
-    ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
+    ckpt_meta = {"vocab_size": engine.module.config.vocab_size if cfg.model.init_from else data.vocab_size,
+                 "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
     stop = StopRequest().__enter__()  # SIGTERM from here on: checkpoint at the end of the step
-    kernel = cfg.attention.kernel
+    kernel = kernel_for_config(cfg.attention, device)
     end = cfg.train.steps if cfg.train.stop_after <= 0 else min(cfg.train.steps, start + cfg.train.stop_after)
     skipped = []  # steps whose every sequence was too long to place (planner.long_policy = "drop")
 
@@ -188,28 +194,33 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
         for step in range(start, end):
             t0 = time.perf_counter()
             batch = data.train_batch(step)
+            t_data = time.perf_counter() - t0
             plan = planning.plan_for(step)
             batch = planning.kept(plan, batch)
             if step + 1 < end:
                 planning.prefetch(step + 1)
-            t_plan = time.perf_counter() - t0
+            t_plan = time.perf_counter() - t0 - t_data
             metrics.log_plan(step, plan)
             if not plan.lengths:
                 skipped.append(step)
                 if rank == 0:
                     log.warning("step %d skipped: all %d sequences are too long to place (%d steps skipped so far)",
-                                step, len(plan.meta.get("dropped", [])), len(skipped))
+                                step, len(plan.dropped), len(skipped))
                 if end_of_step(step + 1):
                     end = step + 1
                     break
                 continue
             res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel)
             engine.step()
-            loss_sum = torch.tensor([res.loss_sum], dtype=torch.float64)
-            dist.all_reduce(loss_sum)
+            # one reduction: the loss sum, and each rank's data and exchange seconds (logged as the mean over ranks)
+            sums = torch.tensor([res.loss_sum, t_data + res.data_s, res.comm_s], dtype=torch.float64)
+            dist.all_reduce(sums)
+            loss_total, data_s, comm_s = sums.tolist()
             dt = time.perf_counter() - t0
             record = {
-                "loss": loss_sum.item() / res.num_units,
+                "loss": loss_total / res.num_units,
+                "data_s": data_s / world_size,
+                "comm_s": comm_s / world_size,
                 "lr": engine.get_lr()[0],
                 "tokens": sum(plan.lengths),
                 "step_time_s": dt,
@@ -308,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             profile(cfg, Path(args.profile))
         else:
             train(cfg, args.resume)
-    except (ValueError, CheckpointError, PeerFailed, FileNotFoundError) as e:
+    except (ValueError, NotImplementedError, CheckpointError, PeerFailed, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group()
         return 1 if isinstance(e, PeerFailed) else 2

@@ -51,16 +51,19 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel)
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
     steps = ctx.steps(causal)
+    lifetimes = ctx.lifetimes(causal, q.device)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     for t, step in enumerate(steps):
         pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
-        if not step.empty:
+        life, useful = lifetimes[t]
+        if useful:
             q_rows, k_rows = step.rows(q.device)
             kb = _take(kv[0], k_rows)
             vb = _take(kv[1], k_rows)
-            o_b, lse_b = kernel.forward(_take(q, q_rows), kb, vb, step.seg, step.causal, scale)
+            extra = {} if life is None else {"visible": life}
+            o_b, lse_b = kernel.forward(_take(q, q_rows), kb, vb, step.seg, step.causal, scale, **extra)
             if t == 0 and q_rows is None:  # the first block covers every row: nothing to merge yet
                 out.copy_(o_b)
                 lse.copy_(lse_b)
@@ -77,6 +80,7 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
     steps = ctx.steps(causal)
+    lifetimes = ctx.lifetimes(causal, q.device)
     out_q = out.to(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
@@ -85,8 +89,10 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
     for t, step in enumerate(steps):
         kv_pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
         grads = None
-        if not step.empty:
+        life, useful = lifetimes[t]
+        if useful:
             q_rows, k_rows = step.rows(q.device)
+            extra = {} if life is None else {"visible": life}
             grads = kernel.backward(
                 _take(dout, q_rows),
                 _take(q, q_rows),
@@ -97,6 +103,7 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
                 step.seg,
                 step.causal,
                 scale,
+                **extra,
             )
         if dkv_pending is not None:
             dkv = dkv_pending.wait()
@@ -140,7 +147,7 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _validate(q, k, v, ctx: ShardContext) -> None:
+def _validate(q, k, v, ctx: ShardContext, causal: bool = True) -> None:
     if not isinstance(ctx, ShardContext):
         raise ValueError(f"ctx must be a ShardContext (hetsp.attention.make_shard_context), got {type(ctx).__name__}")
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -161,6 +168,8 @@ def _validate(q, k, v, ctx: ShardContext) -> None:
             f"this rank holds {n} tokens by its cu_seqlens (ctx.layout), but q has {q.shape[0]} and k {k.shape[0]}; "
             "gather the rank's tokens with ctx.layout.token_index and build the context from the same lengths"
         )
+    if ctx.tree is not None and not causal:
+        raise ValueError("<bkspc> sequences (ctx.tree) define causal attention over ancestors only; call with causal=True")
     if q.device != k.device or q.device != v.device or q.device != ctx.positions.device:
         raise ValueError(f"q, k, v and the context must be on one device, got {q.device}, {k.device}, {v.device}, {ctx.positions.device}")
 
@@ -172,7 +181,7 @@ def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scal
     layout's order. Returns (T, H, D) in q's dtype; differentiable in q, k, v. Every rank
     of the group must call it together (a rank holding 0 tokens too).
     """
-    _validate(q, k, v, ctx)
+    _validate(q, k, v, ctx, causal)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, ctx, causal, float(scale), ctx.kernel)
 
@@ -180,6 +189,6 @@ def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scal
 def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None):
     """Reference twin of `ring_attention` (same shapes): the same ring with the plain-torch
     block kernel, which computes in float64 for float64 inputs."""
-    _validate(q, k, v, ctx)
+    _validate(q, k, v, ctx, causal)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, ctx, causal, float(scale), REFERENCE_KERNEL)

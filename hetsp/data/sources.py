@@ -158,8 +158,8 @@ def load_hub(data: DataConfig):
     return ds
 
 
-def load_documents(data: DataConfig):
-    """The configured source as a `datasets.Dataset` with the string column ``data.text_field``."""
+def load_source(data: DataConfig):
+    """The configured source as a `datasets.Dataset`, its fields unchecked."""
     if data.dataset == "stdlib":
         ds = load_stdlib(data)
     else:
@@ -173,6 +173,12 @@ def load_documents(data: DataConfig):
             )
         else:
             ds = load_hub(data)
+    return ds
+
+
+def load_documents(data: DataConfig):
+    """The configured source as a `datasets.Dataset` with the string column ``data.text_field``."""
+    ds = load_source(data)
     if data.text_field not in ds.column_names:
         raise ValueError(
             f"data.text_field = {data.text_field!r} is not a field of {data.dataset!r}; "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockKernel, Segments, acc_dtype, reduce_kv, repeat_kv
+from .base import BlockKernel, Lifetimes, Segments, acc_dtype, reduce_kv, repeat_kv
 
 
 def _mask(nq: int, nk: int, device: torch.device) -> torch.Tensor:
@@ -20,8 +20,10 @@ def _mask(nq: int, nk: int, device: torch.device) -> torch.Tensor:
     return j <= i + (nk - nq)
 
 
-def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float):
-    """Block attention per segment: (out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype)."""
+def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None):
+    """Block attention per segment: (out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype).
+
+    `visible`: optional lifetime mask (base.Lifetimes), applied on top of `causal`."""
     acc = acc_dtype(q_THD.dtype)
     num_heads = q_THD.shape[1]
     out = torch.empty(q_THD.shape, dtype=acc, device=q_THD.device)
@@ -33,6 +35,8 @@ def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: f
         s = (q @ k.transpose(1, 2)) * scale
         if causal:
             s = s.masked_fill(~_mask(b - a, e - c, q.device), float("-inf"))
+        if visible is not None:
+            s = s.masked_fill(~visible.allowed(a, b, c, e), float("-inf"))
         l = torch.logsumexp(s, dim=-1)  # H, nq; -inf for a row that sees no key (then p = 0, out = 0)
         p = torch.exp(s - torch.where(torch.isfinite(l), l, 0.0)[..., None])
         out[a:b] = (p @ v).transpose(0, 1)
@@ -40,7 +44,7 @@ def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: f
     return out.to(q_THD.dtype), lse
 
 
-def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float):
+def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None):
     """Gradients of a block given the final merged `out` and `lse`: (dq, dk, dv) in acc dtype.
 
     P = exp(S - lse), dV = P^T dO, dP = dO V^T, D = rowsum(dO * O), dS = P (dP - D).
@@ -59,6 +63,8 @@ def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segm
         s = (q @ k.transpose(1, 2)) * scale
         if causal:
             s = s.masked_fill(~_mask(b - a, e - c, q.device), float("-inf"))
+        if visible is not None:
+            s = s.masked_fill(~visible.allowed(a, b, c, e), float("-inf"))
         lse = lse_TH[a:b].to(acc).transpose(0, 1)
         p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
         dv[c:e] = (p.transpose(1, 2) @ do).transpose(0, 1)
@@ -75,6 +81,7 @@ REFERENCE_KERNEL = BlockKernel(
     backward=block_backward_ref,
     causal_alignment="bottom_right",
     note="plain torch, per segment, float64-capable",
+    lifetime_mask=True,
 )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockKernel, Segments, acc_dtype, reduce_kv, repeat_kv
+from .base import BlockKernel, Lifetimes, Segments, acc_dtype, reduce_kv, repeat_kv
 
 
 def _op():
@@ -58,20 +58,44 @@ def _view(x_TXD: torch.Tensor, start: int, step: int, n: int, b: int) -> torch.T
     return x_TXD.as_strided((b, n, x_TXD.shape[1], x_TXD.shape[2]), (step * s0, s0, s1, s2), x_TXD.storage_offset() + start * s0).transpose(1, 2)
 
 
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float):
-    """(out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype)."""
+def _batch_mask(visible: Lifetimes | None, nq, nk, qa, ka, qs, ks, b, dtype):
+    """Additive (B, 1, nq, nk) lifetime mask of one strided batch and (B, nq) 'row sees a key', or (None, None).
+
+    The op takes no boolean mask (only one of q's dtype) and gives a row whose mask hides
+    every key lse = 0, not -inf: the caller resets such rows."""
+    if visible is None:
+        return None, None
+    dev = visible.q_time.device
+    qi = qa + torch.arange(b, device=dev)[:, None] * qs + torch.arange(nq, device=dev)
+    ki = ka + torch.arange(b, device=dev)[:, None] * ks + torch.arange(nk, device=dev)
+    qt = visible.q_time[qi][..., None]
+    allowed = (visible.k_time[ki][:, None, :] <= qt) & (qt < visible.k_pop[ki][:, None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None], allowed.any(-1)
+
+
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None):
+    """(out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype); `visible`: optional lifetime mask
+    (it implies causality, so the op then runs unmasked-causal with the additive mask)."""
     num_heads = q_THD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
     out = torch.empty_like(q_THD)
     lse = torch.empty(q_THD.shape[:2], dtype=acc_dtype(q_THD.dtype), device=q_THD.device)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
-        o, l = _op()(_view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0, causal, scale=scale)
+        mask, seen = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
+        o, l = _op()(
+            _view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0,
+            causal and mask is None, attn_mask=mask, scale=scale,
+        )
+        if seen is not None:
+            l = l.masked_fill(~seen[:, None, :], float("-inf"))
+            o = o.masked_fill(~seen[:, None, :, None], 0.0)
         _view(out, qa, qs, nq, b).copy_(o)
         _view(lse[..., None], qa, qs, nq, b)[..., 0].copy_(l)
     return out, lse
 
 
-def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float):
+def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) from the given final `out` and `lse`."""
     num_heads, num_kv = q_THD.shape[1], k_TKD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
@@ -83,6 +107,7 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     dk = torch.empty_like(k_THD)
     dv = torch.empty_like(v_THD)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
+        mask, _ = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
         gq, gk, gv = _op_backward()(
             _view(dout_THD, qa, qs, nq, b).contiguous(),
             _view(q_THD, qa, qs, nq, b),
@@ -91,7 +116,8 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
             _view(out_THD, qa, qs, nq, b).contiguous(),
             _view(lse_TH1, qa, qs, nq, b)[..., 0].contiguous(),
             0.0,
-            causal,
+            causal and mask is None,
+            attn_mask=mask,
             scale=scale,
         )
         _view(dq, qa, qs, nq, b).copy_(gq)
@@ -106,4 +132,5 @@ TORCH_CPU_KERNEL = BlockKernel(
     backward=block_backward,
     causal_alignment="top_left",
     note="aten._scaled_dot_product_flash_attention_for_cpu, one call per run of equal segments",
+    lifetime_mask=True,
 )
