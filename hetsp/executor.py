@@ -30,6 +30,7 @@ from hetsp.layout import shard_layout, zigzag_chunk_bounds
 from hetsp.metrics.timing import COMM_WAIT
 from hetsp.objectives.lm import IGNORE_INDEX
 from hetsp.plan import Group, Plan
+from hetsp.ssm_parallel.detect import require_parallelized
 
 
 @dataclass
@@ -162,7 +163,10 @@ def run_plan(
     `set_gradient_accumulation_boundary` are used; the caller calls
     `engine.step()` afterwards), or any callable model for evaluation.
     `structures`: per sequence, its `<bkspc>` stack structure or None (`micro_batch_inputs`).
+    A model with recurrent or causal-convolution layers must have been through
+    `hetsp.ssm_parallel.parallelize` (refused otherwise).
     """
+    require_parallelized(getattr(engine, "module", engine))
     num_units = objective.num_units(plan.lengths, sequences)
     if num_units == 0:
         raise ValueError("the global batch has no target tokens (single-token sequences, or no trainable token)")

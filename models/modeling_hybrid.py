@@ -156,6 +156,14 @@ class HybridModel(HybridPreTrainedModel):
         mask = None
         impl = self.config._attn_implementation
         padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded:
+            recurrent = sorted(set(self.config.layer_kinds) - {"attention"})
+            if recurrent:
+                # their states, convolution windows, routers and local windows would consume the pads
+                raise NotImplementedError(
+                    f"HybridForCausalLM: padding in attention_mask is not honoured by its {', '.join(recurrent)} layers; "
+                    "run prompts of different lengths one at a time (or as packed rows with cu_seqlens, without a cache)"
+                )
         # sdpa applies plain causal masking itself (and may pick a fused kernel) when no mask is given.
         plain_causal = impl == "sdpa" and cu_seqlens is None and past == 0 and not padded and tree is None
         if impl in _MASKED_IMPLEMENTATIONS and "attention" in self.config.layer_kinds and not plain_causal:

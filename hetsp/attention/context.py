@@ -73,13 +73,14 @@ class ShardContext:
     def num_tokens(self) -> int:
         return self.layout.num_tokens
 
-    def steps(self, causal: bool):
-        """The ring's blocks for this rank (cached per causal flag)."""
+    def steps(self, causal: bool, window: int | None = None):
+        """The ring's blocks for this rank (cached per causal flag and sliding window)."""
         from .steps import ring_steps
 
-        if causal not in self._steps:
-            self._steps[causal] = ring_steps(list(self.layouts), self.rank_in_group, causal)
-        return self._steps[causal]
+        key = causal if window is None else (causal, window)
+        if key not in self._steps:
+            self._steps[key] = ring_steps(list(self.layouts), self.rank_in_group, causal, window)
+        return self._steps[key]
 
     @property
     def local_parents(self) -> torch.Tensor | None:
@@ -95,13 +96,13 @@ class ShardContext:
             self._steps[key] = torch.tensor(out, dtype=torch.int64, device=self.positions.device)[None]
         return self._steps[key]
 
-    def lifetimes(self, causal: bool, device: torch.device):
+    def lifetimes(self, causal: bool, device: torch.device, window: int | None = None):
         """Per ring step, the block's `Lifetimes` (None without a tree), and whether any key of the
         block is visible to any of its queries (a block hidden entirely is skipped), cached."""
-        key = ("lifetimes", causal, str(device))
+        key = ("lifetimes", causal, str(device), window)
         if key not in self._steps:
             out = []
-            for step in self.steps(causal):
+            for step in self.steps(causal, window):
                 if self.tree is None or step.empty:
                     out.append((None, not step.empty))
                     continue
@@ -120,13 +121,19 @@ class ShardContext:
 
 
 def make_shard_context(
-    lengths, group_start: int, group_size: int, global_rank: int, device, kernel: str = "auto", structure: StackStructure | None = None
+    lengths, group_start: int, group_size: int, global_rank: int, device, kernel: str = "auto",
+    structure: StackStructure | None = None, *, allow_empty_ranks: bool = False
 ) -> ShardContext:
     """The `ShardContext` of `global_rank` in group [group_start, group_start + group_size) for `lengths`.
 
     structure: the packed stack structure of the group's sequences (`hetsp.backspace.pack_structures`)
     when they hold `<bkspc>`; positions then are depths and attention sees ancestors only. None, or a
     structure without any `<bkspc>`, takes exactly the plain path.
+
+    A rank of the group that would hold no token is refused on every rank of the group at once
+    (all compute the same layouts from `lengths`, before any exchange): a stock model cannot run
+    on 0 tokens, and its peers would wait in the ring. `allow_empty_ranks=True` is for callers
+    that handle empty ranks (`ring_attention` called directly, SSM-only models).
     """
     import torch.distributed as dist
 
@@ -142,6 +149,13 @@ def make_shard_context(
         raise ValueError(f"a group of {group_size} ranks needs torch.distributed initialised (init_process_group) first")
     device = torch.device(device)
     layouts = tuple(group_layouts(lengths, group_size))
+    empty = [lay.rank for lay in layouts if lay.num_tokens == 0]
+    if empty and not allow_empty_ranks:
+        raise ValueError(
+            f"ranks {[group_start + r for r in empty]} of group [{group_start}, {group_start + group_size}) would hold no token "
+            f"({sum(lengths)} tokens in {len(lengths)} sequences over {group_size} ranks); use a smaller group, add a filler "
+            "document of group_size tokens (as hetsp.executor does), or pass allow_empty_ranks=True when calling ring_attention directly"
+        )
     lay = layouts[global_rank - group_start]
     tree = None
     block_kernel = select_kernel(kernel, device)

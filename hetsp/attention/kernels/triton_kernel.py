@@ -9,6 +9,8 @@ TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check
 Kernels: `_fwd` (one program per query tile, segment, head), `_bwd_dkdv` (one per key tile,
 segment, kv head; loops over the G query heads of the kv head, so no atomics) and `_bwd_dq`.
 D_i = rowsum(dO_i * O_i) uses the final merged O given by the caller.
+Score modifiers (kernels/base.py): logit softcapping (tanh from exp; dS times 1 - tanh^2)
+and a sliding window masked by the rows' global positions (index-aligned causal tiling off).
 """
 
 from __future__ import annotations
@@ -57,19 +59,34 @@ def _num_warps(block_m: int) -> int:
 
 
 @triton.jit
-def _alive(QT, KT, KP, rows, cols, row_ok, col_ok):
+def _alive(QT, KT, KPOP, rows, cols, row_ok, col_ok):
     """Lifetime mask (base.Lifetimes): key j visible to query i iff k_time[j] <= q_time[i] < k_pop[j]."""
     qt = tl.load(QT + rows, mask=row_ok, other=0)
     kt = tl.load(KT + cols, mask=col_ok, other=0)
-    kp = tl.load(KP + cols, mask=col_ok, other=0)
+    kp = tl.load(KPOP + cols, mask=col_ok, other=0)
     return (kt[None, :] <= qt[:, None]) & (qt[:, None] < kp[None, :])
 
 
 @triton.jit
-def _fwd(Q, K, V, O, L, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exp overflowing to inf gives 1, underflowing to 0 gives -1
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _in_window(QP, KP, q0, k0, rows, cols, row_ok, col_ok, window):
+    """(BLOCK_M, BLOCK_N) bool: 0 <= q_pos - k_pos < window (kernels/base.py)."""
+    qp = tl.load(QP + q0 + rows, mask=row_ok, other=0)
+    kp = tl.load(KP + k0 + cols, mask=col_ok, other=0)
+    diff = qp[:, None] - kp[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+@triton.jit
+def _fwd(Q, K, V, O, L, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
          G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-         QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
+         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+         QT=None, KT=None, KPOP=None, LIFE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -98,11 +115,15 @@ def _fwd(Q, K, V, O, L, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s
             kt = tl.load(K + (k0 + cols)[None, :] * s_kt + kh * s_kh + offs_d[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             v = tl.load(V + (k0 + cols)[:, None] * s_kt + kh * s_kh + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, kt, input_precision=PREC) * scale
+            if SOFTCAP:
+                s = _tanh(s / softcap) * softcap
             valid = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + shift)
             if LIFE:
-                valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + cols, row_ok, col_ok)
+                valid = valid & _alive(QT, KT, KPOP, q0 + offs_m, k0 + cols, row_ok, col_ok)
+            if WINDOW:
+                valid = valid & _in_window(QP, KP, q0, k0, offs_m, cols, row_ok, col_ok, window)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
@@ -119,10 +140,10 @@ def _fwd(Q, K, V, O, L, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
+def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
               G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-              QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+              QT=None, KT=None, KPOP=None, LIFE: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
     kh = tl.program_id(2)
@@ -154,15 +175,22 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, scale, s_qt, s_qh, s_kt
                 lse = tl.load(L + (q0 + offs_m) * s_lt + h, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA + (q0 + offs_m) * s_lt + h, mask=row_ok, other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                if SOFTCAP:
+                    t = _tanh(s / softcap)
+                    s = t * softcap
                 valid = row_ok[:, None] & col_ok[None, :]
                 if CAUSAL:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
                 if LIFE:
-                    valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
+                    valid = valid & _alive(QT, KT, KPOP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
+                if WINDOW:
+                    valid = valid & _in_window(QP, KP, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
                 p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 ds = p * (dp - delta[:, None])
+                if SOFTCAP:
+                    ds = ds * (1.0 - t * t)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         mask = col_ok[:, None] & d_ok[None, :]
         tl.store(DK + (k0 + offs_n)[:, None] * s_gt + kh * s_gh + offs_d[None, :], dk * scale, mask=mask)
@@ -170,10 +198,10 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, scale, s_qt, s_qh, s_kt
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
+def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
             G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-            QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
+            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+            QT=None, KT=None, KPOP=None, LIFE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -203,14 +231,21 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, scale, s_qt, s_qh, s_kt, s_kh
             k = tl.load(K + (k0 + offs_n)[:, None] * s_kt + kh * s_kh + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(V + (k0 + offs_n)[:, None] * s_kt + kh * s_kh + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            if SOFTCAP:
+                t = _tanh(s / softcap)
+                s = t * softcap
             valid = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
             if LIFE:
-                valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
+                valid = valid & _alive(QT, KT, KPOP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
+            if WINDOW:
+                valid = valid & _in_window(QP, KP, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         tl.store(DQ + (q0 + offs_m)[:, None] * s_gt + h * s_gh + offs_d[None, :], dq * scale, mask=row_ok[:, None] & d_ok[None, :])
 
@@ -225,15 +260,18 @@ def _check(q: torch.Tensor) -> None:
         raise ValueError("the triton attention kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
 
 
-def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, blocks: tuple[int, int] | None = None) -> dict:
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, window=None, softcap=None,
+          blocks: tuple[int, int] | None = None) -> dict:
     bm, bn = _blocks(q.device, blocks)
     return dict(
+        WINDOW=window is not None,
+        SOFTCAP=softcap is not None,
         G=q.shape[1] // k.shape[1],
         HEAD_DIM=q.shape[2],
         BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
         BLOCK_M=bm,
         BLOCK_N=bn,
-        CAUSAL=bool(causal),
+        CAUSAL=bool(causal) and window is None,  # a window masks by position instead (kernels/base.py)
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=_num_warps(bm),
     )
@@ -243,11 +281,20 @@ def _life(visible: Lifetimes | None, device) -> dict:
     if visible is None:
         return {}
     return dict(QT=visible.q_time.to(device).contiguous(), KT=visible.k_time.to(device).contiguous(),
-                KP=visible.k_pop.to(device).contiguous(), LIFE=True)
+                KPOP=visible.k_pop.to(device).contiguous(), LIFE=True)
 
 
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None,
-                  blocks: tuple[int, int] | None = None):
+def _modifier_args(seg: Segments, device, window, softcap) -> tuple:
+    """(QP, KP, window, softcap) kernel arguments; placeholders when a modifier is off."""
+    if window is not None:
+        q_pos, k_pos = seg.device_pos(device)
+    else:
+        q_pos = k_pos = seg.device_cu(device)[0]  # never read (WINDOW is off)
+    return q_pos, k_pos, int(window or 0), float(softcap or 1.0)
+
+
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *,
+                  window=None, softcap=None, blocks: tuple[int, int] | None = None):
     """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32); `visible`: optional lifetime mask (base.Lifetimes);
     blocks: (BLOCK_M, BLOCK_N), None for the default."""
     _check(q_THD)
@@ -255,15 +302,16 @@ def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     cu_q, cu_k = seg.device_cu(q.device)
-    meta = _meta(q, k, causal, blocks)
+    meta = _meta(q, k, causal, window, softcap, blocks)
+    mods = _modifier_args(seg, q.device, window, softcap)
     grid = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
-    _fwd[grid](q, k, v, out, lse, cu_q, cu_k, float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+    _fwd[grid](q, k, v, out, lse, cu_q, cu_k, mods[0], mods[1], float(scale), mods[2], mods[3], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                out.stride(0), out.stride(1), lse.stride(0), **meta, **_life(visible, q.device))
     return out, lse
 
 
 def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
-                   visible: Lifetimes | None = None, blocks: tuple[int, int] | None = None):
+                   visible: Lifetimes | None = None, *, window=None, softcap=None, blocks: tuple[int, int] | None = None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) in fp32 from the given final `out` and `lse`."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
@@ -274,12 +322,13 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     cu_q, cu_k = seg.device_cu(q.device)
-    meta = _meta(q, k, causal, blocks)
+    meta = _meta(q, k, causal, window, softcap, blocks)
+    mods = _modifier_args(seg, q.device, window, softcap)
     grid_kv = (triton.cdiv(seg.max_k, meta["BLOCK_N"]), seg.num_segments, k.shape[1])
-    _bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, float(scale), q.stride(0), q.stride(1),
+    _bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, mods[0], mods[1], float(scale), mods[2], mods[3], q.stride(0), q.stride(1),
                        k.stride(0), k.stride(1), lse.stride(0), dk.stride(0), dk.stride(1), **meta, **_life(visible, q.device))
     grid_q = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
-    _bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_q, cu_k, float(scale), q.stride(0), q.stride(1),
+    _bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_q, cu_k, mods[0], mods[1], float(scale), mods[2], mods[3], q.stride(0), q.stride(1),
                     k.stride(0), k.stride(1), lse.stride(0), dq.stride(0), dq.stride(1), **meta, **_life(visible, q.device))
     return dq, dk, dv
 
