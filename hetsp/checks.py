@@ -143,11 +143,17 @@ def check_planner_fits(cfg: Config, world_size: int, on_gpu: bool | None = None)
     """The planner can place a sequence of data.max_seq_len tokens on this world (or drops it).
     `on_gpu` (None: whether this process sees CUDA) picks the run dtype of "auto"."""
     from hetsp.planning import make_planner
+    from solver.costed import CostedPlanner
 
-    if cfg.planner.long_policy == "drop":
-        return
     # the vocabulary only scales the ring cost model's logits memory; the tokenizer is not loaded here
     planner = make_planner(cfg, cfg.model.vocab_size or 256, on_gpu)
+    if isinstance(planner, CostedPlanner):  # it chooses by time: its cost model must give times
+        try:
+            planner.cost_model(world_size).seq_time(1, 1)
+        except ValueError as e:
+            raise ConfigError(f"planner {cfg.planner.name!r} chooses plans by time: {e}") from None
+    if cfg.planner.long_policy == "drop":
+        return
     limit = planner.max_fit_length(world_size) if planner.uses_memory else None
     if limit is not None and limit < cfg.data.max_seq_len:
         sizes = cfg.planner.allowed_group_sizes or "1..world"

@@ -53,6 +53,8 @@ def config(tmp_path: Path) -> Path:
         (["--set", "planner.options.num_bucket=8"], "planner.options.num_bucket is not an option of planner 'milp'"),
         (["--set", "planner.options.backend=\"glpk\""], "planner.options.backend must be one of ['highs', 'cbc']"),
         (["--set", "run.heartbeat_timeout_s=900"], "must be below run.dist_timeout_s"),
+        (["--set", "planner.cost_model=\"ring\""], "planner 'milp' chooses plans by time: the ring cost model needs "
+                                                    "cluster.peak_tflops"),
     ],
 )
 def test_config_errors_exit_2_before_any_rank_starts(capsys, args, expected):
