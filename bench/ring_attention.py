@@ -10,7 +10,11 @@ GPU (when CUDA exists): fwd+bwd TFLOP/s of the local block kernels and of the ri
 simulated ranks (each rank's blocks run in turn on one GPU; the slowest rank sets the time)
 against torch's scaled_dot_product_attention on the full sequences.
 
-    python bench/ring_attention.py [--lengths 4096] [--ranks 2 4] [--repeats 5]
+With --window W (sliding window of W keys, itself included): a table of the block calls each
+rank makes and their fwd+bwd compute time, with and without the window (blocks whose keys lie
+outside every local query's window are skipped), ranks run in turn in one process.
+
+    python bench/ring_attention.py [--lengths 4096] [--ranks 2 4] [--repeats 5] [--window W]
 """
 
 from __future__ import annotations
@@ -185,8 +189,9 @@ def _attn_flops(lengths, heads, dim, causal=True):
     return 3.5 * fwd
 
 
-def simulated_ring_seconds(lengths, d, kernel, heads, kv_heads, dim, dtype, device, repeats, sync):
-    """Per rank, the fwd+bwd time of all its ring blocks run in turn; returns (max, mean) seconds."""
+def simulated_ring_seconds(lengths, d, kernel, heads, kv_heads, dim, dtype, device, repeats, sync, window=None, counts=None):
+    """Per rank, the fwd+bwd time of all its ring blocks run in turn; returns (max, mean) seconds.
+    `window`: sliding window (blocks outside it skipped); `counts`: list that gets each rank's block calls."""
     from hetsp.attention.kernels.base import acc_dtype
     from hetsp.attention.steps import ring_steps
     from hetsp.layout import group_layouts
@@ -194,7 +199,8 @@ def simulated_ring_seconds(lengths, d, kernel, heads, kv_heads, dim, dtype, devi
     layouts = group_layouts(lengths, d)
     per_rank = []
     for r in range(d):
-        steps = ring_steps(layouts, r, causal=True)
+        steps = ring_steps(layouts, r, True, window)
+        mods = {} if window is None else {"window": window}
         blocks = []
         for st in steps:
             if st.empty:
@@ -202,14 +208,37 @@ def simulated_ring_seconds(lengths, d, kernel, heads, kv_heads, dim, dtype, devi
             q, _, _, do = _inputs(st.seg.cu_q[-1], heads, kv_heads, dim, dtype, device, seed=r)
             _, k, v, _ = _inputs(st.seg.cu_k[-1], heads, kv_heads, dim, dtype, device, seed=r + 1)
             blocks.append((st, q.detach(), k.detach(), v.detach(), do))
+        if counts is not None:
+            counts.append(len(blocks))
 
         def run():
             for st, q, k, v, do in blocks:
-                out, lse = kernel.forward(q, k, v, st.seg, st.causal, dim**-0.5)
-                kernel.backward(do, q, k, v, out, lse.to(acc_dtype(q.dtype)), st.seg, st.causal, dim**-0.5)
+                out, lse = kernel.forward(q, k, v, st.seg, st.causal, dim**-0.5, **mods)
+                kernel.backward(do, q, k, v, out, lse.to(acc_dtype(q.dtype)), st.seg, st.causal, dim**-0.5, **mods)
 
         per_rank.append(_timed(run, repeats, sync))
     return max(per_rank), sum(per_rank) / d
+
+
+def window_table(args):
+    """Block calls and block compute per rank with and without the sliding window."""
+    from hetsp.attention.kernels import select_kernel
+
+    torch.set_num_threads(1)
+    kern = select_kernel("torch_cpu", "cpu")
+    print(f"\nSliding window {args.window}: CPU, torch_cpu kernel, fp32, causal; lengths={args.lengths} heads={args.heads} "
+          f"kv_heads={args.kv_heads} dim={args.dim}; block kernels only (fwd+bwd), ranks run in turn in one process, "
+          f"one thread, median of {args.repeats}")
+    print("| ranks | block calls per rank, full | with window | slowest rank full (s) | with window (s) | compute saved |")
+    print("|---|---|---|---|---|---|")
+    for d in [1] + list(args.ranks):
+        runs = {}
+        for w in (None, args.window):
+            counts: list[int] = []
+            t_max, _ = simulated_ring_seconds(args.lengths, d, kern, args.heads, args.kv_heads, args.dim, torch.float32, "cpu", args.repeats, lambda: None, w, counts)
+            runs[w] = (counts, t_max)
+        (c_full, t_full), (c_win, t_win) = runs[None], runs[args.window]
+        print(f"| {d} | {'/'.join(map(str, c_full))} | {'/'.join(map(str, c_win))} | {t_full:.4f} | {t_win:.4f} | {1 - t_win / t_full:.0%} |")
 
 
 def gpu_table(args, device="cuda", dtype=torch.bfloat16, kernel_names=None):
@@ -275,9 +304,12 @@ def main(argv=None):
     p.add_argument("--gpu-lengths", type=int, nargs="+", default=[32768, 8192, 4096, 1024, 1024])
     p.add_argument("--gpu-ranks", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU table")
+    p.add_argument("--window", type=int, default=None, help="also tabulate a sliding window of this many keys")
     args = p.parse_args(argv)
     if not args.no_cpu:
         cpu_table(args)
+    if args.window is not None:
+        window_table(args)
     if torch.cuda.is_available():
         gpu_table(args)
     else:

@@ -16,6 +16,7 @@ GIB = 1024**3
 def dry_run(cfg: Config, world_size: int) -> int:
     from hetsp.data import build_data
     from hetsp.model_registry import build_model
+    from hetsp.overhead import process_overhead
     from hetsp.planning import make_planner
 
     import torch
@@ -47,6 +48,10 @@ def dry_run(cfg: Config, world_size: int) -> int:
           f"({act_tok / 2**20:.2f} MiB/token x {tokens} tokens) = {(states + acts) / GIB:.2f} GiB")
     if cfg.cluster.memory_per_rank_gb and (states + acts) / GIB > cfg.cluster.memory_per_rank_gb:
         print(f"WARNING      estimate exceeds cluster.memory_per_rank_gb={cfg.cluster.memory_per_rank_gb}")
+    process = process_overhead(cfg, num_params, dtype == "bf16")
+    print(f"process/rank {process.describe()}")
+    print(f"total/rank   {(states + acts + process.total) / GIB:.2f} GiB of host memory on CPU "
+          "(on GPU, the process terms are host memory and the rest device memory)")
     print(f"data         {', '.join(f'{k}={v}' for k, v in data.stats.items())}")
     planner = make_planner(cfg, data.vocab_size, on_gpu)
     for step in range(min(3, cfg.train.steps)):

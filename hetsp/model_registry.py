@@ -56,7 +56,11 @@ register_family("llama", _llama)
 
 
 def build_hf_config(cfg: ModelConfig, vocab_size: int) -> Any:
-    """The transformers config of the model `cfg` describes."""
+    """The transformers config of the model `cfg` describes (the checkpoint's with `model.init_from`)."""
+    if cfg.init_from:
+        from hetsp.loading import checkpoint_hf_config
+
+        return checkpoint_hf_config(cfg)
     if cfg.family not in _FAMILIES and cfg.family in _LAZY:
         importlib.import_module(_LAZY[cfg.family])
     if cfg.family not in _FAMILIES:

@@ -130,11 +130,9 @@ class Planner:
                     )
                 dropped = too_long
                 kept = [i for i in kept if lengths[i] <= limit]
-                if not kept:
-                    raise PlanningError(
-                        f"all {len(lengths)} sequences are longer than {limit} tokens, the longest that fits; "
-                        "nothing left to plan"
-                    )
+                if not kept:  # nothing to run: the caller skips this batch (and counts it)
+                    meta = {"planner": self.name, "solve_s": time.perf_counter() - t0, "status": "skipped"}
+                    return Plan([], [], meta, (), len(lengths))
         work = [lengths[i] for i in kept]
         plan, status, extra = self._plan(work, num_ranks)
         solve_s = time.perf_counter() - t0

@@ -34,11 +34,13 @@ def ring_cases(cases):
             results.append(None)
             continue
         gi, start, size, lengths = mine
-        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"))
+        structure = case["structures"][gi] if case.get("structures") else None
+        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"),
+                                 structure=structure, allow_empty_ranks=True)
         idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
         q, k, v, dout = (x.index_select(0, idx) for x in case["inputs"][gi])
         q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-        out = ring_attention(q, k, v, ctx, causal=case["causal"], softmax_scale=case.get("scale"))
+        out = ring_attention(q, k, v, ctx, causal=case["causal"], softmax_scale=case.get("scale"), window=case.get("window"), softcap=case.get("softcap"))
         out.backward(dout)
         results.append((gi, out.detach(), q.grad, k.grad, v.grad))
     return results
@@ -50,7 +52,7 @@ def ring_bad_input(lengths, start, size):
 
     msgs = []
     rank = dist.get_rank()
-    ctx = make_shard_context(lengths, start, size, rank, "cpu") if start <= rank < start + size else None
+    ctx = make_shard_context(lengths, start, size, rank, "cpu", allow_empty_ranks=True) if start <= rank < start + size else None
     n = ctx.layout.num_tokens if ctx else 0
 
     def attempt(fn):

@@ -73,6 +73,9 @@ def test_dry_run_of_the_cluster_config_needs_no_gpu(tmp_path):
     mem = MemoryModel.for_run(cfg.model, 259, 64, cfg.train.zero_stage, "bf16", cfg.train.activation_checkpointing)  # bytes tokenizer
     assert f"tokens/rank  {mem.tokens_per_rank(cfg.cluster.memory_per_rank_gb * 2**30):,} fit" in out.stdout, out.stdout
     assert out.stdout.count("\nstep ") == 3
+    # what a rank process holds besides model states and activations is counted too
+    assert "process/rank libraries" in out.stdout and "+ data" in out.stdout and "DeepSpeed buffers" in out.stdout
+    assert "total/rank" in out.stdout
 
 
 @pytest.mark.parametrize("name", ["default.toml", "llama_small.toml"])

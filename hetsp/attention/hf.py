@@ -15,10 +15,13 @@ from .ring import ring_attention
 NAME = "hetsp_ring"
 
 
-def hetsp_ring_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def hetsp_ring_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **kwargs):
     """AttentionInterface function: query (1, H, T, D), key/value (1, K, T, D) -> ((1, T, H, D), None).
 
     The attention mask is ignored: sequence boundaries come from `hetsp_shard`.
+    `sliding_window` (keys a query sees, itself included, as transformers' masks define it for
+    Mistral, Qwen2, Gemma2) and `softcap` (Gemma2's attention logit softcapping) are applied
+    by ring attention; attention sinks (`s_aux`) are refused.
     """
     ctx = kwargs.get("hetsp_shard")
     if not isinstance(ctx, ShardContext):
@@ -32,8 +35,13 @@ def hetsp_ring_attention(module, query, key, value, attention_mask, scaling=None
         raise ValueError(f"attention 'hetsp_ring' takes packed sequences as batch size 1, got batch {query.shape[0]}")
     if dropout:
         raise ValueError("attention 'hetsp_ring' does not implement attention dropout; set attention_dropout=0")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"attention 'hetsp_ring' does not implement attention sinks (s_aux) of {type(module).__name__}; use a model without sinks")
     causal = getattr(module, "is_causal", True)
-    out = ring_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), ctx, causal=causal, softmax_scale=scaling)
+    out = ring_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), ctx,
+        causal=causal, softmax_scale=scaling, window=sliding_window, softcap=softcap,
+    )
     return out.unsqueeze(0), None
 
 

@@ -8,6 +8,9 @@ current block is computed; block results merge online in the accumulation dtype
 Backward: K/V travel again; every block's backward gets the final merged O and lse;
 dK/dV accumulate in the accumulation dtype while they travel with their block, and one
 more hop brings them home.
+Score modifiers (sliding window, logit softcapping; kernels/base.py) reach every block
+kernel call as keywords, passed only when set; with a window, blocks whose keys lie
+outside every local query's window are skipped (steps.py).
 """
 
 from __future__ import annotations
@@ -45,22 +48,31 @@ def _kv_shape(ctx: ShardContext, src: int, k: torch.Tensor) -> tuple[int, ...]:
     return (2, ctx.layouts[src].num_tokens, k.shape[1], k.shape[2])
 
 
-def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel):
+def _modifiers(window, softcap) -> dict:
+    """The kernels' score-modifier keywords that are set (none: plain attention)."""
+    return {name: value for name, value in (("window", window), ("softcap", softcap)) if value is not None}
+
+
+def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel, window=None, softcap=None):
     """(out (T, H, D) acc dtype, lse (T, H) acc dtype)."""
     acc = acc_dtype(q.dtype)
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
-    steps = ctx.steps(causal)
+    steps = ctx.steps(causal, window)
+    lifetimes = ctx.lifetimes(causal, q.device, window)
+    mods = _modifiers(window, softcap)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     for t, step in enumerate(steps):
         pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
-        if not step.empty:
+        life, useful = lifetimes[t]
+        if useful:
             q_rows, k_rows = step.rows(q.device)
             kb = _take(kv[0], k_rows)
             vb = _take(kv[1], k_rows)
-            o_b, lse_b = kernel.forward(_take(q, q_rows), kb, vb, step.seg, step.causal, scale)
+            extra = mods if life is None else dict(mods, visible=life)
+            o_b, lse_b = kernel.forward(_take(q, q_rows), kb, vb, step.seg, step.causal, scale, **extra)
             if t == 0 and q_rows is None:  # the first block covers every row: nothing to merge yet
                 out.copy_(o_b)
                 lse.copy_(lse_b)
@@ -71,12 +83,14 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel)
     return out, lse
 
 
-def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scale: float, kernel):
+def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scale: float, kernel, window=None, softcap=None):
     """(dq, dk, dv) in q's dtype; `out` (T, H, D) and `lse` (T, H) are the final merged ones."""
     acc = acc_dtype(q.dtype)
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
-    steps = ctx.steps(causal)
+    steps = ctx.steps(causal, window)
+    lifetimes = ctx.lifetimes(causal, q.device, window)
+    mods = _modifiers(window, softcap)
     out_q = out.to(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
@@ -85,8 +99,10 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
     for t, step in enumerate(steps):
         kv_pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
         grads = None
-        if not step.empty:
+        life, useful = lifetimes[t]
+        if useful:
             q_rows, k_rows = step.rows(q.device)
+            extra = mods if life is None else dict(mods, visible=life)
             grads = kernel.backward(
                 _take(dout, q_rows),
                 _take(q, q_rows),
@@ -97,6 +113,7 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
                 step.seg,
                 step.causal,
                 scale,
+                **extra,
             )
         if dkv_pending is not None:
             dkv = dkv_pending.wait()
@@ -125,22 +142,22 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, q, k, v, ctx, causal, scale, kernel):
-        out, lse = ring_forward(q, k, v, ctx, causal, scale, kernel)
+    def forward(fctx, q, k, v, ctx, causal, scale, kernel, window=None, softcap=None):
+        out, lse = ring_forward(q, k, v, ctx, causal, scale, kernel, window, softcap)
         out = out.to(q.dtype)  # kept in the input dtype, as flash attention does, to save activation memory
         fctx.save_for_backward(q, k, v, out, lse)
-        fctx.ring = (ctx, causal, scale, kernel)
+        fctx.ring = (ctx, causal, scale, kernel, window, softcap)
         return out
 
     @staticmethod
     def backward(fctx, dout):
         q, k, v, out, lse = fctx.saved_tensors
-        ctx, causal, scale, kernel = fctx.ring
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx, causal, scale, kernel)
-        return dq, dk, dv, None, None, None, None
+        ctx, causal, scale, kernel, window, softcap = fctx.ring
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx, causal, scale, kernel, window, softcap)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _validate(q, k, v, ctx: ShardContext) -> None:
+def _validate(q, k, v, ctx: ShardContext, causal: bool = True) -> None:
     if not isinstance(ctx, ShardContext):
         raise ValueError(f"ctx must be a ShardContext (hetsp.attention.make_shard_context), got {type(ctx).__name__}")
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -161,25 +178,51 @@ def _validate(q, k, v, ctx: ShardContext) -> None:
             f"this rank holds {n} tokens by its cu_seqlens (ctx.layout), but q has {q.shape[0]} and k {k.shape[0]}; "
             "gather the rank's tokens with ctx.layout.token_index and build the context from the same lengths"
         )
+    if ctx.tree is not None and not causal:
+        raise ValueError("<bkspc> sequences (ctx.tree) define causal attention over ancestors only; call with causal=True")
     if q.device != k.device or q.device != v.device or q.device != ctx.positions.device:
         raise ValueError(f"q, k, v and the context must be on one device, got {q.device}, {k.device}, {v.device}, {ctx.positions.device}")
 
 
-def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None):
+def _check_modifiers(causal: bool, window, softcap) -> tuple[int | None, float | None]:
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"sliding window must be an int >= 1 (keys visible per query, itself included), got {window!r}")
+        if not causal:
+            raise ValueError("a sliding window is implemented for causal attention only; pass causal=True or window=None")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not softcap > 0:
+            raise ValueError(f"softcap must be > 0 (scores become softcap * tanh(score / softcap)), got {softcap!r}")
+    return window, softcap
+
+
+def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None, *, window: int | None = None, softcap: float | None = None):
     """Attention of this rank's queries against all keys of their sequences across the group.
 
     q (T, H, D), k/v (T, K, D) with H a multiple of K; T = ctx.layout.num_tokens, in the
     layout's order. Returns (T, H, D) in q's dtype; differentiable in q, k, v. Every rank
     of the group must call it together (a rank holding 0 tokens too).
+    `window`: sliding window, the number of keys a query sees, itself included (query at
+    position p sees p-window+1..p; transformers' `sliding_window`). `softcap`: scores become
+    softcap * tanh(score / softcap) (Gemma2's attention logit softcapping).
     """
-    _validate(q, k, v, ctx)
+    _validate(q, k, v, ctx, causal)
+    window, softcap = _check_modifiers(causal, window, softcap)
+    if window is not None and ctx.tree is not None:
+        raise NotImplementedError("ring attention: a sliding window on <bkspc> sequences is not supported (the window "
+                                  "would count positions, not ancestors); train such sequences without the window")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _RingAttention.apply(q, k, v, ctx, causal, float(scale), ctx.kernel)
+    return _RingAttention.apply(q, k, v, ctx, causal, float(scale), ctx.kernel, window, softcap)
 
 
-def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None):
+def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None, *, window: int | None = None, softcap: float | None = None):
     """Reference twin of `ring_attention` (same shapes): the same ring with the plain-torch
     block kernel, which computes in float64 for float64 inputs."""
-    _validate(q, k, v, ctx)
+    _validate(q, k, v, ctx, causal)
+    window, softcap = _check_modifiers(causal, window, softcap)
+    if window is not None and ctx.tree is not None:
+        raise NotImplementedError("ring attention: a sliding window on <bkspc> sequences is not supported (the window "
+                                  "would count positions, not ancestors); train such sequences without the window")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _RingAttention.apply(q, k, v, ctx, causal, float(scale), REFERENCE_KERNEL)
+    return _RingAttention.apply(q, k, v, ctx, causal, float(scale), REFERENCE_KERNEL, window, softcap)

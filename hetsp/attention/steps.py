@@ -7,10 +7,16 @@ layout (hetsp/layout.py) a causal ring has three kinds of blocks:
   src > r:    only local chunk 2d-1-r (the second half) sees the whole visiting block.
 Both off-diagonal kinds are full (unmasked) blocks. Segments where either side is empty
 are dropped so that no empty block reaches a kernel.
+
+With a sliding window w (query at position p sees keys at p-w+1..p), each segment keeps
+only the query rows that see at least one of its keys and the keys that at least one of
+its queries sees (from global positions); a block left with no segment is skipped (its
+K/V still travel on). The block then carries its rows' positions for the kernel's mask.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -66,24 +72,49 @@ def _pieces(lay: ShardLayout, which: str) -> list[tuple[int, int]]:
     return out
 
 
-def _block(src: int, q_parts, k_parts, causal: bool, num_q: int, num_k: int) -> RingStep:
+def _in_window(rows: list[int], pos, lo_of, hi_of, other: list[int]) -> list[int]:
+    """The rows r with some position of the sorted `other` in [lo_of(pos[r]), hi_of(pos[r])]."""
+    return [r for r in rows if bisect.bisect_right(other, hi_of(pos[r])) > bisect.bisect_left(other, lo_of(pos[r]))]
+
+
+def _block(src: int, q_parts, k_parts, causal: bool, num_q: int, num_k: int, window=None, q_lay=None, k_lay=None) -> RingStep:
     q_rows: list[int] = []
     k_rows: list[int] = []
     cu_q, cu_k = [0], [0]
     for (qo, qn), (ko, kn) in zip(q_parts, k_parts):
         if qn == 0 or kn == 0:
             continue
-        q_rows.extend(range(qo, qo + qn))
-        k_rows.extend(range(ko, ko + kn))
-        cu_q.append(cu_q[-1] + qn)
-        cu_k.append(cu_k[-1] + kn)
+        qs, ks = list(range(qo, qo + qn)), list(range(ko, ko + kn))
+        if window is not None:
+            # local order is position order within a sequence, so these position lists are sorted
+            qp, kp = q_lay.positions, k_lay.positions
+            k_sorted = [kp[j] for j in ks]
+            q_sorted = [qp[i] for i in qs]
+            qs, ks = (
+                _in_window(qs, qp, lambda p: p - window + 1, lambda p: p, k_sorted),
+                _in_window(ks, kp, lambda p: p, lambda p: p + window - 1, q_sorted),
+            )
+            if not qs:
+                continue
+        q_rows.extend(qs)
+        k_rows.extend(ks)
+        cu_q.append(cu_q[-1] + len(qs))
+        cu_k.append(cu_k[-1] + len(ks))
     qr = None if len(q_rows) == num_q else tuple(q_rows)
     kr = None if len(k_rows) == num_k else tuple(k_rows)
-    return RingStep(src=src, q_rows=qr, k_rows=kr, seg=Segments(tuple(cu_q), tuple(cu_k)), causal=causal)
+    seg = Segments(tuple(cu_q), tuple(cu_k))
+    if window is not None:
+        seg = Segments(tuple(cu_q), tuple(cu_k), q_pos=tuple(q_lay.positions[i] for i in q_rows), k_pos=tuple(k_lay.positions[j] for j in k_rows))
+    return RingStep(src=src, q_rows=qr, k_rows=kr, seg=seg, causal=causal)
 
 
-def ring_steps(layouts: list[ShardLayout], rank: int, causal: bool) -> list[RingStep]:
-    """The d blocks rank `rank` computes, step 0 first (`layouts`: every rank's layout)."""
+def ring_steps(layouts: list[ShardLayout], rank: int, causal: bool, window: int | None = None) -> list[RingStep]:
+    """The d blocks rank `rank` computes, step 0 first (`layouts`: every rank's layout).
+
+    `window`: sliding window (keys visible per query, itself included; causal only), or None.
+    """
+    if window is not None and not causal:
+        raise ValueError("a sliding window is defined here for causal attention only; pass causal=True or no window")
     d = len(layouts)
     me = layouts[rank]
     steps = []
@@ -98,5 +129,5 @@ def ring_steps(layouts: list[ShardLayout], rank: int, causal: bool) -> list[Ring
             q, k, blk_causal = _pieces(me, "all"), _pieces(other, "first"), False
         else:
             q, k, blk_causal = _pieces(me, "second"), _pieces(other, "all"), False
-        steps.append(_block(src, q, k, blk_causal, me.num_tokens, other.num_tokens))
+        steps.append(_block(src, q, k, blk_causal, me.num_tokens, other.num_tokens, window, me, other))
     return steps

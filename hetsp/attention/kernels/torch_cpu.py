@@ -7,13 +7,30 @@ called with an empty segment (a zero-length q or k kills the process). Causal al
 top-left (query i sees keys j <= i) when query and key lengths differ; hetsp only calls it
 causally with equal lengths. GQA: K/V heads are repeated here, after communication, and
 their gradients summed back.
+
+Sliding window: an additive (0 / -inf) mask from the rows' global positions; a row whose
+mask hides every key gets lse = 0 from the op, so such rows are set to lse = -inf, out = 0
+(the ring never sends them: its steps drop rows that see no key of a block).
+Logit softcapping changes the score function, which the op cannot do: a softcapped block
+is computed by the plain-torch reference kernel (exact, slower), logged once.
 """
 
 from __future__ import annotations
 
+import logging
+from functools import lru_cache
+
 import torch
 
-from .base import BlockKernel, Segments, acc_dtype, reduce_kv, repeat_kv
+from .base import BlockKernel, Lifetimes, Segments, acc_dtype, reduce_kv, repeat_kv
+from .reference import block_backward_ref, block_forward_ref
+
+logger = logging.getLogger("hetsp.attention")
+
+
+@lru_cache(maxsize=None)
+def _log_softcap_path() -> None:
+    logger.info("attention kernel torch_cpu: softcapped blocks run on the plain-torch reference kernel (the CPU flash op has no softcap)")
 
 
 def _op():
@@ -58,21 +75,72 @@ def _view(x_TXD: torch.Tensor, start: int, step: int, n: int, b: int) -> torch.T
     return x_TXD.as_strided((b, n, x_TXD.shape[1], x_TXD.shape[2]), (step * s0, s0, s1, s2), x_TXD.storage_offset() + start * s0).transpose(1, 2)
 
 
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float):
-    """(out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype)."""
+def _batch_mask(visible: Lifetimes | None, nq, nk, qa, ka, qs, ks, b, dtype):
+    """Additive (B, 1, nq, nk) lifetime mask of one strided batch and (B, nq) 'row sees a key', or (None, None).
+
+    The op takes no boolean mask (only one of q's dtype) and gives a row whose mask hides
+    every key lse = 0, not -inf: the caller resets such rows."""
+    if visible is None:
+        return None, None
+    dev = visible.q_time.device
+    qi = qa + torch.arange(b, device=dev)[:, None] * qs + torch.arange(nq, device=dev)
+    ki = ka + torch.arange(b, device=dev)[:, None] * ks + torch.arange(nk, device=dev)
+    qt = visible.q_time[qi][..., None]
+    allowed = (visible.k_time[ki][:, None, :] <= qt) & (qt < visible.k_pop[ki][:, None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None], allowed.any(-1)
+
+
+def _window_mask(seg: Segments, window: int, dtype, device, qa, qs, nq, ka, ks, nk, b):
+    """(B, 1, nq, nk) additive mask (0 visible, -inf hidden) of one strided batch, and (B, nq) 'sees a key'."""
+    q_pos, k_pos = seg.device_pos(device)
+    qp = q_pos.as_strided((b, nq), (qs, 1), qa)
+    kp = k_pos.as_strided((b, nk), (ks, 1), ka)
+    diff = qp[:, :, None] - kp[:, None, :]
+    visible = (diff >= 0) & (diff < window)  # as base.window_visible, per segment of the batch
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    return mask[:, None], visible.any(-1)
+
+
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *,
+                  window=None, softcap=None):
+    """(out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype); `visible`: optional lifetime mask
+    (it implies causality, so the op then runs unmasked-causal with the additive mask)."""
+    if visible is not None and window is not None:
+        raise NotImplementedError("attention kernel torch_cpu: a sliding window on <bkspc> sequences is not supported; "
+                                  "train such models without backspace, or without the window")
+    if softcap is not None:
+        _log_softcap_path()
+        return block_forward_ref(q_THD, k_TKD, v_TKD, seg, causal, scale, visible, window=window, softcap=softcap)
     num_heads = q_THD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
     out = torch.empty_like(q_THD)
     lse = torch.empty(q_THD.shape[:2], dtype=acc_dtype(q_THD.dtype), device=q_THD.device)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
-        o, l = _op()(_view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0, causal, scale=scale)
+        mask = seen = None
+        if visible is not None:
+            mask, seen = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
+        elif window is not None:
+            mask, seen = _window_mask(seg, window, q_THD.dtype, q_THD.device, qa, qs, nq, ka, ks, nk, b)
+        o, l = _op()(
+            _view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0,
+            causal and mask is None, attn_mask=mask, scale=scale,
+        )
+        if seen is not None and not bool(seen.all()):
+            # the op returns lse = 0 for a row whose mask hides every key; such a row has seen nothing
+            o = o.masked_fill(~seen[:, None, :, None], 0.0)
+            l = l.masked_fill(~seen[:, None, :], float("-inf"))
         _view(out, qa, qs, nq, b).copy_(o)
         _view(lse[..., None], qa, qs, nq, b)[..., 0].copy_(l)
     return out, lse
 
 
-def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float):
+def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
+                   visible: Lifetimes | None = None, *, window=None, softcap=None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) from the given final `out` and `lse`."""
+    if softcap is not None:
+        return block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg, causal, scale, visible,
+                                  window=window, softcap=softcap)
     num_heads, num_kv = q_THD.shape[1], k_TKD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
     lse_dtype = acc_dtype(q_THD.dtype)
@@ -83,6 +151,11 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     dk = torch.empty_like(k_THD)
     dv = torch.empty_like(v_THD)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
+        mask = None
+        if visible is not None:
+            mask, _ = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
+        elif window is not None:
+            mask, _ = _window_mask(seg, window, q_THD.dtype, q_THD.device, qa, qs, nq, ka, ks, nk, b)
         gq, gk, gv = _op_backward()(
             _view(dout_THD, qa, qs, nq, b).contiguous(),
             _view(q_THD, qa, qs, nq, b),
@@ -91,7 +164,8 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
             _view(out_THD, qa, qs, nq, b).contiguous(),
             _view(lse_TH1, qa, qs, nq, b)[..., 0].contiguous(),
             0.0,
-            causal,
+            causal and mask is None,
+            attn_mask=mask,
             scale=scale,
         )
         _view(dq, qa, qs, nq, b).copy_(gq)
@@ -106,4 +180,5 @@ TORCH_CPU_KERNEL = BlockKernel(
     backward=block_backward,
     causal_alignment="top_left",
     note="aten._scaled_dot_product_flash_attention_for_cpu, one call per run of equal segments",
+    lifetime_mask=True,
 )
