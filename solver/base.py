@@ -103,7 +103,7 @@ class Planner:
     def _estimate(self, plan: Plan, num_ranks: int) -> tuple[float | None, str | None]:
         from .simulate import simulate
 
-        try:  # a cost model may give capacities but no times (ring without cluster.peak_tflops)
+        try:  # a cost model may give a memory budget but no times (ring without cluster.peak_tflops)
             return simulate(plan, self.cost_model(num_ranks)).total_s, None
         except (ValueError, ImportError) as e:
             return None, f"no time estimate: {e}"
