@@ -10,27 +10,16 @@ import pytest
 import torch
 
 from hetsp.attention.kernels.base import Segments
-from hetsp.attention.kernels.reference import REFERENCE_KERNEL, varlen_attention_ref
+from hetsp.attention.kernels.reference import REFERENCE_KERNEL
 from hetsp.attention.steps import ring_steps
 from hetsp.layout import group_layouts
 
 from . import attn_fns
-from .test_ring_attention import LAYOUTS, WORLD, assemble, make_case
+from .test_ring_attention import LAYOUTS, WORLD, assemble, make_case, truth
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp64 throughout: the ring only reorders sums (observed ~1e-15); fp32 inputs round at ~1e-7
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
-
-
-def truth(case, gi):
-    lengths = case["groups"][gi][2]
-    q, k, v, do = (x.double().clone().requires_grad_(True) for x in case["inputs"][gi])
-    cu = [0]
-    for s in lengths:
-        cu.append(cu[-1] + s)
-    out = varlen_attention_ref(q, k, v, cu, causal=True, softmax_scale=case["scale"], window=case.get("window"), softcap=case.get("softcap"))
-    out.backward(do.detach())
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def check(case, results):
