@@ -147,7 +147,7 @@ def scaling(path: Path, time_limit: float, ranks_list) -> dict:
         lb = lower_bound(kept, cm, degs, n).total_s
         static_d = max(d for d in degs if max(kept) <= cm.capacity(d))
         static = plan_cost(static_packing(CostTable(kept, [static_d], cm), n, static_d, 1.0), cm.fixed_s)
-        rows.append([n, len(b), plan.meta.get("num_dropped", 0), len(degs), f"{static:.2f}", f"{est:.2f}", f"{lb:.2f}",
+        rows.append([n, len(b), len(plan.dropped), len(degs), f"{static:.2f}", f"{est:.2f}", f"{lb:.2f}",
                      f"{100 * (est / lb - 1):.1f}%", plan.num_micro_batches, f"{wall:.2f}", plan.meta["status"]])
         out[str(n)] = {"est_s": round(est, 4), "lower_bound_s": round(lb, 4), "gap": round(est / lb - 1, 4),
                        "solve_s": round(wall, 3), "seqs": len(b)}

@@ -23,12 +23,26 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+# Fixed choices, checked at load (a new choice is one more name in its Literal).
+PlannerName = Literal["static", "random", "greedy", "batch_adaptive", "milp"]
+CostModelName = Literal["ring", "profile", "flexsp"]
+AttentionKernelName = Literal["auto", "torch_cpu", "flash_attn", "triton", "torch_flash", "reference"]
+ObjectiveName = Literal["lm"]
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
     seed: int = 0
     resume: bool = False  # continue from the newest checkpoint in the run folder
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this fails the job
+    # The launcher stops the job, naming the rank, when a rank's heartbeat is this old
+    # (a stopped, frozen or swapped-out process); well under dist_timeout_s.
+    heartbeat_timeout_s: float = 60.0
+    # SIGTERM (preemption): ranks checkpoint at the end of the current step; the launcher
+    # waits this long for them before killing them.
+    stop_grace_s: float = 120.0
 
 
 @dataclass
@@ -47,6 +61,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # Family-specific options passed to the model's config (e.g. layer_pattern for hybrid).
     extra: dict[str, Any] = field(default_factory=dict)
+    # A local Hugging Face model folder to start from (config.json + safetensors); the family and
+    # the shape come from its config.json (hetsp.loading). "" starts from random weights.
+    init_from: str = ""
+    # RoPE scaling that overrides the checkpoint's, e.g. {rope_type = "linear", factor = 4.0}.
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +88,12 @@ class DataConfig:
     validation_seed: int = 0  # picks the held-out documents; independent of run.seed on purpose
     # Local .txt/.md files: one document per "document" (file), "paragraph" or "line".
     text_sample_by: Literal["document", "paragraph", "line"] = "document"
+    # "text": documents (continued pretraining); "prompt_completion" and "messages": fine-tuning
+    # examples where only completion / assistant tokens carry loss (hetsp.data.finetune).
+    format: Literal["text", "prompt_completion", "messages"] = "text"
+    # An example longer than max_seq_len: "error", "drop" (counted), or "keep_end" (cut the start of
+    # the prompt so the example fits; an example whose completion alone does not fit is dropped).
+    prompt_policy: Literal["error", "drop", "keep_end"] = "error"
 
 
 @dataclass
@@ -87,25 +112,28 @@ class ClusterConfig:
 
 @dataclass
 class PlannerConfig:
-    name: str = "static"  # static | random | greedy | milp | ...
+    name: PlannerName = "static"
     group_size: int = 1  # static planner: the one group size
-    cost_model: str = "ring"
+    cost_model: CostModelName = "ring"
     time_limit_s: float = 1.0
     allowed_group_sizes: list[int] = field(default_factory=list)  # empty: 1..world
     seed: int = 0
     # A sequence longer than the largest group can hold: "error" (name it) or "drop" (plan the
     # rest; Plan.meta lists the dropped indices and maps plan sequences back to the input).
     long_policy: Literal["error", "drop"] = "error"
-    flexsp_model: str = "7b"  # cost_model = "flexsp": which published model ("7b", "13b", "30b")
+    flexsp_model: Literal["7b", "13b", "30b"] = "7b"  # cost_model = "flexsp": which published model ("7b", "13b", "30b")
     profile_path: str = ""  # cost_model = "profile": the measured JSON table
-    # Planner-specific options, passed through untouched.
+    # Planner-specific options, checked against the planner's own table (hetsp.checks).
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class AttentionConfig:
-    # auto | torch_cpu | flash_attn | triton | reference
-    kernel: str = "auto"
+    kernel: AttentionKernelName = "auto"
+    # Triton kernel tiles (query rows, key rows per program), powers of two >= 16; 0 = the
+    # kernel's default (64 x 64 on CUDA). bench/gpu_check.sh reports the fastest on a GPU.
+    triton_block_m: int = 0
+    triton_block_n: int = 0
 
 
 @dataclass
@@ -121,7 +149,7 @@ class TrainConfig:
     zero_stage: int = 1
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
-    objective: str = "lm"
+    objective: ObjectiveName = "lm"
     eval_every: int = 25
     eval_batches: int = 2
     checkpoint_every: int = 50
@@ -133,6 +161,14 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0  # 0: no LoRA (every parameter trains)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,6 +177,7 @@ class Config:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,7 +250,14 @@ def _build(cls: type, data: dict[str, Any], path: str, where: str) -> Any:
         if key not in names:
             raise ConfigError(f"{where}: unknown key {key_path!r} (known keys here: {sorted(names)})")
         kwargs[key] = _coerce(value, hints[key], key_path, where)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    obj.__dict__["_explicit_keys"] = frozenset(kwargs)  # read by explicit_keys()
+    return obj
+
+
+def explicit_keys(section: Any) -> frozenset[str]:
+    """The keys of a config section that its file or overrides set (not defaults)."""
+    return section.__dict__.get("_explicit_keys", frozenset())
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -18,13 +18,16 @@ world_size / num_units before backward.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from hetsp.attention import make_shard_context
+from hetsp.backspace import StackStructure, is_plain, pack_structures, plain_structure
 from hetsp.layout import shard_layout, zigzag_chunk_bounds
+from hetsp.metrics.timing import COMM_WAIT
 from hetsp.objectives.lm import IGNORE_INDEX
 from hetsp.plan import Group, Plan
 from hetsp.ssm_parallel.detect import require_parallelized
@@ -47,6 +50,8 @@ class StepResult:
     num_units: int  # units in the whole global batch
     num_local_tokens: int
     micro_batch_tokens: list[int] = field(default_factory=list)
+    data_s: float = 0.0  # seconds building this rank's micro-batch inputs
+    comm_s: float = 0.0  # seconds blocked in hetsp's exchanges (ring, SSM state, halos)
 
 
 class PlainEngine:
@@ -77,6 +82,19 @@ def tokens_per_rank(lengths: Sequence[int], group_size: int) -> list[int]:
     return counts
 
 
+def _group_structure(structures, seqs, lengths) -> StackStructure | None:
+    """The packed stack structure of a group's sequences (filler included), or None when none has a `<bkspc>`."""
+    if structures is None or all(structures[s] is None or is_plain(structures[s]) for s in seqs):
+        return None
+    parts = []
+    for i, n in enumerate(lengths):
+        s = structures[seqs[i]] if i < len(seqs) else None
+        if s is not None and len(s) != n:
+            raise ValueError(f"the stack structure of sequence {seqs[i]} covers {len(s)} tokens, the sequence has {n}")
+        parts.append(plain_structure(n) if s is None else s)
+    return pack_structures(parts)
+
+
 def micro_batch_inputs(
     plan: Plan,
     mb_index: int,
@@ -86,8 +104,12 @@ def micro_batch_inputs(
     objective: Any,
     kernel: str = "auto",
     placeholder_token: int = 0,
+    structures: Sequence[StackStructure | None] | None = None,
 ) -> MicroBatchInputs:
-    """Shard this rank's part of micro-batch `mb_index` (pure data movement, no model)."""
+    """Shard this rank's part of micro-batch `mb_index` (pure data movement, no model).
+
+    structures: per sequence of the batch, its `<bkspc>` stack structure (hetsp.backspace) or None;
+    the group's structures travel in the shard context. None: plain sequences (today's path)."""
     group = plan.micro_batches[mb_index].group_of(rank)
     if group is None or not group.seqs:
         shard = make_shard_context([1], rank, 1, rank, device, kernel=kernel)
@@ -111,7 +133,8 @@ def micro_batch_inputs(
     index = torch.tensor(layout.token_index, dtype=torch.long)
     ids = torch.tensor(packed_ids, dtype=torch.long)[index].to(device)[None]
     labels = torch.tensor(packed_labels, dtype=torch.long)[index].to(device)
-    shard = make_shard_context(lengths, group.start, group.size, rank, device, kernel=kernel)
+    structure = _group_structure(structures, group.seqs, lengths)
+    shard = make_shard_context(lengths, group.start, group.size, rank, device, kernel=kernel, structure=structure)
     return MicroBatchInputs(ids, labels, shard, 1.0, group)
 
 
@@ -132,26 +155,32 @@ def run_plan(
     objective: Any,
     kernel: str = "auto",
     train: bool = True,
+    structures: Sequence[StackStructure | None] | None = None,
 ) -> StepResult:
     """Forward (and backward when `train`) of every micro-batch of `plan` on this rank.
 
     `engine` is a DeepSpeed engine when training (its `backward` and
     `set_gradient_accumulation_boundary` are used; the caller calls
     `engine.step()` afterwards), or any callable model for evaluation.
+    `structures`: per sequence, its `<bkspc>` stack structure or None (`micro_batch_inputs`).
     A model with recurrent or causal-convolution layers must have been through
     `hetsp.ssm_parallel.parallelize` (refused otherwise).
     """
     require_parallelized(getattr(engine, "module", engine))
-    num_units = objective.num_units(plan.lengths)
+    num_units = objective.num_units(plan.lengths, sequences)
     if num_units == 0:
-        raise ValueError("the global batch has no target tokens (every sequence has a single token)")
+        raise ValueError("the global batch has no target tokens (single-token sequences, or no trainable token)")
     scale = world_size / num_units
     total = 0.0
     local_tokens = 0
     per_mb = []
     num_mb = plan.num_micro_batches
+    data_s = 0.0
+    comm_start = COMM_WAIT.total()
     for m in range(num_mb):
-        inputs = micro_batch_inputs(plan, m, sequences, rank, device, objective, kernel)
+        t0 = time.perf_counter()
+        inputs = micro_batch_inputs(plan, m, sequences, rank, device, objective, kernel, structures=structures)
+        data_s += time.perf_counter() - t0
         n_tok = inputs.input_ids.shape[1] if inputs.weight else 0
         local_tokens += n_tok
         per_mb.append(n_tok)
@@ -163,4 +192,4 @@ def run_plan(
             with torch.no_grad():
                 loss_sum = forward_loss(engine, inputs, objective)
         total += float(loss_sum.detach())
-    return StepResult(total, num_units, local_tokens, per_mb)
+    return StepResult(total, num_units, local_tokens, per_mb, data_s, COMM_WAIT.total() - comm_start)

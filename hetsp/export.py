@@ -118,15 +118,24 @@ def consolidate(root: Path, tag: str) -> dict[str, Any]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
 
 
+LORA_OUTPUTS = ("merged", "adapter")
+
+
 def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: str = "float32",
-           overwrite: bool = False) -> Path:
-    """Write a Hugging Face folder for the checkpoint; return `out_dir`."""
+           overwrite: bool = False, lora_output: str = "merged") -> Path:
+    """Write a Hugging Face folder for the checkpoint; return `out_dir`.
+
+    A LoRA run (``lora.r > 0``) is written as the merged model (base from ``model.init_from``
+    plus the trained adapter) or, with ``lora_output = "adapter"``, as a peft adapter folder.
+    """
     import torch
 
     from hetsp.model_registry import build_model
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if lora_output not in LORA_OUTPUTS:
+        raise ExportError(f"lora_output must be one of {LORA_OUTPUTS}, got {lora_output!r}")
     root, tag = resolve_checkpoint(Path(checkpoint_dir), tag)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -136,22 +145,43 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
     log.info("exporting %s (tag %s, step %s, model family %s)", root, tag, meta.get("step"), cfg.model.family)
 
     state = consolidate(root, tag)
-    model = build_model(cfg.model, meta["vocab_size"], device="meta")
-    state = match_keys(state, set(model.state_dict()))
     torch_dtype = getattr(torch, dtype)
-    state = {k: v.to(torch_dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.lora.r > 0:
+        from hetsp.lora import lora_model_for_export
+
+        model = lora_model_for_export(cfg, state, merge=lora_output == "merged")
+        if lora_output == "adapter":
+            out_dir.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(out_dir, safe_serialization=True)
+            _export_tokenizer(cfg.data.tokenizer, out_dir)
+            _write_info(out_dir, root, tag, meta, dtype, cfg.data.tokenizer, lora_output)
+            log.info("wrote the LoRA adapter to %s", out_dir)
+            return out_dir
+        model = model.to(torch_dtype)
+    else:
+        model = build_model(cfg.model, meta["vocab_size"], device="meta")
+        state = match_keys(state, set(model.state_dict()))
+        state = {k: v.to(torch_dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (rotary frequencies) stay on the meta device: they are not saved,
     # and from_pretrained recomputes them from the config.
     model.config.dtype = torch_dtype
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     _export_tokenizer(cfg.data.tokenizer, out_dir)
-    (out_dir / "hetsp_export.json").write_text(
-        json.dumps({"source": str(root.resolve()), "tag": tag, "meta": meta, "dtype": dtype}, indent=1)
-    )
+    _write_info(out_dir, root, tag, meta, dtype, cfg.data.tokenizer, lora_output if cfg.lora.r > 0 else None)
     log.info("wrote %s", out_dir)
     return out_dir
+
+
+def _write_info(out_dir: Path, root: Path, tag: str, meta: dict, dtype: str, tokenizer: str, lora: str | None) -> None:
+    """hetsp_export.json: where the folder came from; "tokenizer" is "bytes" when there are no tokenizer
+    files (so data.tokenizer = "model" resolves to the byte tokenizer when fine-tuning it)."""
+    info = {"source": str(root.resolve()), "tag": tag, "meta": meta, "dtype": dtype,
+            "tokenizer": "bytes" if tokenizer == "bytes" else "files"}
+    if lora is not None:
+        info["lora"] = lora
+    (out_dir / "hetsp_export.json").write_text(json.dumps(info, indent=1))
 
 
 def _export_tokenizer(tokenizer: str, out_dir: Path) -> None:
@@ -178,13 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one named in 'latest')")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    parser.add_argument("--lora-output", default="merged", choices=LORA_OUTPUTS,
+                        help="LoRA runs: the merged model (default) or the adapter folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from hetsp.config import ConfigError
 
     try:
-        out = export(args.checkpoint_dir, args.out_dir, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite)
-    except (ExportError, ConfigError) as e:
+        out = export(args.checkpoint_dir, args.out_dir, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite,
+                     lora_output=args.lora_output)
+    except (ExportError, ConfigError, NotImplementedError) as e:
         print(f"hetsp-export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {out}")

@@ -16,7 +16,8 @@ from hetsp.config import ConfigError, ModelConfig
 ConfigBuilder = Callable[[ModelConfig, int], Any]
 _FAMILIES: dict[str, ConfigBuilder] = {}
 # Families provided by other modules, imported on first use: name -> module that registers it.
-_LAZY: dict[str, str] = {"hybrid": "models", "bamba": "models.hf_clients", "granitemoehybrid": "models.hf_clients"}
+# `models` holds model definitions only and never imports hetsp; the runtime registers them.
+_LAZY: dict[str, str] = {name: "hetsp.model_families" for name in ("hybrid", "bamba", "granitemoehybrid")}
 
 
 def register_family(name: str, builder: ConfigBuilder) -> None:
@@ -55,7 +56,11 @@ register_family("llama", _llama)
 
 
 def build_hf_config(cfg: ModelConfig, vocab_size: int) -> Any:
-    """The transformers config of the model `cfg` describes."""
+    """The transformers config of the model `cfg` describes (the checkpoint's with `model.init_from`)."""
+    if cfg.init_from:
+        from hetsp.loading import checkpoint_hf_config
+
+        return checkpoint_hf_config(cfg)
     if cfg.family not in _FAMILIES and cfg.family in _LAZY:
         importlib.import_module(_LAZY[cfg.family])
     if cfg.family not in _FAMILIES:

@@ -71,19 +71,48 @@ class MicroBatch:
 class Plan:
     """A full plan for one global batch.
 
-    `lengths[i]` is the token count of batch sequence i (as fed to the model,
-    i.e. after any truncation). `meta` carries free-form planner information
-    (planner name, solve time, optimality, estimated time); it never changes
-    what is executed.
+    `lengths[i]` is the token count of plan sequence i (as fed to the model,
+    i.e. after any truncation). Which sequences of the input batch the plan
+    trains is part of the plan: with `source_index` set, plan sequence j is
+    input sequence ``source_index[j]`` of an input batch of `num_inputs`
+    sequences, and the others (`dropped`) are not trained; with both None,
+    plan sequence i is input sequence i and nothing is dropped. `meta`
+    carries free-form planner information (planner name, solve time,
+    optimality, estimated time); it never changes what is executed.
     """
 
     lengths: tuple[int, ...]
     micro_batches: tuple[MicroBatch, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    source_index: tuple[int, ...] | None = None
+    num_inputs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(x) for x in self.lengths))
         object.__setattr__(self, "micro_batches", tuple(self.micro_batches))
+        if (self.source_index is None) != (self.num_inputs is None):
+            raise PlanError("a plan's source_index and num_inputs are given together (or neither)")
+        if self.source_index is not None:
+            object.__setattr__(self, "source_index", tuple(int(i) for i in self.source_index))
+            object.__setattr__(self, "num_inputs", int(self.num_inputs))
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        """Input-batch indices of the sequences this plan does not train."""
+        if self.source_index is None:
+            return ()
+        kept = set(self.source_index)
+        return tuple(i for i in range(self.num_inputs) if i not in kept)
+
+    def inputs_trained(self, batch: Sequence[Any]) -> list[Any]:
+        """The input batch as the plan indexes it (the sequences it trains, in plan order)."""
+        if self.num_inputs is not None and len(batch) != self.num_inputs:
+            raise PlanError(f"the plan was made for a batch of {self.num_inputs} sequences, got {len(batch)}")
+        if self.source_index is None:
+            if len(batch) != len(self.lengths):
+                raise PlanError(f"the plan has {len(self.lengths)} sequences, the batch {len(batch)}")
+            return list(batch)
+        return [batch[i] for i in self.source_index]
 
     @property
     def num_micro_batches(self) -> int:
@@ -135,15 +164,25 @@ class Plan:
         missing = [i for i in range(len(self.lengths)) if i not in seen]
         if missing:
             raise PlanError(f"sequences {missing[:10]}{'...' if len(missing) > 10 else ''} are in no group")
+        if self.source_index is not None:
+            src = self.source_index
+            if len(src) != len(self.lengths):
+                raise PlanError(f"source_index has {len(src)} entries for {len(self.lengths)} plan sequences")
+            if any(b <= a for a, b in zip(src, src[1:])) or (src and (src[0] < 0 or src[-1] >= self.num_inputs)):
+                raise PlanError(f"source_index must increase strictly inside [0, {self.num_inputs}): {list(src)[:10]}")
         return self
 
     # ---- JSON form (one object per plan; run folders store one per line) ----
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "lengths": list(self.lengths),
             "micro_batches": [[g.to_dict() for g in mb.groups] for mb in self.micro_batches],
             "meta": self.meta,
         }
+        if self.source_index is not None:
+            out["source_index"] = list(self.source_index)
+            out["num_inputs"] = self.num_inputs
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -151,7 +190,8 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         mbs = tuple(MicroBatch(tuple(Group.from_dict(g) for g in mb)) for mb in d["micro_batches"])
-        return cls(tuple(d["lengths"]), mbs, dict(d.get("meta", {})))
+        src = d.get("source_index")
+        return cls(tuple(d["lengths"]), mbs, dict(d.get("meta", {})), None if src is None else tuple(src), d.get("num_inputs"))
 
     @classmethod
     def from_json(cls, s: str) -> "Plan":

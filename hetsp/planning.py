@@ -19,15 +19,40 @@ from hetsp.plan import Plan
 log = logging.getLogger("hetsp.planning")
 
 
-def make_planner(cfg: Config, vocab_size: int) -> Any:
-    """The configured planner, told the real vocabulary size and the ZeRO stage."""
-    import solver
+class PeerFailed(RuntimeError):
+    """Another rank failed (here: the planner on rank 0); this rank stops instead of waiting for it."""
 
-    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
+
+def is_fallback(plan: Plan) -> bool:
+    """The MILP planner returned its heuristic plan instead of a solved one (no time left, no solution);
+    for the heuristic planners (greedy, static, ...) "heuristic" is their normal status."""
+    return "fallback" in plan.meta or (plan.meta.get("planner") == "milp" and plan.meta.get("status") == "heuristic")
+
+
+def planner_config(cfg: Config, on_gpu: bool) -> Any:
+    """`cfg.planner` with the run's training settings the cost models need filled into its
+    options (unless set there): "zero_stage", "dtype" (`hetsp.memory.run_dtype`) and
+    "activation_checkpointing". Training, the dry run and ``hetsp-plan --config`` all plan with it."""
+    from hetsp.memory import run_dtype
+
     options = dict(cfg.planner.options)
     options.setdefault("zero_stage", cfg.train.zero_stage)
-    planner_cfg = dataclasses.replace(cfg.planner, options=options)
-    return solver.get_planner(cfg.planner.name, planner_cfg, cfg.cluster, model)
+    options.setdefault("dtype", run_dtype(cfg.train.dtype, on_gpu))
+    options.setdefault("activation_checkpointing", cfg.train.activation_checkpointing)
+    return dataclasses.replace(cfg.planner, options=options)
+
+
+def make_planner(cfg: Config, vocab_size: int, on_gpu: bool | None = None) -> Any:
+    """The configured planner, told the real vocabulary size and the run's training settings
+    (`planner_config`); `on_gpu` None: whether this process sees CUDA."""
+    import solver
+
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size)
+    return solver.get_planner(cfg.planner.name, planner_config(cfg, on_gpu), cfg.cluster, model)
 
 
 class Planning:
@@ -39,6 +64,8 @@ class Planning:
         self.data = data
         self._pending: dict[int, Future] = {}
         self._pool = None
+        self.num_plans = 0
+        self.fallbacks: list[tuple[int, str]] = []  # (step, why) of every heuristic fallback
         if rank == 0:
             self.planner = make_planner(cfg, data.vocab_size)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="hetsp-planner")
@@ -58,28 +85,56 @@ class Planning:
         """The plan of training step `step` (or, with `sequences`, of that batch), on every rank."""
         import torch.distributed as dist
 
-        payload = [None]
+        payload: list[Any] = [None]
+        failure = None
         if self.rank == 0:
-            if sequences is not None:
-                plan = self._plan_lengths([len(s) for s in sequences])
-            else:
-                self.prefetch(step)
-                plan = self._pending.pop(step).result()
-            payload = [plan.to_json()]
+            try:
+                if sequences is not None:
+                    plan = self._plan_lengths([len(s) for s in sequences])
+                else:
+                    self.prefetch(step)
+                    plan = self._pending.pop(step).result()
+                payload = [plan.to_json()]
+                self._count(step, plan)
+            except Exception as e:  # every rank hears of it now, not at the distributed timeout
+                failure = e
+                payload = [{"error": f"{type(e).__name__}: {e}"}]
         dist.broadcast_object_list(payload, src=0)
+        if failure is not None:
+            raise failure
+        if isinstance(payload[0], dict):
+            raise PeerFailed(f"the planner failed on rank 0 (step {step}): {payload[0]['error']}")
         return Plan.from_json(payload[0]).validate(self.world_size)
+
+    def _count(self, step: int, plan: Plan) -> None:
+        self.num_plans += 1
+        if is_fallback(plan):
+            self.fallbacks.append((step, str(plan.meta.get("fallback", plan.meta.get("status")))))
+
+    def fallback_summary(self) -> str | None:
+        """One line for the console: how often the planner fell back to its heuristic plan (None: never)."""
+        if not self.fallbacks:
+            return None
+        step, why = self.fallbacks[0]
+        return (f"planner {self.planner.name!r} fell back to its heuristic plan for {len(self.fallbacks)} of "
+                f"{self.num_plans} batches (first at step {step}: {why}); raise planner.time_limit_s to give the "
+                "solver more time (plans.jsonl has every plan's status)")
 
     @staticmethod
     def kept(plan: Plan, sequences: list[list[int]]) -> list[list[int]]:
         """The batch as the plan indexes it: a planner that drops sequences that cannot
-        fit (planner.long_policy = "drop") records which ones it kept in meta["source_index"]."""
-        index = plan.meta.get("source_index")
-        if index is None:
-            return sequences
-        if plan.meta.get("dropped"):
-            log.warning("planner dropped %d sequence(s) that fit no group: %s", len(plan.meta["dropped"]), plan.meta["dropped"])
-        return [sequences[i] for i in index]
+        fit (planner.long_policy = "drop") records which ones it trains in the plan."""
+        if plan.dropped:
+            log.warning("planner dropped %d sequence(s) that fit no group: %s", len(plan.dropped), list(plan.dropped))
+        kept = plan.inputs_trained(sequences)
+        bad = [j for j, (seq, n) in enumerate(zip(kept, plan.lengths)) if len(seq) != n]
+        if bad:
+            raise ValueError(f"plan sequence {bad[0]} has {plan.lengths[bad[0]]} tokens but the batch's has {len(kept[bad[0]])}")
+        return kept
 
     def close(self) -> None:
+        summary = self.fallback_summary() if self.rank == 0 else None
+        if summary:
+            log.warning("%s", summary)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

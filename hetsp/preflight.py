@@ -16,7 +16,8 @@ def check_world(cfg: Config, world_size: int) -> None:
     if c.ranks_per_node and (c.ranks_per_node > world_size or world_size % c.ranks_per_node):
         raise ValueError(
             f"cluster.ranks_per_node={c.ranks_per_node} does not divide the world of {world_size} ranks "
-            "(set it to the ranks of one node, or 0 for a single node)"
+            f"(set it to the ranks of one node, e.g. --set cluster.ranks_per_node={world_size} for one node of "
+            f"{world_size}, or 0)"
         )
     bad = [d for d in p.allowed_group_sizes if d < 1 or d > world_size]
     if bad:

@@ -12,6 +12,13 @@ rank uses one intra-op thread. If any rank raises, or the call does not
 finish within `timeout`, the pool is torn down (the other ranks may be stuck
 in a collective) and `RankError` carries the failing rank's traceback; the
 next `run` starts a fresh world.
+
+Comparisons follow one rule, the one `torch.testing.assert_close` applies:
+an element passes when ``|a - b| <= atol + rtol * |b|``. `tolerance_ratio`
+gives the worst element's share of its allowance, so results gathered from
+many ranks can be reduced to one number and asserted ``<= 1``; it never
+divides by the reference alone, so an all-zero reference (a 1-token
+sequence's dq and dk) passes any kernel's round-off below `atol`.
 """
 
 from __future__ import annotations
@@ -25,6 +32,29 @@ import tempfile
 import time
 import traceback
 from typing import Any, Callable
+
+
+def tolerance_ratio(actual: Any, expected: Any, *, atol: float, rtol: float) -> float:
+    """max over elements of ``|actual - expected| / (atol + rtol * |expected|)``, in float64.
+
+    At most 1 exactly when every element satisfies ``|a - b| <= atol + rtol |b|``.
+    Shapes must match; a NaN on either side, or an infinity the other side lacks, counts as inf.
+    Empty tensors give 0. ``atol`` must be positive (a zero reference needs it).
+    """
+    import torch
+
+    if atol <= 0 or rtol < 0:
+        raise ValueError(f"tolerance_ratio needs atol > 0 and rtol >= 0, got atol={atol}, rtol={rtol}")
+    a = torch.as_tensor(actual).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(expected).detach().to("cpu", torch.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"tolerance_ratio: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    same = a == b  # equal infinities; NaN is never equal (as assert_close's default)
+    ratio = (a - b).abs() / (atol + rtol * b.abs())
+    ratio = torch.where(same, torch.zeros_like(ratio), ratio.nan_to_num(nan=float("inf")))
+    return float(ratio.max())
 
 
 class RankError(RuntimeError):

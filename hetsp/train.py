@@ -57,7 +57,9 @@ def _device() -> Any:
 
 def run_dir_for(cfg: Config) -> Path:
     """The run folder: HETSP_RUN_DIR when the launcher sets it (--run-dir), else output_dir/name."""
-    return Path(os.environ.get("HETSP_RUN_DIR") or Path(cfg.run.output_dir) / cfg.run.name)
+    from hetsp.runlock import run_folder
+
+    return run_folder(cfg.run.output_dir, cfg.run.name, os.environ.get("HETSP_RUN_DIR"))
 
 
 @dataclass
@@ -80,9 +82,8 @@ def build_runtime(cfg: Config) -> Runtime:
     from hetsp.data import build_data
     from hetsp.engine import build_engine
     from hetsp.metrics.flops import ModelFlops
-    from hetsp.model_registry import build_model
+    from hetsp.loading import build_training_model, num_parameters
     from hetsp.objectives import get_objective
-    from hetsp.ssm_parallel import parallelize
 
     world_size = dist.get_world_size()
     device = _device()
@@ -90,11 +91,11 @@ def build_runtime(cfg: Config) -> Runtime:
     torch.manual_seed(cfg.run.seed)
     objective = get_objective(cfg.train.objective)
     data = build_data(cfg.data, cfg.run.seed)
-    model = parallelize(build_model(cfg.model, data.vocab_size, attn_implementation=register_attention()))
-    num_params = sum(p.numel() for p in model.parameters())
+    model = build_training_model(cfg, data, world_size, device, register_attention())
+    num_params = num_parameters(model)
     if dist.get_rank() == 0:
         log.info("model: %s, %.2fM parameters, %d ranks on %s", cfg.model.family, num_params / 1e6, world_size, device)
-    flops = ModelFlops.from_model(model)  # before ZeRO-3 partitions the parameters
+    flops = ModelFlops.from_hf_config(model.config)  # a meta-device twin: ZeRO-3 may have partitioned the model
     engine = build_engine(model, cfg.train, world_size, device)
     return Runtime(device, data, objective, flops, engine)
 
@@ -107,7 +108,9 @@ def profile(cfg: Config, out: Path) -> None:
     from hetsp.profiler import measure
     from solver.costs.profile import save_profile
 
-    rt = build_runtime(cfg)
+    from hetsp.loading import resolve_config
+
+    rt = build_runtime(resolve_config(cfg))
     world = dist.get_world_size()
     degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
     points, fixed_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel, degrees,
@@ -136,13 +139,18 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     import torch.distributed as dist
 
     from hetsp import checkpoint
+    from hetsp.attention.kernels import kernel_for_config
     from hetsp.engine import resolve_dtype
     from hetsp.executor import run_plan
     from hetsp.metrics import MetricsLogger
     from hetsp.metrics.device import peak_memory_bytes
     from hetsp.metrics.flops import peak_flops
     from hetsp.planning import Planning
+    from hetsp.preempt import StopRequest
 
+    from hetsp.loading import resolve_config
+
+    cfg = resolve_config(cfg)  # the checkpoint's model fields and tokenizer (model.init_from)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = run_dir_for(cfg)
     if rank == 0:
@@ -156,37 +164,63 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
 
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if (resume or cfg.run.resume or restarted) and checkpoint.latest_step(run_dir) is not None:
-        start = checkpoint.load(engine, run_dir)
-        if rank == 0:
-            log.info("resumed from step %d (%s)", start, checkpoint.checkpoint_dir(run_dir))
-    elif resume and rank == 0:
-        log.warning("--resume: no checkpoint in %s, starting from step 0", checkpoint.checkpoint_dir(run_dir))
+    if resume or cfg.run.resume or restarted:
+        start = checkpoint.resume(engine, run_dir, rank == 0, log)
 
     planning = Planning(cfg, data, world_size, rank)
     metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size,
                             peak_flops_per_rank=peak, print_every=cfg.train.log_every)
-    ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
+    ckpt_meta = {"vocab_size": engine.module.config.vocab_size if cfg.model.init_from else data.vocab_size,
+                 "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
-    kernel = cfg.attention.kernel
+    stop = StopRequest().__enter__()  # SIGTERM from here on: checkpoint at the end of the step
+    kernel = kernel_for_config(cfg.attention, device)
     end = cfg.train.steps if cfg.train.stop_after <= 0 else min(cfg.train.steps, start + cfg.train.stop_after)
+    skipped = []  # steps whose every sequence was too long to place (planner.long_policy = "drop")
+
+    def end_of_step(done: int) -> bool:
+        """Checkpoint when due or when any rank received SIGTERM; True: stop here."""
+        every = cfg.train.checkpoint_every
+        stopping_early = done == end < cfg.train.steps
+        preempted = stop.agreed(device)
+        if preempted or stopping_early or (every > 0 and (done % every == 0 or done == end)):
+            checkpoint.save(engine, run_dir, done, ckpt_meta, cfg.train.keep_checkpoints)
+        if preempted and rank == 0:
+            log.warning("SIGTERM: checkpoint of step %d written to %s; stopping (--resume continues)",
+                        done, checkpoint.checkpoint_dir(run_dir))
+        return preempted
+
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
             batch = data.train_batch(step)
+            t_data = time.perf_counter() - t0
             plan = planning.plan_for(step)
             batch = planning.kept(plan, batch)
             if step + 1 < end:
                 planning.prefetch(step + 1)
-            t_plan = time.perf_counter() - t0
+            t_plan = time.perf_counter() - t0 - t_data
             metrics.log_plan(step, plan)
+            if not plan.lengths:
+                skipped.append(step)
+                if rank == 0:
+                    log.warning("step %d skipped: all %d sequences are too long to place (%d steps skipped so far)",
+                                step, len(plan.dropped), len(skipped))
+                if end_of_step(step + 1):
+                    end = step + 1
+                    break
+                continue
             res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel)
             engine.step()
-            loss_sum = torch.tensor([res.loss_sum], dtype=torch.float64)
-            dist.all_reduce(loss_sum)
+            # one reduction: the loss sum, and each rank's data and exchange seconds (logged as the mean over ranks)
+            sums = torch.tensor([res.loss_sum, t_data + res.data_s, res.comm_s], dtype=torch.float64)
+            dist.all_reduce(sums)
+            loss_total, data_s, comm_s = sums.tolist()
             dt = time.perf_counter() - t0
             record = {
-                "loss": loss_sum.item() / res.num_units,
+                "loss": loss_total / res.num_units,
+                "data_s": data_s / world_size,
+                "comm_s": comm_s / world_size,
                 "lr": engine.get_lr()[0],
                 "tokens": sum(plan.lengths),
                 "step_time_s": dt,
@@ -205,14 +239,16 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
             done = step + 1
             if val and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 metrics.log_eval(step, evaluate(engine, planning, val, rank, world_size, device, objective, kernel))
-            every = cfg.train.checkpoint_every
-            stopping_early = done == end < cfg.train.steps
-            if stopping_early or (every > 0 and (done % every == 0 or done == end)):
-                checkpoint.save(engine, run_dir, done, ckpt_meta, cfg.train.keep_checkpoints)
+            if end_of_step(done):
+                end = done
+                break
     finally:
+        stop.__exit__()
         planning.close()
         metrics.close()
-    return {"start": start, "end": end}
+    if skipped and rank == 0:
+        log.warning("%d step(s) skipped because every sequence was too long to place: %s", len(skipped), skipped)
+    return {"start": start, "end": end, "skipped": len(skipped)}
 
 
 def evaluate(engine: Any, planning: Any, val: list, rank: int, world_size: int, device: Any, objective: Any, kernel: str) -> float:
@@ -236,13 +272,12 @@ def evaluate(engine: Any, planning: Any, val: list, rank: int, world_size: int, 
     return loss / max(1, units)
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float) -> None:
     import torch
     import torch.distributed as dist
 
     backend = os.environ.get("HETSP_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
-    timeout = datetime.timedelta(seconds=float(os.environ.get("HETSP_DIST_TIMEOUT_S", "600")))
-    dist.init_process_group(backend, timeout=timeout)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,10 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     setup_logging(rank)
+    from hetsp import heartbeat
+    from hetsp.checks import check_run
+
+    heartbeat.start_from_env(rank)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        # what the launcher checked, before any collective
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), planning=not args.profile)
+    except ValueError as e:
+        print(f"{'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         from hetsp.dry_run import dry_run
@@ -269,20 +310,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MASTER_PORT", "29511")
     import torch.distributed as dist
 
-    init_distributed()
-    try:
-        from hetsp.preflight import check_world
+    from hetsp.checkpoint import CheckpointError
+    from hetsp.planning import PeerFailed
 
-        check_world(cfg, dist.get_world_size())
+    init_distributed(cfg.run.dist_timeout_s)
+    try:
         if args.profile:
             profile(cfg, Path(args.profile))
         else:
             train(cfg, args.resume)
-    except ValueError as e:
-        log.error("%s", e)
+    except (ValueError, NotImplementedError, CheckpointError, PeerFailed, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         dist.destroy_process_group()
-        return 2
+        return 1 if isinstance(e, PeerFailed) else 2
     dist.destroy_process_group()
     return 0
 

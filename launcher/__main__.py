@@ -1,6 +1,11 @@
 """hetsp-launch: check the config, then start the ranks (simulated on this host, or via torchrun).
 
-Exit status: 0 success; 1 a rank (or torchrun) failed; 2 bad arguments or config;
+Before any rank starts: the config and every check that needs no process group
+(`hetsp.checks.check_run`, the same function the ranks run), a resume's checkpoint
+(world size), the host's memory and cores, and the run folder's lock.
+
+Exit status: 0 success; 1 a rank (or torchrun) failed or hung; 2 bad arguments or config,
+a run folder in use by another run, or a job this host cannot hold (without --force);
 128+signal when stopped by SIGINT/SIGTERM.
 """
 
@@ -9,9 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-from hetsp.config import ConfigError, load_config
+from hetsp.config import Config, ConfigError, load_config
 
-from .cli import LaunchArgs, UsageError, parse_args
+from .cli import DEFAULT_MODULE, LaunchArgs, UsageError, parse_args
 from .devices import count_gpus, simulated_arrangement, threads_per_rank, torchrun_arrangement, available_cores
 from .rank_env import BACKEND_VAR, DEVICE_VAR, RUN_DIR_VAR
 from .ranks import log
@@ -28,16 +33,93 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from hetsp.checks import check_run
+
     try:
         args = parse_args(argv)
-        load_config(args.config, list(args.overrides))  # fail here, before any rank starts
+        cfg = load_config(args.config, list(args.overrides))  # fail here, before any rank starts
+        if args.mode == "simulate":  # before count_gpus, which imports torch
+            check_run(cfg, args.num_ranks, planning=not args.profile)
         num_gpus = count_gpus(args.device)
+        world, ranks_here = _world(args, num_gpus)
+        if args.mode == "torchrun":
+            check_run(cfg, world, planning=not args.profile)
     except (UsageError, ConfigError, ValueError) as e:
         print(f"hetsp-launch: error: {e}", file=sys.stderr)
         return USAGE_EXIT
+    if args.dry_run or args.profile:
+        return _simulate(args, num_gpus, cfg) if args.mode == "simulate" else _torchrun(args, num_gpus, cfg)
+    from hetsp.checkpoint import CheckpointError
+    from hetsp.runlock import RunFolderBusy, RunLock, run_folder
+
+    lock = None
+    try:
+        run_dir = run_folder(cfg.run.output_dir, cfg.run.name, args.run_dir)
+        _check_resume(cfg, args, run_dir, world)
+        _check_host(cfg, args, ranks_here, num_gpus)
+        if args.node_rank == 0:  # one lock per job, on the shared run folder
+            lock = RunLock(run_dir).acquire()
+    except (ValueError, RunFolderBusy, CheckpointError) as e:
+        print(f"hetsp-launch: error: {e}", file=sys.stderr)
+        return USAGE_EXIT
+    try:
+        for note in lock.notes if lock is not None else []:
+            log(note)
+        if args.mode == "simulate":
+            return _simulate(args, num_gpus, cfg)
+        return _torchrun(args, num_gpus, cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _world(args: LaunchArgs, num_gpus: int) -> tuple[int, int]:
+    """(ranks in the job, ranks on this host)."""
     if args.mode == "simulate":
-        return _simulate(args, num_gpus)
-    return _torchrun(args, num_gpus)
+        assert args.num_ranks is not None
+        return args.num_ranks, args.num_ranks
+    nproc = args.nproc_per_node or max(1, num_gpus)
+    return args.nnodes * nproc, nproc
+
+
+def _check_resume(cfg: Config, args: LaunchArgs, run_dir, world: int) -> None:
+    """A resume (--resume, run.resume) whose newest checkpoint was written by another world size is
+    refused here, with the command that would work."""
+    from hetsp.checkpoint import check_resumable
+
+    if args.resume or cfg.run.resume:
+        check_resumable(run_dir, world, relaunch=_relaunch_hint(args))
+
+
+def _relaunch_hint(args: LaunchArgs):
+    """The command that resumes on `saved_world` ranks, as a function of that number."""
+    import shlex
+
+    rest = shlex.join(args.rank_args())
+    if args.mode == "simulate":
+        return lambda saved_world: f"hetsp-launch --simulate {saved_world} {rest}"
+    return lambda saved_world: (f"hetsp-launch {rest} --nnodes K --nproc-per-node P ... with K x P = "
+                                f"{saved_world}")
+
+
+def _check_host(cfg: Config, args: LaunchArgs, ranks_here: int, num_gpus: int) -> None:
+    """hetsp ranks on CPU: refuse (or warn with --force) when this host cannot hold them."""
+    if args.module != DEFAULT_MODULE or num_gpus > 0:  # test programs, or ranks on GPUs
+        return
+    from hetsp.overhead import cached_library_bytes, host_memory, host_problems, process_overhead
+
+    if cached_library_bytes() is None:
+        log("measuring once what a rank's libraries take in memory (cached for these versions)")
+    overhead = process_overhead(cfg)
+    _, available = host_memory()
+    problems = host_problems(ranks_here, overhead.total, available, available_cores())
+    if not problems:
+        return
+    text = "; ".join(problems) + f" (per rank: {overhead.describe()})"
+    if args.force:
+        log(f"warning: {text}; starting anyway (--force)")
+        return
+    raise ValueError(f"{text}. Use fewer ranks, or --force to start anyway")
 
 
 def _threads(ranks_on_host: int) -> int:
@@ -48,7 +130,7 @@ def _threads(ranks_on_host: int) -> int:
     return threads_per_rank(ranks_on_host)
 
 
-def _simulate(args: LaunchArgs, num_gpus: int) -> int:
+def _simulate(args: LaunchArgs, num_gpus: int, cfg: Config) -> int:
     from .simulate import run_simulated
 
     n = args.num_ranks
@@ -60,10 +142,11 @@ def _simulate(args: LaunchArgs, num_gpus: int) -> int:
     log(f"simulating {n} rank(s) on this host: {arrangement.reason}; OMP_NUM_THREADS={threads} "
         f"({available_cores()} core(s)); running `python -m {args.module}`")
     return run_simulated(args.module, args.rank_args(), n, arrangement, threads=threads,
-                         all_ranks=args.all_ranks, run_dir=args.run_dir, finish_grace_s=args.finish_grace_s)
+                         all_ranks=args.all_ranks, run_dir=args.run_dir, finish_grace_s=args.finish_grace_s,
+                         stop_grace_s=cfg.run.stop_grace_s, heartbeat_timeout_s=cfg.run.heartbeat_timeout_s)
 
 
-def _torchrun(args: LaunchArgs, num_gpus: int) -> int:
+def _torchrun(args: LaunchArgs, num_gpus: int, cfg: Config) -> int:
     from .torchrun import run_torchrun
 
     nproc = args.nproc_per_node or max(1, num_gpus)
@@ -75,7 +158,8 @@ def _torchrun(args: LaunchArgs, num_gpus: int) -> int:
         f"OMP_NUM_THREADS={threads}")
     return run_torchrun(args.module, args.rank_args(), nnodes=args.nnodes, node_rank=args.node_rank,
                         nproc_per_node=nproc, rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
-                        arrangement=arrangement, threads=threads, all_ranks=args.all_ranks, run_dir=args.run_dir)
+                        arrangement=arrangement, threads=threads, all_ranks=args.all_ranks, run_dir=args.run_dir,
+                        stop_grace_s=cfg.run.stop_grace_s, heartbeat_timeout_s=cfg.run.heartbeat_timeout_s)
 
 
 def _dry_run(args: LaunchArgs, *, world: int, local_world: int) -> int:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of training, measure the planner's cost table on these ranks and write it")
     p.add_argument("--run-dir", metavar="DIR",
                    help="run folder: exported to ranks as HETSP_RUN_DIR; every rank's full output goes to DIR/logs/")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the ranks' estimated memory exceeds this host's or ranks far exceed cores")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where ranks compute (auto: CUDA when torch sees a GPU)")
     p.add_argument("--finish-grace", type=float, default=600.0, metavar="SECONDS",
@@ -68,6 +70,7 @@ class LaunchArgs:
     nproc_per_node: int | None  # None: decided from the GPUs
     max_restarts: int
     finish_grace_s: float
+    force: bool = False
 
     def rank_args(self) -> list[str]:
         """Arguments of the rank program: CONFIG [--set k=v ...] [--resume] [--dry-run] [--profile OUT]."""
@@ -134,4 +137,5 @@ def parse_args(argv: list[str] | None) -> LaunchArgs:
         nproc_per_node=ns.nproc_per_node,
         max_restarts=0 if ns.max_restarts is None else ns.max_restarts,
         finish_grace_s=ns.finish_grace,
+        force=ns.force,
     )

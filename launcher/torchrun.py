@@ -12,15 +12,18 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
+from hetsp import heartbeat
+
 from .devices import Arrangement
 from .rank_env import BACKEND_VAR, DEVICE_VAR, RUN_DIR_VAR
 from .ranks import ChildProcess, describe_exit, emit, log
-from .supervise import supervise
+from .supervise import StopPolicy, supervise
 
 # torchrun's failure summary: "rank      : 1 (local_rank: 1)"
 _FAILED_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
@@ -36,8 +39,9 @@ def torchrun_executable() -> list[str]:
 
 def torchrun_command(*, nnodes: int, node_rank: int, nproc_per_node: int, rdzv_endpoint: str | None,
                      max_restarts: int, module: str, rank_args: list[str], log_dir: str,
-                     all_ranks: bool) -> list[str]:
-    """The full torchrun command line for this node."""
+                     all_ranks: bool, shutdown_timeout_s: float | None = None) -> list[str]:
+    """The full torchrun command line for this node (`shutdown_timeout_s`: how long torchrun lets
+    its workers finish after SIGTERM, e.g. to checkpoint, before it kills them)."""
     cmd = torchrun_executable()
     cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--nproc-per-node", str(nproc_per_node)]
     if rdzv_endpoint is None:  # one node and no endpoint: torchrun picks a free local port
@@ -45,6 +49,8 @@ def torchrun_command(*, nnodes: int, node_rank: int, nproc_per_node: int, rdzv_e
     else:
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
     cmd += ["--max-restarts", str(max_restarts), "--log-dir", log_dir, "--tee", "3"]
+    if shutdown_timeout_s is not None:
+        cmd += ["--shutdown-timeout", str(max(1, round(shutdown_timeout_s)))]
     if not all_ranks:
         cmd += ["--local-ranks-filter", "0"]
     cmd += ["-m", module, *rank_args]
@@ -53,7 +59,7 @@ def torchrun_command(*, nnodes: int, node_rank: int, nproc_per_node: int, rdzv_e
 
 def run_torchrun(module: str, rank_args: list[str], *, nnodes: int, node_rank: int, nproc_per_node: int,
                  rdzv_endpoint: str | None, max_restarts: int, arrangement: Arrangement, threads: int,
-                 all_ranks: bool, run_dir: str | None) -> int:
+                 all_ranks: bool, run_dir: str | None, stop_grace_s: float, heartbeat_timeout_s: float) -> int:
     """Run torchrun for this node; return its exit status (1 when it fails, 128+signal if stopped)."""
     if run_dir is not None:
         log_dir = str(Path(run_dir) / "logs" / f"node_{node_rank}")
@@ -62,8 +68,12 @@ def run_torchrun(module: str, rank_args: list[str], *, nnodes: int, node_rank: i
         log_dir = tempfile.mkdtemp(prefix=f"hetsp-torchrun-node{node_rank}-")
     cmd = torchrun_command(nnodes=nnodes, node_rank=node_rank, nproc_per_node=nproc_per_node,
                            rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, module=module,
-                           rank_args=rank_args, log_dir=log_dir, all_ranks=all_ranks)
+                           rank_args=rank_args, log_dir=log_dir, all_ranks=all_ranks,
+                           shutdown_timeout_s=stop_grace_s)
+    beats = Path(tempfile.mkdtemp(prefix="hetsp-heartbeat-"))
     env = dict(os.environ)
+    env[heartbeat.DIR_VAR] = str(beats)
+    env[heartbeat.INTERVAL_VAR] = str(heartbeat.interval_for(heartbeat_timeout_s))
     env[DEVICE_VAR] = arrangement.devices[0]
     env[BACKEND_VAR] = arrangement.backend
     env["OMP_NUM_THREADS"] = str(threads)
@@ -74,7 +84,17 @@ def run_torchrun(module: str, rank_args: list[str], *, nnodes: int, node_rank: i
     # torchrun's failure summary (about 10 lines per failed rank) must fit in the kept tail
     child = ChildProcess("torchrun", cmd, env, prefix="", show=True, tail_lines=200)
     # torchrun needs time to stop its own workers on SIGTERM before it is killed
-    outcome = supervise([child], stop_grace_s=20.0)
+    policy = StopPolicy(on_failure=((signal.SIGTERM, 20.0),), on_sigint=((signal.SIGTERM, 20.0),),
+                        on_sigterm=((signal.SIGTERM, stop_grace_s + 20.0),))
+    try:
+        outcome = supervise([child], stop=policy, watchdog=_kill_stale_workers(beats, heartbeat_timeout_s))
+    finally:
+        shutil.rmtree(beats, ignore_errors=True)
+    if outcome.hung:
+        for line in outcome.hung.values():
+            log(line)
+        log("killed it; stopped torchrun")
+        return 1
     if outcome.ok:
         log("torchrun finished")
         return 0
@@ -93,6 +113,28 @@ def run_torchrun(module: str, rank_args: list[str], *, nnodes: int, node_rank: i
         for line in lines:
             emit(f"[launcher]   | {line}", sys.stderr)
     return 1
+
+
+def _kill_stale_workers(folder: Path, timeout_s: float):
+    """A watchdog that kills (SIGKILL) this node's workers whose heartbeat is stale, so that torchrun
+    sees them fail (a stopped worker would otherwise hold the whole group until the timeout)."""
+    from .simulate import heartbeat_watchdog
+
+    check = heartbeat_watchdog(folder, timeout_s)
+
+    def watchdog(running: set[str]) -> dict[str, str]:
+        # torchrun's workers are not the launcher's children: every rank with a file counts (a rank
+        # that has exited is not reported, see HeartbeatWatch.stale)
+        stale = check({f"rank {p.name.split('_', 1)[1]}" for p in folder.glob("rank_*")})
+        for name in stale:
+            beat = heartbeat.beat_file(folder, int(name.split()[-1]))
+            try:
+                os.kill(int(beat.read_text().split()[0]), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+        return stale
+
+    return watchdog
 
 
 def _root_cause(lines: list[str]) -> list[re.Match]:

@@ -59,6 +59,10 @@ class HybridConfig(PretrainedConfig):
     mamba_n_groups: int = 1
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 64
+    # SSD scan kernel: "hetsp" (models.kernels.ssd, Triton on CUDA) or "fla" (flash-linear-
+    # attention's chunked kernels, CUDA only; choose it where bench/gpu_check.sh found it exact
+    # and faster).
+    ssd_kernel: str = "hetsp"
     # SeqBoat: local window over activated tokens, GAU query/key and value widths.
     seqboat_window: int = 1024
     seqboat_z_dim: int = 128
@@ -128,6 +132,8 @@ class HybridConfig(PretrainedConfig):
                 )
             if self.seqboat_z_dim <= 0 or self.seqboat_z_dim % 2:
                 raise ValueError(f"seqboat_z_dim must be positive and even (rotary), got {self.seqboat_z_dim}")
+        if self.ssd_kernel not in ("hetsp", "fla"):
+            raise ValueError(f"ssd_kernel must be 'hetsp' or 'fla', got {self.ssd_kernel!r}")
         for name in ("scan_chunk_size", "mamba_chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

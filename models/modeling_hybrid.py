@@ -10,6 +10,8 @@ state, convolution context or attention.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -19,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
 from .kernels import KERNELS, positions_in_segment, segment_ids
+from .kernels.tree import StackTree
 from .layers import RMSNorm, SwiGLU, rotary_cos_sin
 from .mixers import build_mixer
 
@@ -76,11 +79,14 @@ class HybridPreTrainedModel(PreTrainedModel):
             module.reset_ssm_parameters()
 
 
-def _mask(batch, length, past, cu_seqlens, attention_mask, dtype, device):
-    """Additive (B, 1, L, past + L) mask: causal, same document, not padding."""
+def _mask(batch, length, past, cu_seqlens, attention_mask, dtype, device, tree=None):
+    """Additive (B, 1, L, past + L) mask: causal (ancestors-or-self for a stack tree), same document, not padding."""
     q_pos = torch.arange(past, past + length, device=device)
     k_pos = torch.arange(past + length, device=device)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None].expand(batch, length, past + length)
+    if tree is not None:
+        flat = torch.arange(batch * length, device=device).view(batch, length)
+        allowed = tree.visible(flat, flat)
     if cu_seqlens is not None:
         seg = segment_ids(batch, length, cu_seqlens, device)
         allowed = allowed & (seg[:, :, None] == seg[:, None, :])
@@ -109,8 +115,11 @@ class HybridModel(HybridPreTrainedModel):
         inputs_embeds=None,
         use_cache: bool | None = None,
         cu_seqlens=None,
+        parents=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """parents: optional (B, L) long, each token's parent in its row (-1 at a document start) for
+        sequences with a `<bkspc>` action (models/kernels/tree.py); positions default to depths."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         kwargs.pop("past_key_values", None)
@@ -120,13 +129,26 @@ class HybridModel(HybridPreTrainedModel):
         device = inputs_embeds.device
         if cu_seqlens is None and kwargs.get("hetsp_shard") is not None:
             cu_seqlens = getattr(kwargs["hetsp_shard"], "cu_seqlens", None)
+        if parents is None and kwargs.get("hetsp_shard") is not None:
+            parents = getattr(kwargs["hetsp_shard"], "local_parents", None)
+        tree = StackTree.from_parents(parents)
+        if tree is not None:
+            if tree.batch != batch or tree.length != length:
+                raise ValueError(f"parents must be (batch={batch}, length={length}), got ({tree.batch}, {tree.length})")
+            if cache is not None or use_cache:
+                raise ValueError("a forward with parents takes no cache; decode <bkspc> sequences with models.backspace_decoding")
+            impl = self.config._attn_implementation
+            if "attention" in self.config.layer_kinds and impl not in (*_MASKED_IMPLEMENTATIONS, "hetsp_ring"):
+                raise ValueError(f"attention implementation {impl!r} cannot mask a <bkspc> tree; use 'eager', 'sdpa' or hetsp's ring attention")
         if use_cache and cache is None:
             cache = HybridCache(len(self.layers))
         if cache is not None and cu_seqlens is not None:
             raise ValueError("decoding with a cache works on unpacked rows; drop cu_seqlens or the cache")
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            if cu_seqlens is not None:
+            if tree is not None:
+                position_ids = tree.depths
+            elif cu_seqlens is not None:
                 position_ids = positions_in_segment(batch, length, cu_seqlens, device)
             else:
                 position_ids = (torch.arange(length, device=device) + past)[None].expand(batch, length)
@@ -143,9 +165,9 @@ class HybridModel(HybridPreTrainedModel):
                     "run prompts of different lengths one at a time (or as packed rows with cu_seqlens, without a cache)"
                 )
         # sdpa applies plain causal masking itself (and may pick a fused kernel) when no mask is given.
-        plain_causal = impl == "sdpa" and cu_seqlens is None and past == 0 and not padded
+        plain_causal = impl == "sdpa" and cu_seqlens is None and past == 0 and not padded and tree is None
         if impl in _MASKED_IMPLEMENTATIONS and "attention" in self.config.layer_kinds and not plain_causal:
-            mask = _mask(batch, length, past, cu_seqlens, attention_mask, inputs_embeds.dtype, device)
+            mask = _mask(batch, length, past, cu_seqlens, attention_mask, inputs_embeds.dtype, device, tree)
         hidden = inputs_embeds
         for layer in self.layers:
             hidden = layer(
@@ -155,6 +177,7 @@ class HybridModel(HybridPreTrainedModel):
                 attention_mask=mask,
                 cache=cache,
                 cu_seqlens=cu_seqlens,
+                **({"stack_tree": tree} if tree is not None else {}),
                 **kwargs,
             )
         if cache is not None:
@@ -170,6 +193,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.model = HybridModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        if config.ssd_kernel == "fla":
+            from .kernels.ssd_fla import fla_available, ssd_chunk_scan_fla
+
+            if not fla_available():
+                raise ValueError("ssd_kernel = 'fla' needs flash-linear-attention (pip install fla-core); or set ssd_kernel = 'hetsp'")
+            self.set_kernels(ssd_scan=ssd_chunk_scan_fla)
+            logging.getLogger(__name__).info("SSD scan: flash-linear-attention's chunked kernels (ssd_kernel = 'fla')")
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -6,12 +6,13 @@ Examples::
         --flexsp-model 7b --memory-gb 30 --group-sizes 2,4,8,16,64 --round-to 128 --max-length 191872 \\
         --batch-size 512 --num-batches 5
     hetsp-plan --run runs/default --ranks 4 --config configs/default.toml --json
-    hetsp-plan --dataset data.jsonl --tokenizer bytes --ranks 8 --plot plan.png
+    hetsp-plan --dataset data.jsonl --config configs/default.toml --ranks 4 --plot plan.png
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,14 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hetsp-plan", description="Plan batches of sequences over ranks; compare planners.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lengths", metavar="FILE", help="sequence lengths, one integer per line")
-    src.add_argument("--dataset", help="a datasets dataset (local file/folder or cached hub name)")
+    src.add_argument("--dataset", help="a datasets dataset (local file/folder or cached hub name): plan the "
+                     "training batches a run with the config's data section (and run.seed) would plan")
     src.add_argument("--run", metavar="DIR", help="a training run folder: re-plan the batches in its plans.jsonl")
-    p.add_argument("--tokenizer", default="bytes", help="with --dataset: 'bytes' or a local tokenizer folder")
-    p.add_argument("--split", default="train")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--dataset-config", default="")
+    p.add_argument("--tokenizer", help="with --dataset: data.tokenizer ('bytes' or a local tokenizer folder)")
+    p.add_argument("--split", help="with --dataset: data.split")
+    p.add_argument("--text-field", help="with --dataset: data.text_field")
+    p.add_argument("--dataset-config", help="with --dataset: data.dataset_config")
     p.add_argument("--step", type=int, default=None, help="with --run: only this step")
-    p.add_argument("--batch-size", type=int, default=0, help="sequences per batch (0: all in one batch)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="sequences per batch (0: all in one batch); with --dataset the batches are the run's (data.tokens_per_batch)")
     p.add_argument("--num-batches", type=int, default=1)
     p.add_argument("--first-batch", type=int, default=0)
     p.add_argument("--round-to", type=int, default=1, help="round each length up to a multiple of this")
@@ -46,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", choices=["ring", "profile", "flexsp"])
     p.add_argument("--flexsp-model", choices=["7b", "13b", "30b"])
     p.add_argument("--profile", help="a measured cost profile (JSON)")
+    p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="the device the run trains on: with train.dtype 'auto', bf16 on gpu and fp32 on cpu")
     p.add_argument("--group-sizes", help="allowed group sizes, comma separated (default: all)")
     p.add_argument("--time-limit", type=float, help="planner time limit per batch (s)")
     p.add_argument("--drop-long", action="store_true", help="drop sequences that fit no group (default: error)")
@@ -62,8 +67,11 @@ class UsageError(ValueError):
 
 
 def _configs(args):
+    from hetsp.planning import planner_config
+
     cfg = load_config(args.config, args.set) if (args.config or args.set) else load_config(None)
-    cl, pl, model = cfg.cluster, cfg.planner, cfg.model
+    # the planner as training makes it: the train section's ZeRO stage, dtype and checkpointing in its options
+    cl, pl, model = cfg.cluster, planner_config(cfg, args.device == "gpu"), cfg.model
     if args.ranks_per_node is not None:
         cl.ranks_per_node = args.ranks_per_node
     if args.tokens_per_rank is not None:
@@ -90,14 +98,19 @@ def _configs(args):
     if args.drop_long:
         pl.long_policy = "drop"
     name = args.planner or (pl.name if args.config else "milp")
-    return name, pl, cl, model
+    return name, pl, cl, model, cfg
 
 
-def _batches(args) -> tuple[list[tuple[int, list[int], dict | None]], int | None]:
+def _batches(args, cfg) -> tuple[list[tuple[int, list[int], dict | None]], int | None]:
     """``(index, lengths, recorded plan dict or None)`` per batch, and the world size a run used."""
-    from .inputs import dataset_lengths, read_lengths_file, read_run_plans
+    from .inputs import read_lengths_file, read_run_plans, training_batch_lengths
 
     ranks_hint = None
+    if not args.dataset:
+        given = [f for f, v in (("--tokenizer", args.tokenizer), ("--split", args.split), ("--text-field", args.text_field),
+                                ("--dataset-config", args.dataset_config)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to --dataset")
     if args.run:
         recs = read_run_plans(args.run)
         if args.step is not None:
@@ -106,11 +119,20 @@ def _batches(args) -> tuple[list[tuple[int, list[int], dict | None]], int | None
                 raise UsageError(f"--step {args.step}: no such step in {args.run}")
         ranks_hint = max(g["start"] + g["size"] for _, p in recs for mb in p["micro_batches"] for g in mb)
         return [(step, [int(x) for x in p["lengths"]], p) for step, p in recs], ranks_hint
-    if args.lengths:
-        lengths = read_lengths_file(args.lengths)
-    else:
-        limit = args.batch_size * (args.first_batch + args.num_batches) if args.batch_size else 0
-        lengths = dataset_lengths(args.dataset, args.tokenizer, args.split, args.text_field, args.dataset_config, limit)
+    if args.dataset:
+        # exactly the training run's batches: its data pipeline, not a second one
+        given = [f for f, v in (("--batch-size", args.batch_size), ("--round-to", args.round_to != 1),
+                                ("--max-length", args.max_length)) if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} change the lengths a training run plans; with --dataset use the "
+                             "config's data section (data.tokens_per_batch, data.max_seq_len, data.long_policy)")
+        if args.num_batches < 1 or args.first_batch < 0:
+            raise UsageError("--num-batches must be >= 1 and --first-batch >= 0")
+        data = dataclasses.replace(cfg.data, dataset=args.dataset, **{
+            k: v for k, v in (("tokenizer", args.tokenizer), ("split", args.split), ("text_field", args.text_field),
+                              ("dataset_config", args.dataset_config)) if v is not None})
+        return [(k, b, None) for k, b in training_batch_lengths(data, cfg.run.seed, args.first_batch, args.num_batches)], None
+    lengths = read_lengths_file(args.lengths)
     if args.round_to < 1:
         raise UsageError(f"--round-to must be >= 1, got {args.round_to}")
     r = args.round_to
@@ -138,8 +160,8 @@ def run(args) -> int:
     from .compare import BASELINES, compare_batch
     from .report import comparison_table, plan_table, summary_table
 
-    name, pl, cl, model = _configs(args)
-    batches, ranks_hint = _batches(args)
+    name, pl, cl, model, cfg = _configs(args)
+    batches, ranks_hint = _batches(args, cfg)
     num_ranks = args.ranks or ranks_hint
     if not num_ranks:
         raise UsageError("--ranks is required")
@@ -187,8 +209,8 @@ def run(args) -> int:
     for rep in reports:
         meta = rep.plan.meta
         print(f"\n=== batch {rep.index}: {len(rep.lengths)} sequences, {sum(rep.lengths)} tokens")
-        if meta.get("num_dropped"):
-            print(f"dropped {meta['num_dropped']} sequence(s) that fit no group: {meta['dropped'][:10]}")
+        if rep.plan.dropped:
+            print(f"dropped {len(rep.plan.dropped)} sequence(s) that fit no group: {list(rep.plan.dropped[:10])}")
         print(plan_table(rep, cm, num_ranks))
         print()
         print(comparison_table(rep))

@@ -131,11 +131,9 @@ class Planner:
                     )
                 dropped = too_long
                 kept = [i for i in kept if lengths[i] <= limit]
-                if not kept:
-                    raise PlanningError(
-                        f"all {len(lengths)} sequences are longer than {limit} tokens, the longest that fits; "
-                        "nothing left to plan"
-                    )
+                if not kept:  # nothing to run: the caller skips this batch (and counts it)
+                    meta = {"planner": self.name, "solve_s": time.perf_counter() - t0, "status": "skipped"}
+                    return Plan([], [], meta, (), len(lengths))
         work = [lengths[i] for i in kept]
         plan, status, extra = self._plan(work, num_ranks)
         solve_s = time.perf_counter() - t0
@@ -144,10 +142,8 @@ class Planner:
         meta: dict[str, Any] = {"planner": self.name, "solve_s": solve_s, "status": status, "est_time_s": est}
         if note:
             meta["est_note"] = note
-        if dropped:
-            meta["dropped"] = dropped
-            meta["num_dropped"] = len(dropped)
-            meta["source_index"] = kept  # plan sequence j is input sequence source_index[j]
         meta.update(extra)
         meta.update({k: v for k, v in plan.meta.items() if k not in meta})
+        if dropped:  # which sequences are trained is part of the plan, validated with it
+            return Plan(plan.lengths, plan.micro_batches, meta, tuple(kept), len(lengths)).validate(num_ranks)
         return Plan(plan.lengths, plan.micro_batches, meta)

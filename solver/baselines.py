@@ -1,9 +1,7 @@
 """Baselines: one group size for the whole batch (static), and the best single size per batch.
 
-`static_packing(table, N, d, fill)` packs like DeepSpeed-Ulysses: best-fit
-decreasing into groups of d ranks with a token budget of
-``max(fill * capacity(d), longest)`` (FlexSP's baseline uses fill = 0.9),
-``N // d`` consecutive groups per micro-batch. `BatchAdaptivePlanner` tries
+`static_packing(table, N, d, fill)` is the `static` planner's packing
+(`solver.static.static_bins`, same budget) as costed loads. `BatchAdaptivePlanner` tries
 every allowed size that holds the longest sequence and keeps the fastest.
 """
 
@@ -13,22 +11,20 @@ from typing import Any
 
 from .costed import CostedPlanner
 from .pack import GroupLoad, MicroBatchLoad, plan_cost
-from .packing import best_fit_decreasing
+from .static import static_bins
 from .table import CostTable
 
 
 def static_packing(table: CostTable, num_ranks: int, d: int, fill: float = 1.0) -> list[MicroBatchLoad] | None:
-    """FlexSP's static baseline with group size d; None if the longest sequence does not fit d ranks."""
+    """The static planner's packing with group size d (FlexSP's static baseline with fill 0.9),
+    costed; None if the longest sequence does not fit d ranks."""
     lengths = table.lengths
     if max(lengths) > table.cap[d]:
         return None
-    budget = max(int(fill * table.cap[d]), max(lengths))
-    bins = best_fit_decreasing(lengths, budget)
-    per_mb = num_ranks // d
     mbs = []
-    for k in range(0, len(bins), per_mb):
+    for chunk in static_bins(lengths, num_ranks, d, table.cap[d], fill):
         mb = MicroBatchLoad([], num_ranks)
-        for b in bins[k : k + per_mb]:
+        for b in chunk:
             mb.groups.append(
                 GroupLoad(d, table.overhead[d] + sum(table.time[i][d] for i in b), sum(lengths[i] for i in b), list(b))
             )

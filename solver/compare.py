@@ -69,8 +69,7 @@ def compare_batch(
     main = get_planner(planner_name, planner_cfg, cluster_cfg, model_cfg)
     plan = main.plan(lengths, num_ranks)
     cm = main.cost_model(num_ranks)
-    src = plan.meta.get("source_index")
-    kept = [lengths[i] for i in src] if src else list(lengths)
+    kept = list(plan.lengths)
     degs = candidate_degrees(planner_cfg.allowed_group_sizes, num_ranks, 40, cluster_cfg.ranks_per_node)
     lb = lower_bound(kept, cm, degs, num_ranks)
     rows: dict[str, dict[str, Any]] = {}

@@ -1,4 +1,4 @@
-"""Where the inspection tool gets lengths: a file, a `datasets` dataset plus tokenizer, or a run folder."""
+"""Where the inspection tool gets lengths: a file, a training run's data pipeline, or a run folder."""
 
 from __future__ import annotations
 
@@ -56,40 +56,11 @@ def read_run_plans(run_dir: str | Path) -> list[tuple[int, dict]]:
     return out
 
 
-def dataset_lengths(
-    dataset: str, tokenizer: str, split: str = "train", text_field: str = "text", config: str = "", limit: int = 0
-) -> list[int]:
-    """Token counts of a `datasets` dataset's texts (the first `limit` rows when > 0).
+def training_batch_lengths(data_cfg, seed: int, first: int, num: int) -> list[tuple[int, list[int]]]:
+    """``(step, lengths)`` of training steps first .. first + num - 1: the batches a training run
+    with these data settings (`hetsp.config.DataConfig`) and `run.seed` plans, built by the same
+    pipeline (tokenizer, bos/eos, long-document policy, held-out split, token budget per batch)."""
+    from hetsp.data import build_data
 
-    `dataset`: a local file or folder (json/jsonl/csv/parquet/txt) or a hub name (must be cached:
-    nothing is downloaded when offline). `tokenizer`: "bytes" (UTF-8 bytes, hetsp's built-in
-    tokenizer) or a local transformers tokenizer folder.
-    """
-    import datasets
-
-    path = Path(dataset)
-    if path.exists():
-        files = [str(x) for x in sorted(path.rglob("*")) if x.is_file()] if path.is_dir() else [str(path)]
-        ext = Path(files[0]).suffix.lstrip(".") if files else ""
-        kind = {"jsonl": "json", "txt": "text"}.get(ext, ext)
-        if kind not in ("json", "csv", "parquet", "text"):
-            raise ValueError(f"dataset {dataset}: cannot read files of type {ext!r} (json, jsonl, csv, parquet, txt)")
-        ds = datasets.load_dataset(kind, data_files=files, split="train")
-    else:
-        ds = datasets.load_dataset(dataset, config or None, split=split)
-    if text_field not in ds.column_names:
-        raise ValueError(f"dataset {dataset} has no column {text_field!r} (columns: {ds.column_names})")
-    if limit > 0:
-        ds = ds.select(range(min(limit, len(ds))))
-    texts = ds[text_field]
-    if tokenizer == "bytes":
-        lengths = [len(t.encode("utf-8")) for t in texts]
-    else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer)
-        lengths = [len(ids) for ids in tok(list(texts))["input_ids"]]
-    lengths = [n for n in lengths if n > 0]
-    if not lengths:
-        raise ValueError(f"dataset {dataset}: no non-empty texts")
-    return lengths
+    data = build_data(data_cfg, seed)
+    return [(k, data.train_batch_lengths(k)) for k in range(first, first + num)]

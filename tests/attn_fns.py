@@ -34,7 +34,8 @@ def ring_cases(cases):
             results.append(None)
             continue
         gi, start, size, lengths = mine
-        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"), allow_empty_ranks=True)
+        structure = case["structures"][gi] if case.get("structures") else None
+        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"), structure=structure, allow_empty_ranks=True)
         idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
         q, k, v, dout = (x.index_select(0, idx) for x in case["inputs"][gi])
         q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
@@ -102,12 +103,14 @@ def llama_ring_grads(cfg, state_dict, groups, ids_per_group, weights_per_group, 
     return gi, logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def kernel_vs_reference(name, device, dtype, seed=0, sizes=((3, 5), (17, 15), (1, 1), (40, 33)), heads=(4, 2), dim=8):
+def kernel_vs_reference(name, device, dtype, tol, seed=0, sizes=((3, 5), (17, 15), (1, 1), (40, 33)), heads=(4, 2), dim=8):
     """Compare block kernel `name` with the reference kernel: causal (equal and unequal lengths,
     bottom-right alignment where the kernel states it) and non-causal, fwd and bwd.
 
-    Returns a list of (label, max relative error) over out, lse, dq, dk, dv.
+    Returns a list of (label, `tolerance_ratio` under tol=dict(atol, rtol)) over out, lse, dq,
+    dk, dv; at most 1 passes.
     """
+    from hetsp.testing import tolerance_ratio
     from hetsp.attention.kernels import select_kernel
     from hetsp.attention.kernels.base import Segments
     from hetsp.attention.kernels.reference import REFERENCE_KERNEL
@@ -134,9 +137,7 @@ def kernel_vs_reference(name, device, dtype, seed=0, sizes=((3, 5), (17, 15), (1
         g_ref = REFERENCE_KERNEL.backward(do, q, k, v, o_ref, l_ref, seg, causal, 0.3)
         g_got = kern.backward(do, q, k, v, o_ref, l_ref, seg, causal, 0.3)
         for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), (o, l) + tuple(g_got), (o_ref, l_ref) + tuple(g_ref)):
-            a, b = a.double().cpu(), b.double().cpu()
-            err = ((a - b).norm() / b.norm()).item()
-            report.append((f"{name} causal={causal} {label}", err))
+            report.append((f"{name} causal={causal} {label}", tolerance_ratio(a, b, **tol)))
     return report
 
 
@@ -150,8 +151,10 @@ def triton_interpreter_checks():
     from hetsp.attention import make_shard_context, ring_attention
     from hetsp.attention.kernels.reference import varlen_attention_ref
 
-    bad = [(lab, e) for lab, e in kernel_vs_reference("triton", "cpu", torch.float32) if not e < 1e-5]
-    bad += [(lab, e) for lab, e in kernel_vs_reference("triton", "cpu", torch.float32, heads=(3, 1), dim=12, sizes=((5, 9), (20, 20))) if not e < 1e-5]
+    # fp32 kernels on O(1) randn inputs: round-off 6e-8 per operation over at most 40 keys
+    tol = dict(atol=1e-5, rtol=1e-5)
+    bad = [(lab, e) for lab, e in kernel_vs_reference("triton", "cpu", torch.float32, tol) if not e <= 1]
+    bad += [(lab, e) for lab, e in kernel_vs_reference("triton", "cpu", torch.float32, tol, heads=(3, 1), dim=12, sizes=((5, 9), (20, 20))) if not e <= 1]
     assert not bad, bad
     lengths = [9, 1, 21]
     ctx = make_shard_context(lengths, 0, 1, 0, "cpu", kernel="triton")
@@ -178,14 +181,16 @@ def triton_interpreter_checks():
     finally:
         pool.close()
     errs = [errors(c, [per_rank[r][i] for r in range(2)]) for i, c in enumerate(cases)]
-    assert max(errs) < 1e-5, errs
+    assert max(errs) <= 1, errs  # the fp32 tolerance of test_ring_attention.TOL
     return "ok"
 
 
 def nccl_ring_worker(rank, world_size, init_file, groups, kernel, dtype, tol):
     """One NCCL rank (torch.multiprocessing.spawn): ring attention on CUDA for this rank's group
-    against fp64 full attention of the group's sequences, computed on the rank itself."""
+    against fp64 full attention of the group's sequences, computed on the rank itself;
+    elementwise within atol = rtol = `tol`."""
     from hetsp.attention import make_shard_context, ring_attention, warm_up
+    from hetsp.testing import tolerance_ratio
     from hetsp.attention.kernels.reference import varlen_attention_ref
 
     torch.cuda.set_device(rank)
@@ -209,7 +214,7 @@ def nccl_ring_worker(rank, world_size, init_file, groups, kernel, dtype, tol):
         grads = torch.autograd.grad(out, (mq, mk, mv), do.index_select(0, idx).to(dtype))
         for got, ref in zip((out,) + grads, (want,) + want_grads):
             ref = ref.detach().index_select(0, idx)
-            err = ((got.double() - ref).norm() / ref.norm()).item()
-            assert err < tol, (rank, kernel, dtype, err)
+            err = tolerance_ratio(got, ref, atol=tol, rtol=tol)
+            assert err <= 1, (rank, kernel, dtype, err)
     finally:
         dist.destroy_process_group()

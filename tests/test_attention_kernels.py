@@ -18,12 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = [((3, 5), (17, 15), (1, 1), (40, 33)), ((3, 5), (3, 5), (7, 7), (3, 5), (3, 5), (3, 5), (1, 1), (1, 1), (2, 1))]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+# Elementwise |got - ref| <= atol + rtol |ref| on O(1) randn inputs. fp64: two orders of summation
+# over at most 40 keys differ by ~1e-15; atol 1e-12 also covers the exact zeros of a 1-key causal
+# row's dq and dk, where a CPU flash kernel may return round-off. fp32: unit round-off 6e-8.
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(atol=1e-12, rtol=1e-10)), (torch.float32, dict(atol=1e-5, rtol=1e-5))])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("sizes", SIZES)
 def test_torch_cpu_matches_reference(dtype, tol, heads, sizes):
-    report = attn_fns.kernel_vs_reference("torch_cpu", "cpu", dtype, heads=heads, sizes=sizes)
-    bad = [(lab, e) for lab, e in report if not e < tol]
+    report = attn_fns.kernel_vs_reference("torch_cpu", "cpu", dtype, tol, heads=heads, sizes=sizes)
+    bad = [(lab, e) for lab, e in report if not e <= 1]
     assert not bad, bad
 
 
@@ -81,11 +84,16 @@ def test_kernel_choice_is_logged_once():
         log.setLevel(level)
     assert kern.name == "torch_cpu"
     assert handler.messages == ["attention block kernel: torch_cpu (auto: cpu device)"]
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            kernels.select_kernel("triton", "cpu")
-        else:
-            raise ValueError("TRITON_INTERPRET set in this process")
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    """select_kernel reads TRITON_INTERPRET when called, so the refusal is tested whatever this
+    process was started with."""
+    from hetsp.attention import kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA device .* or TRITON_INTERPRET=1"):
+        kernels.select_kernel("triton", "cpu")
 
 
 def test_triton_kernel_in_interpreter():
@@ -99,13 +107,15 @@ def test_triton_kernel_in_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["triton", "flash_attn"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(atol=1e-4, rtol=1e-4)), (torch.bfloat16, dict(atol=2e-2, rtol=2e-2))])
 def test_cuda_kernels_match_reference(name, dtype, tol):
+    """fp32: TF32-free kernels with fp32 accumulation over up to 1000 keys; bf16: unit round-off
+    4e-3 on O(1) values, a few roundings deep."""
     if name == "flash_attn":
         pytest.importorskip("flash_attn")
         if dtype == torch.float32:
             pytest.skip("flash-attn takes fp16/bf16 only")
     sizes = ((300, 300), (1, 1), (129, 517), (1000, 1000))
-    report = attn_fns.kernel_vs_reference(name, "cuda", dtype, sizes=sizes, heads=(8, 2), dim=64)
-    bad = [(lab, e) for lab, e in report if not e < tol]
+    report = attn_fns.kernel_vs_reference(name, "cuda", dtype, tol, sizes=sizes, heads=(8, 2), dim=64)
+    bad = [(lab, e) for lab, e in report if not e <= 1]
     assert not bad, bad

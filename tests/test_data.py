@@ -265,6 +265,13 @@ def test_zero_byte_file(tmp_path):
         build_data(small_config(tmp_path / "none.jsonl"), 0)
 
 
+@pytest.mark.parametrize("sample_by", ["document", "paragraph", "line"])
+def test_text_file_of_empty_lines_is_not_a_corpus(tmp_path, sample_by):
+    (tmp_path / "blank.txt").write_text("\n\n  \n\t\n\n")
+    with pytest.raises(ValueError, match="no text"):
+        build_data(small_config(tmp_path / "blank.txt", text_sample_by=sample_by), 0)
+
+
 def test_everything_dropped(tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", ["x" * 100, "y" * 200])
     with pytest.raises(ValueError, match="no training sequences left"):

@@ -66,11 +66,47 @@ def check_group(lengths, d):
             b = zigzag_chunk_bounds(lengths[seq], d)[c]
             assert (start, start + n) == b and chunk_owner(c, d) == lay.rank
             assert lay.positions[off : off + n] == tuple(range(b[0], b[1]))
-    # causal balance: attention pairs per rank differ by at most the rounding of chunk sizes
-    work = [sum(p + 1 for p in lay.positions) for lay in lays]
-    ideal = sum(s * (s + 1) // 2 for s in lengths) / d
-    bound = sum(2 * (s // (2 * d) + 1) * s for s in lengths) + 1  # two chunks may each be one token longer
-    assert max(abs(w - ideal) for w in work) <= bound
+    assert_zigzag_balance(lengths, [causal_work(lay.positions) for lay in lays])
+
+
+def causal_work(positions):
+    """Causal attention work of the tokens at `positions`: the query at position p sees p + 1 keys."""
+    return sum(p + 1 for p in positions)
+
+
+def assert_zigzag_balance(lengths, work):
+    """The balance the zigzag split promises. With exact (real-valued) chunk boundaries c s / 2d,
+    rank r's two chunks r and 2d-1-r carry exactly s (s + 1) / 2d work. Rounding the boundaries
+    down moves less than one token across each boundary, so each sequence adds at most s to the
+    spread between the busiest and the idlest rank (tight: s = 1 on d = 2). A contiguous split
+    of s tokens into d pieces has a spread near s^2 (d - 1) / d^2 and fails this."""
+    assert sum(work) == sum(s * (s + 1) // 2 for s in lengths)
+    assert max(work) - min(work) <= sum(lengths), (lengths, work)
+
+
+def contiguous_split(lengths, d):
+    """Positions per rank when each sequence is cut into d contiguous pieces (no zigzag)."""
+    out = [[] for _ in range(d)]
+    for s in lengths:
+        for r in range(d):
+            out[r] += range(r * s // d, (r + 1) * s // d)
+    return out
+
+
+def test_zigzag_balance_bound_holds_exhaustively_and_is_tight():
+    for d in range(1, 9):
+        for s in range(1, 400):
+            assert_zigzag_balance([s], [causal_work(lay.positions) for lay in group_layouts([s], d)])
+    work = [causal_work(lay.positions) for lay in group_layouts([1], 2)]
+    assert max(work) - min(work) == 1  # the bound s is reached
+
+
+@pytest.mark.parametrize("d", [2, 3, 4, 5])
+@pytest.mark.parametrize("lengths", [[100, 1, 97, 4], [13, 1, 2], [1000] + [1] * 200, [60, 60, 60]])
+def test_a_contiguous_split_fails_the_balance_check(lengths, d):
+    """The balance check is not vacuous: the plain split a layout without zigzag would use fails it."""
+    with pytest.raises(AssertionError):
+        assert_zigzag_balance(lengths, [causal_work(p) for p in contiguous_split(lengths, d)])
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
@@ -87,7 +123,7 @@ def test_groups_random(lengths, d):
 
 def test_balance_is_even_for_divisible_lengths():
     lays = group_layouts([64, 32], 4)
-    work = {sum(p + 1 for p in lay.positions) for lay in lays}
+    work = {causal_work(lay.positions) for lay in lays}
     assert len(work) == 1
 
 

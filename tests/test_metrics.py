@@ -148,6 +148,34 @@ def test_comm_and_data_shares(tmp_path, capsys):
     assert "communication time share |  20.0%" in capsys.readouterr().out
 
 
+def test_exchange_wait_time_is_accumulated(rank_pool):
+    """Exchange.wait adds its blocked time to the process's COMM_WAIT (the source of comm_s)."""
+    for before, after, _ in rank_pool(2).run(metrics_fns.exchange_wait_is_counted):
+        assert before == 0.0 and after > 0.0
+
+
+def test_blocked_time_sums_over_threads():
+    import threading
+
+    from hetsp.metrics.timing import BlockedTime
+
+    acc = BlockedTime()
+
+    def work():
+        for _ in range(100):
+            with acc.measure():
+                pass
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert acc.total() > 0
+    acc.reset()
+    assert acc.total() == 0.0
+
+
 def test_progress_lines(tmp_path, capsys):
     logger = MetricsLogger(tmp_path, True, 4, progress="lines", print_every=2)
     for s in range(4):

@@ -228,6 +228,22 @@ def test_registry_builds_hybrid_config_from_model_section():
         build_hf_config(ModelConfig(family="hybrid", extra={"layer_pattern": "mamba3"}), 300)
 
 
+def test_models_do_not_import_the_runtime():
+    """The dependency is one way: hetsp registers and parallelizes models; `models` imports no hetsp module."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, models, models.kernels, models.mixers, models.modeling_hybrid; "
+        "bad = sorted(m for m in sys.modules if m == 'hetsp' or m.startswith('hetsp.')); "
+        "assert not bad, bad"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("init", ["lin", "inv"])
 def test_s4d_initialisations(init):
     """S4D-Lin: a_n = -1/2 + i pi n; S4D-Inv: a_n = -1/2 + i (N/pi)(N/(2n+1) - 1); log dt in [log 1e-3, log 1e-1]."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hetsp.config import load_config
-from hetsp.dry_run import model_state_bytes_per_rank
+from hetsp.memory import MemoryModel
 from hetsp.preflight import check_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,31 @@ def test_default_configs_fit_their_worlds():
     check_world(load_config(ROOT / "configs" / "llama7b_128k_64gpu.toml"), 64)
 
 
+def _memory(stage, dtype="bf16", ckpt=False):
+    return MemoryModel(10**9, 32, 4096, 1024, 11008, 32000, stage, 64, dtype, ckpt)
+
+
 def test_model_state_memory_shrinks_with_zero_stage():
-    per_stage = [model_state_bytes_per_rank(10**9, s, 64, bf16=True) for s in (1, 2, 3)]
-    assert per_stage[0] > per_stage[1] > per_stage[2]
-    assert per_stage[2] == pytest.approx(16e9 / 64)
+    per_stage = [_memory(s).state_bytes_per_rank() for s in (0, 1, 2, 3)]
+    assert per_stage[0] > per_stage[1] > per_stage[2] > per_stage[3]
+    assert per_stage[3] == pytest.approx(16e9 / 64)  # bf16 weights + grads, fp32 master + 2 moments
+    assert _memory(3, "fp32").state_bytes_per_rank() == pytest.approx(16e9 / 64)  # fp32: 4 + 4 + 8
+    assert _memory(1, "fp32").activation_bytes_per_token() > _memory(1, "bf16").activation_bytes_per_token()
+    assert _memory(1, ckpt=True).activation_bytes_per_token() < _memory(1).activation_bytes_per_token()
+
+
+def test_planner_capacity_is_the_memory_models():
+    """One memory model: the ring cost model's token budget is `MemoryModel.tokens_per_rank` of the
+    run's ZeRO stage, dtype and checkpointing (what the dry run prints)."""
+    from hetsp.planning import make_planner
+
+    cfg = load_config(ROOT / "configs" / "llama7b_128k_64gpu.toml")
+    for overrides in ([], ["train.zero_stage=1"], ["train.activation_checkpointing=false"], ["train.dtype='fp32'"]):
+        cfg = load_config(ROOT / "configs" / "llama7b_128k_64gpu.toml", overrides)
+        cm = make_planner(cfg, 32000, on_gpu=True).cost_model(64)
+        mem = MemoryModel.for_run(cfg.model, 32000, 64, cfg.train.zero_stage, cfg.train.dtype, cfg.train.activation_checkpointing)
+        assert cm.tokens_per_rank == mem.tokens_per_rank(cfg.cluster.memory_per_rank_gb * 2**30), overrides
+        assert cm.dtype == cfg.train.dtype
 
 
 def test_dry_run_of_the_cluster_config_needs_no_gpu(tmp_path):
@@ -48,7 +69,13 @@ def test_dry_run_of_the_cluster_config_needs_no_gpu(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "parameters" in out.stdout and "memory/rank" in out.stdout
+    cfg = load_config(ROOT / "configs" / "llama7b_128k_64gpu.toml")
+    mem = MemoryModel.for_run(cfg.model, 259, 64, cfg.train.zero_stage, "bf16", cfg.train.activation_checkpointing)  # bytes tokenizer
+    assert f"tokens/rank  {mem.tokens_per_rank(cfg.cluster.memory_per_rank_gb * 2**30):,} fit" in out.stdout, out.stdout
     assert out.stdout.count("\nstep ") == 3
+    # what a rank process holds besides model states and activations is counted too
+    assert "process/rank libraries" in out.stdout and "+ data" in out.stdout and "DeepSpeed buffers" in out.stdout
+    assert "total/rank" in out.stdout
 
 
 @pytest.mark.parametrize("name", ["default.toml", "llama_small.toml"])

@@ -59,17 +59,20 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel,
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
     steps = ctx.steps(causal, window)
+    lifetimes = _lifetimes(ctx, steps, causal, window, q.device)
     mods = _modifiers(window, softcap)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     for t, step in enumerate(steps):
         pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
-        if not step.empty:
+        life, useful = lifetimes[t]
+        if useful:
             q_rows, k_rows = step.rows(q.device)
             kb = _take(kv[0], k_rows)
             vb = _take(kv[1], k_rows)
-            o_b, lse_b = kernel.forward(_take(q, q_rows), kb, vb, step.seg, step.causal, scale, **mods)
+            extra = mods if life is None else {**mods, "visible": life}
+            o_b, lse_b = kernel.forward(_take(q, q_rows), kb, vb, step.seg, step.causal, scale, **extra)
             if t == 0 and q_rows is None:  # the first block covers every row: nothing to merge yet
                 out.copy_(o_b)
                 lse.copy_(lse_b)
@@ -86,6 +89,7 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
     steps = ctx.steps(causal, window)
+    lifetimes = _lifetimes(ctx, steps, causal, window, q.device)
     mods = _modifiers(window, softcap)
     out_q = out.to(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -95,8 +99,10 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
     for t, step in enumerate(steps):
         kv_pending = ring.start(kv, _kv_shape(ctx, steps[t + 1].src, k), TAG_KV) if t + 1 < d else None
         grads = None
-        if not step.empty:
+        life, useful = lifetimes[t]
+        if useful:
             q_rows, k_rows = step.rows(q.device)
+            extra = mods if life is None else {**mods, "visible": life}
             grads = kernel.backward(
                 _take(dout, q_rows),
                 _take(q, q_rows),
@@ -107,7 +113,7 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
                 step.seg,
                 step.causal,
                 scale,
-                **mods,
+                **extra,
             )
         if dkv_pending is not None:
             dkv = dkv_pending.wait()
@@ -151,7 +157,7 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def _validate(q, k, v, ctx: ShardContext) -> None:
+def _validate(q, k, v, ctx: ShardContext, causal: bool = True) -> None:
     if not isinstance(ctx, ShardContext):
         raise ValueError(f"ctx must be a ShardContext (hetsp.attention.make_shard_context), got {type(ctx).__name__}")
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
@@ -172,11 +178,25 @@ def _validate(q, k, v, ctx: ShardContext) -> None:
             f"this rank holds {n} tokens by its cu_seqlens (ctx.layout), but q has {q.shape[0]} and k {k.shape[0]}; "
             "gather the rank's tokens with ctx.layout.token_index and build the context from the same lengths"
         )
+    if ctx.tree is not None and not causal:
+        raise ValueError("<bkspc> sequences (ctx.tree) define causal attention over ancestors only; call with causal=True")
     if q.device != k.device or q.device != v.device or q.device != ctx.positions.device:
         raise ValueError(f"q, k, v and the context must be on one device, got {q.device}, {k.device}, {v.device}, {ctx.positions.device}")
 
 
-def _check_modifiers(causal: bool, window, softcap) -> tuple[int | None, float | None]:
+def _lifetimes(ctx: ShardContext, steps, causal: bool, window, device):
+    """Per step (lifetime mask or None, whether the block is computed); a window has no tree."""
+    if window is None:
+        return ctx.lifetimes(causal, device)
+    return [(None, not step.empty) for step in steps]
+
+
+def _check_modifiers(ctx: ShardContext, causal: bool, window, softcap) -> tuple[int | None, float | None]:
+    if (window is not None or softcap is not None) and ctx.tree is not None:
+        raise NotImplementedError(
+            "ring attention does not combine <bkspc> stack structures with a sliding window or logit softcapping; "
+            "train such models on sequences without <bkspc>"
+        )
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"sliding window must be an int >= 1 (keys visible per query, itself included), got {window!r}")
@@ -199,8 +219,8 @@ def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scal
     position p sees p-window+1..p; transformers' `sliding_window`). `softcap`: scores become
     softcap * tanh(score / softcap) (Gemma2's attention logit softcapping).
     """
-    _validate(q, k, v, ctx)
-    window, softcap = _check_modifiers(causal, window, softcap)
+    _validate(q, k, v, ctx, causal)
+    window, softcap = _check_modifiers(ctx, causal, window, softcap)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, ctx, causal, float(scale), ctx.kernel, window, softcap)
 
@@ -208,7 +228,7 @@ def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scal
 def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scale: float | None = None, *, window: int | None = None, softcap: float | None = None):
     """Reference twin of `ring_attention` (same shapes): the same ring with the plain-torch
     block kernel, which computes in float64 for float64 inputs."""
-    _validate(q, k, v, ctx)
-    window, softcap = _check_modifiers(causal, window, softcap)
+    _validate(q, k, v, ctx, causal)
+    window, softcap = _check_modifiers(ctx, causal, window, softcap)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, ctx, causal, float(scale), REFERENCE_KERNEL, window, softcap)

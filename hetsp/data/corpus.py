@@ -16,6 +16,17 @@ import numpy as np
 from ..config import DataConfig
 
 
+class MaskedSequence(list):
+    """Token ids with a per-token ``trainable`` mask: the objective puts a target only on trainable
+    tokens (the prompt of a fine-tuning example carries no loss). Indexes like the list it is."""
+
+    def __init__(self, ids, trainable) -> None:
+        super().__init__(ids)
+        if len(trainable) != len(self):
+            raise ValueError(f"trainable mask of {len(trainable)} entries for {len(self)} tokens")
+        self.trainable = list(trainable)
+
+
 @dataclass(frozen=True)
 class Sequences:
     """Training sequences: sequence i is ``tokens[starts[i] : starts[i] + lengths[i]]``.
@@ -28,13 +39,18 @@ class Sequences:
     starts: np.ndarray
     lengths: np.ndarray
     documents: np.ndarray
+    # (total,) bool or None: which tokens carry loss as targets (fine-tuning: completion tokens).
+    trainable: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def get(self, i: int) -> list[int]:
         s = int(self.starts[i])
-        return self.tokens[s : s + int(self.lengths[i])].tolist()
+        ids = self.tokens[s : s + int(self.lengths[i])].tolist()
+        if self.trainable is None:
+            return ids
+        return MaskedSequence(ids, self.trainable[s : s + int(self.lengths[i])].tolist())
 
     @property
     def num_tokens(self) -> int:

@@ -77,6 +77,8 @@ def check_data_config(data: DataConfig) -> None:
         raise ValueError(f"data.validation_fraction = {data.validation_fraction}: must be in [0, 1)")
     if data.num_proc < 1:
         raise ValueError(f"data.num_proc = {data.num_proc}: must be >= 1")
+    if data.format == "text" and data.dataset == "funcbody":
+        raise ValueError("data.dataset = 'funcbody' gives prompt/completion examples; set data.format = 'prompt_completion'")
     if data.max_documents < 0:
         raise ValueError(f"data.max_documents = {data.max_documents}: must be >= 0 (0 keeps all)")
 
@@ -85,6 +87,10 @@ def build_data(data: DataConfig, seed: int) -> DataModule:
     """Load, tokenize and split the configured corpus; raise ValueError on unusable input."""
     t0 = time.perf_counter()
     check_data_config(data)
+    if data.format != "text":
+        from .finetune import build_finetune_data
+
+        return build_finetune_data(data, seed)
     tokenizer = load_tokenizer(data.tokenizer)
     if data.add_bos and tokenizer.bos_token_id < 0:
         raise ValueError(f"data.add_bos = true but tokenizer {data.tokenizer!r} has no bos token; set add_bos = false")

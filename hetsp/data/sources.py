@@ -87,10 +87,21 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]
 
 
+def _has_text(path: str, chunk: int = 1 << 20) -> bool:
+    """Whether a text file holds anything but whitespace (read until the first such byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
 def load_local(data: DataConfig, path: Path):
     from datasets import load_dataset
 
     builder, files = _local_files(path)
+    if builder == "text" and not any(_has_text(f) for f in files):
+        raise ValueError(f"data.dataset = {str(path)!r}: the corpus has no text (only empty lines or whitespace)")
     kwargs = {"sample_by": data.text_sample_by} if builder == "text" else {}
     try:
         ds = load_dataset(builder, data_files=files, split="train", **kwargs)
@@ -147,8 +158,8 @@ def load_hub(data: DataConfig):
     return ds
 
 
-def load_documents(data: DataConfig):
-    """The configured source as a `datasets.Dataset` with the string column ``data.text_field``."""
+def load_source(data: DataConfig):
+    """The configured source as a `datasets.Dataset`, its fields unchecked."""
     if data.dataset == "stdlib":
         ds = load_stdlib(data)
     else:
@@ -162,6 +173,12 @@ def load_documents(data: DataConfig):
             )
         else:
             ds = load_hub(data)
+    return ds
+
+
+def load_documents(data: DataConfig):
+    """The configured source as a `datasets.Dataset` with the string column ``data.text_field``."""
+    ds = load_source(data)
     if data.text_field not in ds.column_names:
         raise ValueError(
             f"data.text_field = {data.text_field!r} is not a field of {data.dataset!r}; "

@@ -18,13 +18,22 @@ class LanguageModeling:
         """Targets of one whole sequence: token t predicts token t+1; the last token has none.
 
         Shifting happens on the whole sequence, before any layout cuts it, so a
-        shard boundary never loses a target.
+        shard boundary never loses a target. A sequence with a per-token
+        ``trainable`` mask (fine-tuning: prompt tokens False) has a target only
+        where the predicted token is trainable.
         """
-        return list(seq[1:]) + [IGNORE_INDEX]
+        trainable = getattr(seq, "trainable", None)
+        if trainable is None:
+            return list(seq[1:]) + [IGNORE_INDEX]
+        return [t if m else IGNORE_INDEX for t, m in zip(seq[1:], trainable[1:])] + [IGNORE_INDEX]
 
     @staticmethod
-    def num_units(lengths: Sequence[int]) -> int:
-        return sum(max(0, n - 1) for n in lengths)
+    def num_units(lengths: Sequence[int], sequences: Sequence[Sequence[int]] | None = None) -> int:
+        """Target tokens of a batch; with `sequences`, their ``trainable`` masks are honoured."""
+        if sequences is None:
+            return sum(max(0, n - 1) for n in lengths)
+        return sum(max(0, len(s) - 1) if getattr(s, "trainable", None) is None else int(sum(s.trainable[1:]))
+                   for s in sequences)
 
     @staticmethod
     def loss_sum(logits_TV: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,19 @@ def _packed(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: with hetsp_shard the sequences are packed into batch size 1, got batch {t.shape[0]}")
 
 
+def _no_tree(name: str, shard) -> None:
+    if getattr(shard, "tree", None) is not None:
+        raise NotImplementedError(
+            f"{name}: transformers' Mamba-2 hybrids (Bamba, GraniteMoeHybrid) do not run sequences with a <bkspc> "
+            "action; use models.HybridForCausalLM (mixer 'mamba2') or drop the <bkspc> tokens"
+        )
+
+
 def _make_conv(original):
     def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
         shard = kwargs.get("hetsp_shard")
+        if shard is not None:
+            _no_tree("Mamba-2 convolution", shard)
         if shard is None:
             return original(hidden_states, weight, bias, activation=activation, **kwargs)
         _packed("causal_conv1d_fn", hidden_states)
@@ -85,6 +95,8 @@ def _make_scan(original):
         **kwargs,
     ):
         shard = kwargs.get("hetsp_shard")
+        if shard is not None:
+            _no_tree("Mamba-2 convolution", shard)
         if shard is None:
             return original(
                 hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
@@ -119,6 +131,7 @@ def _make_scan(original):
 def _make_fused(original):
     def mamba2_split_conv1d_scan_combined(*args, **kwargs):
         if kwargs.get("hetsp_shard") is not None:
+            _no_tree("Mamba-2 fused scan", kwargs["hetsp_shard"])
             return None  # the unfused path, whose conv and scan are swapped, runs instead
         return original(*args, **kwargs)
 

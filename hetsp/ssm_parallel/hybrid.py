@@ -19,12 +19,19 @@ override map, turn each single-process kernel into its group version:
 
 Groups of one rank, and forwards without ``hetsp_shard``, run the model's own
 kernels untouched.
+
+Sequences with a `<bkspc>` action (``hetsp_shard.tree``) on a group of more than one
+rank take a simple exact path (`tree_gather.py`): the mixer's input is gathered
+over the group, the mixer runs on the group's whole packed sequences with the
+tree, and each rank keeps its own rows (gradients go back by reduce-scatter).
+Its cost is that of one process per rank; sequences without `<bkspc>` never take it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from hetsp.ssm_parallel import tree_gather
 from hetsp.ssm_parallel.comm import GroupSpec, halo_exchange
 from hetsp.ssm_parallel.lti import lti_state_response
 from hetsp.ssm_parallel.seqboat import local_attention_group
@@ -165,6 +172,9 @@ def _pre_hook(mixer, args, kwargs):
     if shard is None or int(shard.group_size) == 1:
         setattr(mixer, _ACTIVE, None)
         return None
+    if getattr(shard, "tree", None) is not None:
+        setattr(mixer, _ACTIVE, None)
+        return tree_gather.pre_hook(mixer, args, kwargs, shard)
     for name in _KERNELS_BY_KIND[mixer.kind]:
         if not getattr(mixer.kernels.get(name), "_hetsp_sp", False):
             raise ValueError(
@@ -180,7 +190,7 @@ def _pre_hook(mixer, args, kwargs):
 
 def _post_hook(mixer, args, kwargs, output):
     setattr(mixer, _ACTIVE, None)
-    return None
+    return tree_gather.post_hook(mixer, output)
 
 
 def is_hybrid_mixer(module) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .segments import positions_in_segment, segment_bounds, segment_ids
+from .tree import tree_conv_sources
 
 
 def _check(x, weight, halo, num_segments):
@@ -21,8 +22,25 @@ def _check(x, weight, halo, num_segments):
         raise ValueError(f"halo must be (segments={num_segments}, K-1={k - 1}, D={x.shape[-1]}), got {tuple(halo.shape)}")
 
 
-def causal_conv1d(x, weight, bias=None, cu_seqlens=None, halo=None):
-    """Vectorised over taps: one gather per tap from [tokens; halos; zero]."""
+def _conv_tree(x, weight, bias, halo, tree):
+    """Stack-structured rows (tree.py): the window of a token is its last K-1 ancestors and itself."""
+    if halo is not None:
+        raise NotImplementedError("a convolution halo (decoding cache) with stack-structured rows: decode them with models.backspace_decoding")
+    batch, length, D = x.shape
+    flat = x.reshape(batch * length, D)
+    table = torch.cat([flat, flat.new_zeros((1, D))], 0)
+    y = bias.to(x.dtype).expand(batch * length, D) if bias is not None else flat.new_zeros((batch * length, D))
+    for tap, src in enumerate(tree_conv_sources(tree, weight.shape[1])):
+        y = y + table.index_select(0, torch.where(src >= 0, src, batch * length)) * weight[:, tap]
+    return y.reshape(batch, length, D)
+
+
+def causal_conv1d(x, weight, bias=None, cu_seqlens=None, halo=None, tree=None):
+    """Vectorised over taps: one gather per tap from [tokens; halos; zero].
+
+    tree: a `tree.StackTree` for stack-structured rows (None: plain rows, today's path)."""
+    if tree is not None:
+        return _conv_tree(x, weight, bias, halo, tree)
     batch, length, D = x.shape
     num_segments = segment_bounds(batch, length, cu_seqlens, x.device).numel() - 1
     _check(x, weight, halo, num_segments)
@@ -46,8 +64,10 @@ def causal_conv1d(x, weight, bias=None, cu_seqlens=None, halo=None):
     return y.reshape(batch, length, D)
 
 
-def causal_conv1d_ref(x, weight, bias=None, cu_seqlens=None, halo=None):
+def causal_conv1d_ref(x, weight, bias=None, cu_seqlens=None, halo=None, tree=None):
     """Sequential twin of `causal_conv1d`: each segment padded with its halo, token by token."""
+    if tree is not None:
+        return _conv_tree(x, weight, bias, halo, tree)
     batch, length, D = x.shape
     bounds = segment_bounds(batch, length, cu_seqlens, x.device).tolist()
     _check(x, weight, halo, len(bounds) - 1)

@@ -37,8 +37,28 @@ def _softmax_masked(scores, allowed):
     return torch.where(allowed.any(-1, keepdim=True), p, torch.zeros_like(p))
 
 
-def local_attention(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, prefix_seg=None):
-    """Blocked version: query block b (W queries) reads key blocks b-1 and b, O(M W)."""
+def _local_attention_tree(q, k, v, window, scale, prefix_k, tree, tree_index):
+    """Stack-structured rows: slot i attends the last `window` activated ancestors-or-self of its token.
+
+    tree: models.kernels.tree.StackTree; tree_index (B, M): flat token index of each packed slot (-1 empty).
+    Dense over the M packed slots (the activated ancestors of a token may lie anywhere before it)."""
+    if prefix_k is not None:
+        raise NotImplementedError("a local-attention prefix (decoding cache) with stack-structured rows: decode them with models.backspace_decoding")
+    tree.require_local("local_attention")
+    anc = tree.visible(tree_index, tree_index)  # (B, M, M): key slot j is an ancestor-or-self of query slot i
+    # Packed slots keep time order, so a query's activated ancestors from slot j on number the reversed cumsum.
+    from_top = anc.flip(-1).to(torch.int32).cumsum(-1).flip(-1)
+    allowed = anc & (from_top <= window)
+    scores = torch.einsum("bqz,bkz->bqk", q, k) * scale
+    return torch.einsum("bqk,bke->bqe", _softmax_masked(scores, allowed), v)
+
+
+def local_attention(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, prefix_seg=None, tree=None, tree_index=None):
+    """Blocked version: query block b (W queries) reads key blocks b-1 and b, O(M W).
+
+    tree, tree_index: stack-structured rows (models.kernels.tree); None takes today's path."""
+    if tree is not None:
+        return _local_attention_tree(q, k, v, window, scale, prefix_k, tree, tree_index)
     batch, m, _ = q.shape
     w = window
     kx, vx, sx = _with_prefix(k, v, seg, prefix_k, prefix_v, prefix_seg, w)
@@ -64,8 +84,10 @@ def local_attention(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, p
     return o.reshape(batch, nb * w, -1)[:, :m]
 
 
-def local_attention_ref(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, prefix_seg=None):
+def local_attention_ref(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, prefix_seg=None, tree=None, tree_index=None):
     """Dense twin of `local_attention` (M x M scores with the window mask)."""
+    if tree is not None:
+        return _local_attention_tree(q, k, v, window, scale, prefix_k, tree, tree_index)
     m = q.shape[1]
     w = window
     kx, vx, sx = _with_prefix(k, v, seg, prefix_k, prefix_v, prefix_seg, w)

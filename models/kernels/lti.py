@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .segments import chunk_layout, segment_bounds
+from .tree import last_states, tree_scan
 
 DEFAULT_CHUNK = 64
 
@@ -103,31 +104,56 @@ def _lti_chunked(u, A, B, C, cu_seqlens, initial_state, chunk_size):
     return lay.from_chunks(y).reshape(batch, length, H), final
 
 
-def s4d_scan(u, A_bar, B_bar, C, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK):
+def _lti_tree(u, A, B, C, cu_seqlens, initial_state, tree):
+    """Stack-structured rows (tree.py): h_t = A h_parent(t) + B u_t; final = state at each segment's last token."""
+    _check(u, A, B, C)
+    if initial_state is not None:
+        raise NotImplementedError("an initial state (decoding cache) with stack-structured rows: decode them with models.backspace_decoding")
+    batch, length, H = u.shape
+    flat = u.reshape(batch * length, H).to(A.dtype)
+    log_a = torch.log(A).expand(flat.shape[0], *A.shape)
+    h = tree_scan(log_a, B * flat[..., None], tree)
+    y = (C * h).sum(-1)
+    return y.reshape(batch, length, H), last_states(h, batch, length, cu_seqlens)
+
+
+def s4d_scan(u, A_bar, B_bar, C, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK, tree=None):
     """Discretised diagonal S4 over conjugate pairs: y = 2 Re(sum_n C h).
 
     u (B, L, H) real; A_bar, B_bar, C (H, N/2) complex; initial_state (S, H, N/2) complex or None.
     Returns y (B, L, H) real (without the D skip term) and final_state (S, H, N/2) complex.
+    tree: a `tree.StackTree` for stack-structured rows (None: plain rows, today's path).
     """
+    if tree is not None:
+        y, final = _lti_tree(u, A_bar, B_bar, C, cu_seqlens, initial_state, tree)
+        return (2 * y.real).to(u.dtype), final
     y, final = _lti_chunked(u, A_bar, B_bar, C, cu_seqlens, initial_state, chunk_size)
     return (2 * y.real).to(u.dtype), final
 
 
-def s4d_scan_ref(u, A_bar, B_bar, C, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK):
+def s4d_scan_ref(u, A_bar, B_bar, C, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK, tree=None):
     """Sequential twin of `s4d_scan` (same shapes; chunk_size is ignored)."""
+    if tree is not None:
+        return s4d_scan(u, A_bar, B_bar, C, cu_seqlens, initial_state, chunk_size, tree)
     y, final = _lti_ref(u, A_bar, B_bar, C, cu_seqlens, initial_state)
     return (2 * y.real).to(u.dtype), final
 
 
-def ema_scan(x, q, p_beta, gamma, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK):
+def ema_scan(x, q, p_beta, gamma, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK, tree=None):
     """MEGA's damped EMA: h_t = q h_{t-1} + p_beta x_t, y_t = sum_n gamma h_t.
 
     x (B, L, H); q (H, N) in (0, 1); p_beta, gamma (H, N); initial_state (S, H, N) or None.
     Returns y (B, L, H) (without the omega skip term) and final_state (S, H, N).
+    tree: a `tree.StackTree` for stack-structured rows (None: plain rows, today's path).
     """
+    if tree is not None:
+        y, final = _lti_tree(x, q, p_beta, gamma, cu_seqlens, initial_state, tree)
+        return y.to(x.dtype), final
     return _lti_chunked(x, q, p_beta, gamma, cu_seqlens, initial_state, chunk_size)
 
 
-def ema_scan_ref(x, q, p_beta, gamma, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK):
+def ema_scan_ref(x, q, p_beta, gamma, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK, tree=None):
     """Sequential twin of `ema_scan` (same shapes; chunk_size is ignored)."""
+    if tree is not None:
+        return ema_scan(x, q, p_beta, gamma, cu_seqlens, initial_state, chunk_size, tree)
     return _lti_ref(x, q, p_beta, gamma, cu_seqlens, initial_state)

@@ -23,6 +23,7 @@ import logging
 import torch
 
 from .segments import chunk_layout, segment_bounds
+from .tree import last_states, tree_scan
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 64
@@ -134,12 +135,30 @@ def _log_once(key: str, msg: str) -> None:
 _AUTO = object()
 
 
-def ssd_chunk_scan(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK, cu_seqlens=None, initial_states=None, intra_impl=_AUTO):
+def _ssd_tree(x, dt, A, B, C, cu_seqlens, initial_states, tree):
+    """Stack-structured rows (tree.py): h_t = exp(dt_t A) h_parent(t) + dt_t x_t B_t^T."""
+    if initial_states is not None:
+        raise NotImplementedError("an initial state (decoding cache) with stack-structured rows: decode them with models.backspace_decoding")
+    batch, length, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    flat = batch * length
+    dtf = dt.reshape(flat, H)
+    Bh = _heads(B.reshape(flat, G, N), H)
+    Ch = _heads(C.reshape(flat, G, N), H)
+    h = tree_scan(dtf * A, (dtf[..., None] * x.reshape(flat, H, P))[..., None] * Bh[:, :, None, :], tree)
+    y = torch.einsum("thpn,thn->thp", h, Ch)
+    return y.reshape(batch, length, H, P), last_states(h, batch, length, cu_seqlens)
+
+
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK, cu_seqlens=None, initial_states=None, intra_impl=_AUTO, tree=None):
     """Chunked SSD scan. Returns y (B, L, H, P) and final_states (S, H, P, N).
 
     intra_impl: the within-chunk kernel; default Triton on CUDA, torch on CPU.
+    tree: a `tree.StackTree` for stack-structured rows (None: plain rows, today's path).
     """
     _check(x, dt, A, B, C)
+    if tree is not None:
+        return _ssd_tree(x, dt, A, B, C, cu_seqlens, initial_states, tree)
     batch, length, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     impl = _default_impl(x) if intra_impl is _AUTO else intra_impl
@@ -181,9 +200,11 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK, cu_seqlens=None, in
     return lay.from_chunks(y).reshape(batch, length, H, P), final
 
 
-def ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK, cu_seqlens=None, initial_states=None):
+def ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK, cu_seqlens=None, initial_states=None, tree=None):
     """Sequential twin of `ssd_chunk_scan` (same shapes; chunk_size is ignored)."""
     _check(x, dt, A, B, C)
+    if tree is not None:
+        return _ssd_tree(x, dt, A, B, C, cu_seqlens, initial_states, tree)
     batch, length, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     bounds = segment_bounds(batch, length, cu_seqlens, x.device).tolist()

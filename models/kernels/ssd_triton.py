@@ -55,8 +55,23 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def ssd_intra_triton(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """Same contract as `ssd.ssd_intra_torch`; inputs of one float dtype (fp32 on GPU)."""
+# One program holds a whole chunk, so the tiles are fixed by the shapes: BLOCK_Q is the chunk
+# size (the block-size option of this kernel is the model's `mamba_chunk_size`, 64 by default
+# as in Mamba-2), BLOCK_P and BLOCK_N the head and state dims rounded up to a power of two
+# >= 16 (tl.dot's minimum). What remains free is the number of warps per program: Triton's
+# default of 4 suits 64 x 64 fp32 tiles (the (Q, Q) score tile is 16 KiB); 8 may pay off for
+# chunks of 128, whose score tile is four times larger.
+DEFAULT_NUM_WARPS = 4
+
+
+def ssd_intra_triton(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
+    """Same contract as `ssd.ssd_intra_torch`; inputs of one float dtype (fp32 on GPU).
+
+    num_warps: warps per program (a power of two from 1 to 16).
+    """
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"ssd_intra_triton: num_warps = {num_warps!r}, must be one of 1, 2, 4, 8, 16")
     num_chunks, q, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     x, log_a, B, C = (t.contiguous() for t in (x, log_a.to(x.dtype), B.to(x.dtype), C.to(x.dtype)))
@@ -66,5 +81,6 @@ def ssd_intra_triton(x: torch.Tensor, log_a: torch.Tensor, B: torch.Tensor, C: t
     _ssd_intra_kernel[(num_chunks, H)](
         x, log_a, B, C, y, q, H, P, G, N, H // G,
         BLOCK_Q=_block(q), BLOCK_P=_block(P), BLOCK_N=_block(N), IEEE=x.dtype == torch.float32,
+        num_warps=num_warps,
     )
     return y

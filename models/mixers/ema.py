@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..kernels.tree import tree_kw as _tree_kw
+
 
 class DampedEMA(nn.Module):
     def __init__(self, dim: int, ema_dim: int):
@@ -42,12 +44,12 @@ class DampedEMA(nn.Module):
         q = 1.0 - p * alpha
         return q, p * self.beta.to(dtype), self.gamma.to(dtype) * math.sqrt(1.0 / self.ema_dim)
 
-    def forward(self, x, kernels, cu_seqlens=None, state=None):
+    def forward(self, x, kernels, cu_seqlens=None, state=None, tree=None):
         """x (B, L, D) -> y (B, L, D), final state (S, D, N)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         xs = x.to(dtype)
         q, pb, gamma = self.coefficients(dtype)
-        y, final = kernels["ema_scan"](xs, q, pb, gamma, cu_seqlens=cu_seqlens, initial_state=state)
+        y, final = kernels["ema_scan"](xs, q, pb, gamma, cu_seqlens=cu_seqlens, initial_state=state, **_tree_kw(tree))
         return (y + self.omega.to(dtype) * xs).to(x.dtype), final
 
 
@@ -62,10 +64,10 @@ class EMAMixer(nn.Module):
         self.ema = DampedEMA(config.hidden_size, config.ema_dim)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, **kwargs):
+    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, **kwargs):
         entry = cache.layer(self.layer_idx) if cache is not None else None
         state = entry.get("ema") if entry is not None else None
-        y, final = self.ema(hidden_states, self.kernels, cu_seqlens, state)
+        y, final = self.ema(hidden_states, self.kernels, cu_seqlens, state, stack_tree)
         if entry is not None:
             entry["ema"] = final
         return self.out_proj(F.silu(y))

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..kernels.tree import tree_kw as _tree_kw
+
 from ..kernels.conv import conv_tail
 from ..layers import GatedRMSNorm
 
@@ -51,12 +53,12 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
         self.D.fill_(1.0)
 
-    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, **kwargs):
+    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, **kwargs):
         batch, length, _ = hidden_states.shape
         entry = cache.layer(self.layer_idx) if cache is not None else None
         z, xbc, dt = torch.split(self.in_proj(hidden_states), [self.inner, self.conv_dim, self.num_heads], -1)
         halo = entry.get("conv") if entry is not None else None
-        conv_out = self.kernels["causal_conv1d"](xbc, self.conv_weight, self.conv_bias, cu_seqlens=cu_seqlens, halo=halo)
+        conv_out = self.kernels["causal_conv1d"](xbc, self.conv_weight, self.conv_bias, cu_seqlens=cu_seqlens, halo=halo, **_tree_kw(stack_tree))
         if entry is not None:
             entry["conv"] = conv_tail(xbc, cu_seqlens, halo, self.conv_kernel)
         xbc = F.silu(conv_out)
@@ -70,7 +72,7 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.to(dtype))
         state = entry.get("ssm") if entry is not None else None
         y, final = self.kernels["ssd_scan"](
-            x, dt, A, B, C, self.chunk_size, cu_seqlens=cu_seqlens, initial_states=state
+            x, dt, A, B, C, self.chunk_size, cu_seqlens=cu_seqlens, initial_states=state, **_tree_kw(stack_tree)
         )
         if entry is not None:
             entry["ssm"] = final

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..kernels.tree import tree_kw as _tree_kw
+
 
 class S4DMixer(nn.Module):
     kind = "s4d"
@@ -58,13 +60,13 @@ class S4DMixer(nn.Module):
         c = torch.view_as_complex(self.c.to(dtype).contiguous())
         return a_bar, b_bar, c
 
-    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, **kwargs):
+    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, **kwargs):
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         u = hidden_states.to(dtype)
         entry = cache.layer(self.layer_idx) if cache is not None else None
         state = entry.get("s4d") if entry is not None else None
         a_bar, b_bar, c = self.discretize(dtype)
-        y, final = self.kernels["s4d_scan"](u, a_bar, b_bar, c, cu_seqlens=cu_seqlens, initial_state=state)
+        y, final = self.kernels["s4d_scan"](u, a_bar, b_bar, c, cu_seqlens=cu_seqlens, initial_state=state, **_tree_kw(stack_tree))
         if entry is not None:
             entry["s4d"] = final
         y = y + self.skip.to(dtype) * u

@@ -73,12 +73,12 @@ class SeqBoatMixer(nn.Module):
         pi = torch.softmax(u.float() / torch.exp(self.log_tau.float()), -1)
         return pi[..., 1] > pi[..., 0], pi[..., 1].to(m.dtype), hx
 
-    def forward(self, hidden_states, *, position_ids, cache=None, cu_seqlens=None, **kwargs):
+    def forward(self, hidden_states, *, position_ids, cache=None, cu_seqlens=None, stack_tree=None, **kwargs):
         x = hidden_states
         batch, length, _ = x.shape
         entry = cache.layer(self.layer_idx) if cache is not None else None
         x_hat = self.norm(x)
-        ema_out, ema_state = self.ema(x_hat, self.kernels, cu_seqlens, entry.get("ema") if entry is not None else None)
+        ema_out, ema_state = self.ema(x_hat, self.kernels, cu_seqlens, entry.get("ema") if entry is not None else None, stack_tree)
         m = F.silu(ema_out)
         active, prob, hx = self.route(m)
         self.last_activation_ratio = active.float().mean().detach()
@@ -99,9 +99,11 @@ class SeqBoatMixer(nn.Module):
         cos, sin = rotary_cos_sin(pos_p, self.z_dim, self.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         prefix = (entry.get("prefix_k"), entry.get("prefix_v"), entry.get("prefix_seg")) if entry else (None,) * 3
+        # With a <bkspc> tree the window counts activated ancestors: slots carry their flat token index.
+        tree_kw = {} if stack_tree is None else {"tree": stack_tree, "tree_index": torch.where(valid, order + length * torch.arange(batch, device=x.device)[:, None], -1)}
         o = self.kernels["local_attention"](
             q, k, v, seg_p, self.window, 1.0 / math.sqrt(self.z_dim),
-            prefix_k=prefix[0], prefix_v=prefix[1], prefix_seg=prefix[2],
+            prefix_k=prefix[0], prefix_v=prefix[1], prefix_seg=prefix[2], **tree_kw,
         )
         h_p = self.h_proj(o * r) * torch.gather(prob, 1, order)[..., None] * valid[..., None]
         h = torch.zeros_like(x).scatter(1, order[..., None].expand(-1, -1, x.shape[-1]), h_p)

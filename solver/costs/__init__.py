@@ -23,8 +23,10 @@ def build_cost_model(
 
     ``flexsp`` reads ``planner.flexsp_model`` ("7b", "13b", "30b") and
     ``cluster.memory_per_rank_gb`` (30 when 0). ``profile`` reads
-    ``planner.profile_path``. ``ring`` needs `model` and the cluster's hardware, and reads
-    ``planner.options["zero_stage"]`` (default 1) for the collectives paid per micro-batch.
+    ``planner.profile_path`` (and ``planner.options["extrapolate"]``, default false: refuse lengths
+and group sizes beyond the measured ones). ``ring`` needs `model` and the cluster's hardware, and reads
+    ``planner.options`` "zero_stage" (default 1: the collectives paid per micro-batch and the
+    model states), "dtype" (default "bf16") and "activation_checkpointing" (default false).
     """
     name = planner.cost_model
     if name == "flexsp":
@@ -37,13 +39,17 @@ def build_cost_model(
 
         if not planner.profile_path:
             raise ValueError("planner.cost_model = 'profile' needs planner.profile_path (a JSON profile)")
-        return ProfileCostModel.load(planner.profile_path, cluster)
+        return ProfileCostModel.load(planner.profile_path, cluster, bool(planner.options.get("extrapolate", False)))
     if name == "ring":
         from .ring import RingCostModel
 
         if model is None:
             raise ValueError("the ring cost model needs the model's shape (pass the model config)")
-        return RingCostModel.from_configs(model, cluster, num_ranks, int(planner.options.get("zero_stage", 1)))
+        opts = planner.options
+        return RingCostModel.from_configs(
+            model, cluster, num_ranks, int(opts.get("zero_stage", 1)), str(opts.get("dtype", "bf16")),
+            bool(opts.get("activation_checkpointing", False)),
+        )
     raise ValueError(f"unknown cost model {name!r}; choose one of {list(COST_MODELS)}")
 
 

@@ -8,16 +8,23 @@ JSON format (``format: "hetsp-profile-v1"``)::
 
 `time_s` is the forward+backward time of one sequence of `tokens` tokens on a
 group of `degree` ranks. Between measured lengths of a degree, time is
-piecewise linear; beyond the longest, t = a s + b s^2 through the last two
-points; below the shortest, proportional to s. A degree that was not measured
-takes the rank-time (d x t) interpolated linearly in log(d) between the
-nearest measured degrees, or the nearest degree's rank-time outside them.
+piecewise linear; below the shortest, proportional to s (the segment from
+no tokens, no time). A degree between measured degrees takes the rank-time
+(d x t) interpolated linearly in log(d) between its measured neighbours.
+
+The table never extrapolates silently. A length beyond the longest measured
+one of a degree, or a degree outside the measured ones, is refused with an
+error naming it, unless ``planner.options["extrapolate"]`` is true; then it
+is extrapolated (length: t = a s + b s^2 through the last two points of the
+degree; degree: the nearest measured degree's rank-time) and logged once per
+kind, naming where and how.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -25,13 +32,16 @@ from typing import Any
 from .base import CostModel
 
 FORMAT = "hetsp-profile-v1"
+log = logging.getLogger("solver")
 
 
 class ProfileCostModel(CostModel):
     name = "profile"
     additive = True
 
-    def __init__(self, data: dict[str, Any], where: str = "<dict>", tokens_per_rank: int | None = None) -> None:
+    def __init__(
+        self, data: dict[str, Any], where: str = "<dict>", tokens_per_rank: int | None = None, extrapolate: bool = False
+    ) -> None:
         if data.get("format") != FORMAT:
             raise ValueError(f"{where}: not a hetsp profile (expected format {FORMAT!r}, got {data.get('format')!r})")
         pts: dict[int, list[tuple[int, float]]] = {}
@@ -54,9 +64,23 @@ class ProfileCostModel(CostModel):
         self.tokens_per_rank = int(tpr)
         self.meta = {k: data.get(k) for k in ("device", "host", "measured_at")}
         self.where = where
+        self.extrapolate = bool(extrapolate)
+        self._said: set[str] = set()
+
+    def _beyond(self, kind: str, what: str, how: str) -> None:
+        """Refuse an extrapolation, or (allowed) log the first one of each kind."""
+        if not self.extrapolate:
+            raise ValueError(
+                f"profile {self.where}: {what}; the cost table does not extrapolate. Measure a profile that "
+                "covers it (hetsp-launch ... --profile on the target sizes), limit planner.allowed_group_sizes "
+                "or data.max_seq_len to what was measured, or set planner.options.extrapolate = true"
+            )
+        if kind not in self._said:
+            self._said.add(kind)
+            log.warning("profile %s: %s; extrapolating (%s); further extrapolations are not logged", self.where, what, how)
 
     @classmethod
-    def load(cls, path: str | Path, cluster=None) -> "ProfileCostModel":
+    def load(cls, path: str | Path, cluster=None, extrapolate: bool = False) -> "ProfileCostModel":
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"profile {p} does not exist")
@@ -64,7 +88,7 @@ class ProfileCostModel(CostModel):
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"profile {p} is not valid JSON: {e}") from None
-        return cls(data, str(p), getattr(cluster, "tokens_per_rank", None))
+        return cls(data, str(p), getattr(cluster, "tokens_per_rank", None), extrapolate)
 
     @property
     def fixed_s(self) -> float:
@@ -75,9 +99,15 @@ class ProfileCostModel(CostModel):
         xs = [x for x, _ in pts]
         if s <= xs[0]:
             return pts[0][1] * s / xs[0]
-        if s >= xs[-1]:
+        if s == xs[-1]:
+            return pts[-1][1]
+        if s > xs[-1]:
             if len(pts) == 1:
+                self._beyond("length", f"{s} tokens on {d} rank(s) is beyond the longest measured ({xs[-1]})",
+                             "time proportional to length from the last point")
                 return pts[0][1] * s / xs[0]
+            self._beyond("length", f"{s} tokens on {d} rank(s) is beyond the longest measured ({xs[-1]})",
+                         "t = a s + b s^2 through the last two measured lengths")
             (s1, t1), (s2, t2) = pts[-2], pts[-1]
             # t = a s + b s^2 through both points
             b = (t2 / s2 - t1 / s1) / (s2 - s1)
@@ -93,6 +123,8 @@ class ProfileCostModel(CostModel):
         ms = self.measured_degrees
         if d < ms[0] or d > ms[-1]:
             near = ms[0] if d < ms[0] else ms[-1]
+            self._beyond("degree", f"group size {d} is outside the measured ones {ms}",
+                         f"rank-time of the nearest measured group size, {near}")
             return self._at_degree(near, s) * near / d
         hi = ms[bisect.bisect_left(ms, d)]
         lo = ms[bisect.bisect_left(ms, d) - 1]

@@ -14,9 +14,10 @@ Sequences packed in one group share each step's transfer and compute, so the exp
 time of a group is max(0, sum of transfers - sum of computes) per step: less than the
 sum of per-sequence maxima that `seq_time` adds (the MILP's upper bound).
 Memory: `cluster.tokens_per_rank` tokens per rank, or, when `cluster.memory_per_rank_gb`
-is set, (memory - model states) / activation bytes per token, with model states
-16 bytes/parameter over the ranks (ZeRO-3) and about 2 * (6h + 2 kvd + 3I) bytes per
-token per layer plus 4 V bytes of fp32 logits (an estimate; set tokens_per_rank when measured).
+is set, `hetsp.memory.MemoryModel.tokens_per_rank` (the formula the dry run prints), from
+``planner.options`` "zero_stage" (default 1), "dtype" (default "bf16") and
+"activation_checkpointing" (default false), which the runtime and ``hetsp-plan --config``
+fill in from the train section. K/V travel in the run's dtype.
 The fixed cost per micro-batch is the ZeRO collectives repeated per micro-batch
 (stage 2: gradient reduce-scatter; stage 3: plus two parameter all-gathers), from
 ``planner.options["zero_stage"]`` (default 1: nothing per micro-batch).
@@ -27,6 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+from hetsp.memory import DTYPE_BYTES, MemoryModel, dense_param_count
 
 from .base import CostModel
 
@@ -55,8 +58,7 @@ class ModelShape:
 
     @property
     def params(self) -> float:
-        h, kvd, I, V, L = self.hidden, self.kv_dim, self.intermediate, self.vocab, self.layers
-        return L * (h * (h + 2 * kvd) + h * h + 3 * h * I) + 2 * h * V
+        return dense_param_count(self.layers, self.hidden, self.kv_dim, self.intermediate, self.vocab)
 
 
 class RingCostModel(CostModel):
@@ -71,9 +73,8 @@ class RingCostModel(CostModel):
         tokens_per_rank: int,
         zero_stage: int = 1,
         source: dict[str, Any] | None = None,
+        dtype: str = "bf16",
     ) -> None:
-        if hw.peak_flops <= 0:
-            raise ValueError("ring cost model: peak FLOP/s must be > 0 (set cluster.peak_tflops)")
         if tokens_per_rank < 1:
             raise ValueError(f"ring cost model: no room for activations ({tokens_per_rank} tokens per rank)")
         self.shape, self.hw, self.num_ranks = shape, hw, num_ranks
@@ -83,15 +84,13 @@ class RingCostModel(CostModel):
         h, kvd, I, V, L = shape.hidden, shape.kv_dim, shape.intermediate, shape.vocab, shape.layers
         self._lin = 3 * (2 * L * (h * (h + 2 * kvd) + h * h + 3 * h * I) + 2 * h * V)  # FLOPs/token fwd+bwd
         self._attn = 7.0 * L * h  # FLOPs per token^2, fwd + bwd, causal
-        self._kv_bytes = 2 * kvd * 2  # K and V per token, bf16
+        self._kv_bytes = 2 * kvd * DTYPE_BYTES[dtype]  # K and V per token, in the run's dtype
+        self.dtype = dtype
 
     @classmethod
-    def from_configs(cls, model, cluster, num_ranks: int, zero_stage: int = 1) -> "RingCostModel":
-        if cluster.peak_tflops <= 0:
-            raise ValueError(
-                "the ring cost model needs cluster.peak_tflops (the device's peak bf16 TFLOP/s); set it, "
-                "or use planner.cost_model = 'profile' with a measured table"
-            )
+    def from_configs(
+        cls, model, cluster, num_ranks: int, zero_stage: int = 1, dtype: str = "bf16", activation_checkpointing: bool = False
+    ) -> "RingCostModel":
         vocab = model.vocab_size or 32000
         shape = ModelShape(
             model.num_layers, model.hidden_size, model.num_heads, model.num_kv_heads or model.num_heads,
@@ -105,16 +104,27 @@ class RingCostModel(CostModel):
             cluster.link_latency_us * 1e-6,
         )
         if cluster.memory_per_rank_gb > 0:
-            states = 16 * shape.params / num_ranks
-            h, kvd, I = shape.hidden, shape.kv_dim, shape.intermediate
-            per_token = shape.layers * 2 * (6 * h + 2 * kvd + 3 * I) + 4 * vocab
-            tpr = math.floor((cluster.memory_per_rank_gb * 2**30 - states) / per_token)
-            mem_src = f"{cluster.memory_per_rank_gb} GB per rank, {per_token} bytes/token estimated"
+            mem = MemoryModel.for_run(model, vocab, num_ranks, zero_stage, dtype, activation_checkpointing)
+            tpr = mem.tokens_per_rank(cluster.memory_per_rank_gb * 2**30)
+            mem_src = (
+                f"{cluster.memory_per_rank_gb} GB per rank: {mem.state_bytes_per_rank() / 2**30:.2f} GiB model states "
+                f"(ZeRO-{zero_stage}, {dtype}), {mem.activation_bytes_per_token():.0f} bytes/token estimated"
+            )
         else:
             tpr = cluster.tokens_per_rank
             mem_src = "cluster.tokens_per_rank"
         src = {"vocab": vocab if model.vocab_size else f"{vocab} (model.vocab_size = 0: assumed)", "memory": mem_src}
-        return cls(shape, hw, num_ranks, tpr, zero_stage, src)
+        return cls(shape, hw, num_ranks, tpr, zero_stage, src, dtype)
+
+    @property
+    def _flops(self) -> float:
+        """Achievable FLOP/s per rank; times need it, the memory budget (`capacity`) does not."""
+        if self.hw.peak_flops <= 0:
+            raise ValueError(
+                "the ring cost model needs cluster.peak_tflops (the device's peak bf16 TFLOP/s) for times; set it, "
+                "or use planner.cost_model = 'profile' with a measured table"
+            )
+        return self.hw.peak_flops
 
     # ---- pieces ---------------------------------------------------------------
     def _bw(self, d: int) -> float:
@@ -122,14 +132,14 @@ class RingCostModel(CostModel):
         return self.hw.intra_bps if rpn == 0 or d <= rpn else self.hw.inter_bps
 
     def compute_s(self, s: int, d: int) -> float:
-        return (self._lin * s + self._attn * s * s) / d / self.hw.peak_flops
+        return (self._lin * s + self._attn * s * s) / d / self._flops
 
     def _steps(self, s: int, d: int) -> tuple[float, float, float, float]:
         """Per ring step: (forward transfer, forward block compute, backward transfer, backward compute) seconds."""
         blk = s / d
         bw = self._bw(d)
         cf = self._kv_bytes * blk / bw
-        pf = 2.0 * self.shape.hidden * blk * blk / self.hw.peak_flops
+        pf = 2.0 * self.shape.hidden * blk * blk / self._flops
         return cf, pf, 4.0 * cf, 2.5 * pf
 
     def seq_comm(self, s: int, d: int) -> float:
@@ -176,5 +186,6 @@ class RingCostModel(CostModel):
             "tokens_per_rank": self.tokens_per_rank,
             "achievable_tflops": self.hw.peak_flops / 1e12,
             "zero_stage": self.zero_stage,
+            "dtype": self.dtype,
             **self.source,
         }

@@ -51,12 +51,25 @@ def test_run_folder(tmp_path, capsys):
     assert rows["recorded"]["micro_batches"] == 1
 
 
-def test_dataset_with_bytes_tokenizer(tmp_path, capsys):
+def test_dataset_plans_the_training_runs_batches(tmp_path, capsys):
+    """--dataset gives exactly the lengths a training run with the same data settings plans:
+    the same pipeline (tokenizer, eos, bos, long-document split, held-out documents, token budget)."""
+    from hetsp.config import load_config
+    from hetsp.data import build_data
+
     p = tmp_path / "d.jsonl"
-    p.write_text("\n".join(json.dumps({"text": "x" * (50 * k + 1)}) for k in range(20)))
-    assert main(["--dataset", str(p), "--tokenizer", "bytes", "--ranks", "8", *FLEX, "--json", "--no-baselines"]) == 0
+    p.write_text("\n".join(json.dumps({"text": "x" * (50 * k + 1)}) for k in range(40)))
+    sets = ["data.max_seq_len=300", "data.tokens_per_batch=1200", "data.add_bos=true", "data.validation_fraction=0.1",
+            "run.seed=5"]
+    args = ["--dataset", str(p), "--ranks", "8", *FLEX, "--json", "--no-baselines", "--num-batches", "3"]
+    assert main([*args, *sum((["--set", x] for x in sets), [])]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["batches"][0]["num_seqs"] == 20 and out["batches"][0]["tokens"] == sum(50 * k + 1 for k in range(20))
+    cfg = load_config(None, [*sets, f"data.dataset='{p}'"])
+    data = build_data(cfg.data, cfg.run.seed)
+    assert [b["plan"]["lengths"] for b in out["batches"]] == [data.train_batch_lengths(k) for k in range(3)]
+    assert max(max(b["plan"]["lengths"]) for b in out["batches"]) <= 300  # long documents split as in training
+    assert main([*args, "--batch-size", "4"]) == 2
+    assert "--batch-size change the lengths a training run plans" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -87,7 +100,7 @@ def test_drop_long_counts(tmp_path, capsys):
     f = _lengths(tmp_path, "100\n400000000\n300\n")
     assert main(["--lengths", f, "--ranks", "64", *FLEX, "--drop-long", "--json", "--no-baselines"]) == 0
     plan = json.loads(capsys.readouterr().out)["batches"][0]["plan"]
-    assert plan["meta"]["num_dropped"] == 1 and plan["lengths"] == [100, 300]
+    assert plan["num_inputs"] - len(plan["source_index"]) == 1 and plan["lengths"] == [100, 300]
 
 
 def test_missing_file_exits_cleanly(tmp_path):

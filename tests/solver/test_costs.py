@@ -2,9 +2,12 @@
 
 import itertools
 import json
+import logging
 import random
 
 import pytest
+
+import solver
 
 from hetsp.config import ClusterConfig, ModelConfig, PlannerConfig
 from hetsp.plan import Group, MicroBatch, Plan
@@ -53,8 +56,10 @@ def test_ring_overlap_and_bounds():
         bound = cm.group_overhead_s(d) + sum(cm.seq_time(s, d) for s in ls)
         assert exact <= bound * (1 + 1e-12)
         assert exact >= sum(cm.compute_s(s, d) for s in ls)
+    no_peak = build_cost_model(PlannerConfig(cost_model="ring"), ClusterConfig(), ModelConfig(), 4)
+    assert no_peak.capacity(2) == 2 * ClusterConfig().tokens_per_rank  # the memory budget needs no FLOP/s
     with pytest.raises(ValueError, match="peak_tflops"):
-        build_cost_model(PlannerConfig(cost_model="ring"), ClusterConfig(), ModelConfig(), 4)
+        no_peak.seq_time(100, 1)
     with pytest.raises(ValueError, match="model's shape"):
         build_cost_model(PlannerConfig(cost_model="ring"), ClusterConfig(peak_tflops=1), None, 4)
 
@@ -75,8 +80,6 @@ def test_profile_interpolates(tmp_path):
     for p in pts:
         assert cm.seq_time(p["tokens"], p["degree"]) == pytest.approx(p["time_s"])
     assert cm.seq_time(1000, 1) < cm.seq_time(1500, 1) < cm.seq_time(2000, 1)
-    # beyond the last point: the quadratic through the last two is exact for this data
-    assert cm.seq_time(8000, 1) == pytest.approx(8000 * 8000 * 1e-6 + 8.0)
     # an unmeasured degree sits between its neighbours in rank-time
     assert 1 * cm.seq_time(2000, 1) >= 2 * cm.seq_time(2000, 2) >= 4 * cm.seq_time(2000, 4) - 1e-12
     assert cm.describe()["device"] == "X" and cm.fixed_s == 0.1
@@ -90,6 +93,35 @@ def test_profile_interpolates(tmp_path):
         ProfileCostModel.load(path)
     with pytest.raises(ValueError, match="not a hetsp profile"):
         ProfileCostModel({"points": []})
+
+
+def test_profile_refuses_to_extrapolate_unless_allowed(tmp_path, caplog):
+    pts = [{"degree": d, "tokens": s, "time_s": (s * s * 1e-6 + s * 1e-3) / d} for d in (1, 4) for s in (1000, 2000, 4000)]
+    data = {"format": "hetsp-profile-v1", "fixed_s": 0.1, "tokens_per_rank": 5000, "points": pts}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    cm = build_cost_model(PlannerConfig(cost_model="profile", profile_path=str(path)), ClusterConfig(), None, 8)
+    assert cm.seq_time(4000, 4) > 0 and cm.seq_time(500, 2) > 0  # measured, interpolated, below the shortest
+    with pytest.raises(ValueError, match=r"8000 tokens on 1 rank\(s\) is beyond the longest measured \(4000\).*extrapolate = true"):
+        cm.seq_time(8000, 1)
+    with pytest.raises(ValueError, match=r"group size 8 is outside the measured ones \[1, 4\]"):
+        cm.seq_time(1000, 8)
+    # a planner on 8 ranks meets the unmeasured group sizes and refuses the same way
+    planner = solver.get_planner("greedy", PlannerConfig(cost_model="profile", profile_path=str(path)), ClusterConfig())
+    with pytest.raises(ValueError, match="outside the measured ones"):
+        planner.plan([1000, 3000], 8)
+
+    allowed = PlannerConfig(cost_model="profile", profile_path=str(path), options={"extrapolate": True})
+    cm = build_cost_model(allowed, ClusterConfig(), None, 8)
+    with caplog.at_level(logging.WARNING, logger="solver"):
+        # beyond the last point: the quadratic through the last two is exact for this data
+        assert cm.seq_time(8000, 1) == pytest.approx(8000 * 8000 * 1e-6 + 8.0)
+        cm.seq_time(9000, 1)
+        assert cm.seq_time(1000, 8) == pytest.approx(cm.seq_time(1000, 4) * 4 / 8)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said  # once per kind: length, group size
+    assert "8000 tokens on 1 rank(s)" in said[0] and "a s + b s^2" in said[0]
+    assert "group size 8" in said[1] and "nearest measured group size, 4" in said[1]
 
 
 def test_bucketize_is_optimal():

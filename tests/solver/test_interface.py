@@ -6,8 +6,8 @@ import sys
 import pytest
 
 import solver
-from hetsp.config import ClusterConfig, PlannerConfig
-from hetsp.plan import Plan
+from hetsp.config import ClusterConfig, ModelConfig, PlannerConfig
+from hetsp.plan import Group, MicroBatch, Plan, PlanError
 
 
 def test_import_is_light():
@@ -42,6 +42,26 @@ def test_static_micro_batches_and_budget():
         assert g.num_tokens(plan.lengths) <= 10
 
 
+def test_static_planner_is_the_static_baseline():
+    """Training's static planner and the static baseline of hetsp-plan / the benchmark are one
+    algorithm with one budget (the cost model's capacity x fill)."""
+    from solver.baselines import static_packing
+    from solver.table import CostTable
+
+    cl = ClusterConfig(tokens_per_rank=60, peak_tflops=100.0)
+    lengths = [5, 3, 7, 100, 2, 45, 61, 8, 19, 33]
+    for d, fill in ((2, 1.0), (2, 0.9), (4, 0.9), (1, 1.0)):
+        cfg = PlannerConfig(group_size=d, options={"fill": fill})
+        planner = solver.get_planner("static", cfg, cl, ModelConfig())
+        if max(lengths) > 60 * d:
+            continue
+        plan = planner.plan(lengths, 4)
+        mbs = static_packing(CostTable(lengths, [d], planner.cost_model(4)), 4, d, fill)
+        assert [sorted(sorted(g.seqs) for g in mb.groups) for mb in plan.micro_batches] == [
+            sorted(sorted(g.seqs) for g in mb.groups) for mb in mbs
+        ], (d, fill)
+
+
 @pytest.mark.parametrize("d, msg", [(3, "does not divide"), (8, "larger than"), (0, ">= 1")])
 def test_static_bad_group_size(d, msg):
     p = solver.get_planner("static", PlannerConfig(group_size=d), ClusterConfig())
@@ -57,8 +77,24 @@ def test_static_too_long_errors_or_drops():
     p = solver.get_planner("static", PlannerConfig(group_size=2, long_policy="drop"), cl)
     plan = p.plan([5, 25, 3], 4)
     assert plan.lengths == (5, 3)
-    assert plan.meta["dropped"] == [1] and plan.meta["num_dropped"] == 1
-    assert plan.meta["source_index"] == [0, 2]
+    assert plan.dropped == (1,) and plan.source_index == (0, 2) and plan.num_inputs == 3
+    again = Plan.from_json(plan.to_json()).validate(4)  # part of the plan's data, not of meta
+    assert again == plan and again.dropped == (1,) and "source_index" not in plan.meta
+    assert plan.inputs_trained(["a", "b", "c"]) == ["a", "c"]
+    with pytest.raises(PlanError, match="batch of 3 sequences"):
+        plan.inputs_trained(["a", "c"])
+
+
+def test_plan_source_index_is_validated():
+    mb = MicroBatch((Group(0, 1, (0, 1)),))
+    with pytest.raises(PlanError, match="together"):
+        Plan((3, 4), (mb,), {}, (0, 2), None)
+    with pytest.raises(PlanError, match="increase strictly"):
+        Plan((3, 4), (mb,), {}, (2, 0), 3).validate(1)
+    with pytest.raises(PlanError, match=r"inside \[0, 2\)"):
+        Plan((3, 4), (mb,), {}, (0, 2), 2).validate(1)
+    with pytest.raises(PlanError, match="1 entries for 2"):
+        Plan((3, 4), (mb,), {}, (0,), 3).validate(1)
 
 
 @pytest.mark.parametrize("lengths, msg", [([], "empty batch"), ([3, 0], "sequence 1 has length 0"), ([-2], "length -2")])

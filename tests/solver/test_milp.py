@@ -1,4 +1,5 @@
-"""MILP pieces: the CBC backend, the pooled count model, the ring model end to end, the time limit."""
+"""MILP pieces: the CBC backend, the pooled count model, the ring model end to end, the size guard
+that keeps a solve within its time limit."""
 
 import random
 
@@ -40,7 +41,10 @@ def test_count_model_packs_a_micro_batch():
     assert mb.makespan() >= sum(table.min_rank_time(i) for i in range(60)) / 8 - 1e-9
 
 
-def test_large_batch_stays_valid_and_within_time():
+def test_large_batch_gives_a_valid_plan_within_memory():
+    """400 long-tailed sequences on 32 ranks under a short limit: a valid plan within memory,
+    costed as the simulator costs it. (Nothing here is timed; the size guard below is what
+    keeps the planner inside its limit.)"""
     rng = random.Random(5)
     lengths = [int(rng.paretovariate(1.1) * 300) + 1 for _ in range(400)]
     model = ModelConfig(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=4, intermediate_size=5504, vocab_size=32000)
@@ -56,3 +60,16 @@ def test_large_batch_stays_valid_and_within_time():
     assert plan.meta["est_time_s"] > 0
     # the heuristic and the planner agree on the cost model's view of the step
     assert plan.meta["est_time_s"] == pytest.approx(simulate(plan, p.cost_model(32), 32).total_s)
+
+
+def test_a_model_too_large_for_the_time_left_is_not_built():
+    """The deterministic part of the time limit: an exact model whose estimated size exceeds
+    what PuLP builds in the time left (max_vars_per_s x seconds left) is skipped, the heuristic
+    plan is returned and meta says why."""
+    cm = ToyCost(a=1e-2, c=0.3, k=10, f=0.5)
+    cfg = PlannerConfig(time_limit_s=5.0, options={"max_vars_per_s": 1})
+    plan = solver.get_planner("milp", cfg, ClusterConfig()).use_cost_model(cm).plan([12, 3, 30, 7], 4)
+    plan.validate(4)
+    assert plan.meta["status"] == "heuristic" or plan.meta.get("count_milp_tried", 0) > 0
+    assert "exact MILP skipped" in plan.meta["fallback"] and "raise planner.time_limit_s" in plan.meta["fallback"]
+    assert "milp_status" not in plan.meta  # no exact model was solved

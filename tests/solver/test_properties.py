@@ -62,9 +62,8 @@ def test_static_and_random_valid(lengths, num_ranks, tokens_per_rank, seed):
         return
     plan = static.plan(lengths, num_ranks)
     plan.validate(num_ranks)
-    kept = plan.meta.get("source_index", list(range(len(lengths))))
-    assert [lengths[i] for i in kept] == list(plan.lengths)
-    assert all(lengths[i] > tokens_per_rank * d for i in plan.meta.get("dropped", []))
+    assert plan.inputs_trained(lengths) == list(plan.lengths)
+    assert all(lengths[i] > tokens_per_rank * d for i in plan.dropped)
     for g in plan.groups():
         assert g.num_tokens(plan.lengths) <= tokens_per_rank * d
 

@@ -14,6 +14,10 @@ forward(q_THD, k_TKD, v_TKD, seg, causal, scale, *, window=None, softcap=None) -
 backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg, causal, scale, *, window=None, softcap=None) -> (dq, dk, dv)
     The backward must use the `out` and `lse` it is given (the final merged ones
     of the ring), never recompute a block-local softmax. dk and dv have K heads.
+Kernels with `lifetime_mask` also take the keyword `visible` (a `Lifetimes`, or None for
+today's path): inside a segment, key j is visible to query i iff
+k_time[j] <= q_time[i] < k_pop[j] (stack-structured sequences, hetsp/backspace.py); a
+row with no visible key gets lse = -inf.
 lse is float64 for float64 inputs and float32 otherwise ("accumulation dtype").
 
 Optional score modifiers (the keywords are passed only when set; defaults reproduce plain
@@ -100,6 +104,24 @@ def softcap_scores(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return s if softcap is None else torch.tanh(s / softcap) * softcap
 
 
+@dataclass
+class Lifetimes:
+    """Per-row times of one block for the lifetime mask (int64 tensors on the block's device).
+
+    q_time (Tq,): each query's index in its own sequence; k_time, k_pop (Tk,): each key's
+    index in its sequence and the first index at which it is no longer visible.
+    """
+
+    q_time: torch.Tensor
+    k_time: torch.Tensor
+    k_pop: torch.Tensor
+
+    def allowed(self, a: int, b: int, c: int, e: int) -> torch.Tensor:
+        """(b - a, e - c) bool mask of query rows [a, b) against key rows [c, e)."""
+        qt = self.q_time[a:b, None]
+        return (self.k_time[None, c:e] <= qt) & (qt < self.k_pop[None, c:e])
+
+
 @dataclass(frozen=True)
 class BlockKernel:
     """A named pair of block functions and the causal alignment they use."""
@@ -109,6 +131,7 @@ class BlockKernel:
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     causal_alignment: str  # "top_left" or "bottom_right" (when q and k lengths differ)
     note: str = ""
+    lifetime_mask: bool = False  # takes `visible=Lifetimes` (stack-structured sequences)
 
     def __repr__(self) -> str:
         return f"BlockKernel({self.name!r}, causal_alignment={self.causal_alignment!r})"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockKernel, Segments, acc_dtype, reduce_kv, repeat_kv, softcap_scores, window_visible
+from .base import BlockKernel, Lifetimes, Segments, acc_dtype, reduce_kv, repeat_kv, softcap_scores, window_visible
 
 
 def _mask(nq: int, nk: int, device: torch.device) -> torch.Tensor:
@@ -21,7 +21,7 @@ def _mask(nq: int, nk: int, device: torch.device) -> torch.Tensor:
     return j <= i + (nk - nq)
 
 
-def _scores(q, k, seg: Segments, bounds, causal: bool, scale: float, window, softcap):
+def _scores(q, k, seg: Segments, bounds, causal: bool, scale: float, visible, window, softcap):
     """Masked (H, nq, nk) scores of one segment and the softcap's tanh (None without a cap)."""
     a, b, c, e = bounds
     s = (q @ k.transpose(1, 2)) * scale
@@ -34,11 +34,15 @@ def _scores(q, k, seg: Segments, bounds, causal: bool, scale: float, window, sof
         s = s.masked_fill(~window_visible(q_pos[a:b], k_pos[c:e], window), float("-inf"))
     elif causal:
         s = s.masked_fill(~_mask(b - a, e - c, q.device), float("-inf"))
+    if visible is not None:
+        s = s.masked_fill(~visible.allowed(a, b, c, e), float("-inf"))
     return s, t
 
 
-def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, *, window=None, softcap=None):
-    """Block attention per segment: (out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype)."""
+def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *, window=None, softcap=None):
+    """Block attention per segment: (out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype).
+
+    `visible`: optional lifetime mask (base.Lifetimes), applied on top of `causal`."""
     acc = acc_dtype(q_THD.dtype)
     num_heads = q_THD.shape[1]
     out = torch.empty(q_THD.shape, dtype=acc, device=q_THD.device)
@@ -47,7 +51,7 @@ def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: f
         q = q_THD[a:b].to(acc).transpose(0, 1)  # H, nq, D
         k = repeat_kv(k_TKD[c:e], num_heads).to(acc).transpose(0, 1)
         v = repeat_kv(v_TKD[c:e], num_heads).to(acc).transpose(0, 1)
-        s, _ = _scores(q, k, seg, (a, b, c, e), causal, scale, window, softcap)
+        s, _ = _scores(q, k, seg, (a, b, c, e), causal, scale, visible, window, softcap)
         l = torch.logsumexp(s, dim=-1)  # H, nq; -inf for a row that sees no key (then p = 0, out = 0)
         p = torch.exp(s - torch.where(torch.isfinite(l), l, 0.0)[..., None])
         out[a:b] = (p @ v).transpose(0, 1)
@@ -55,7 +59,7 @@ def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: f
     return out.to(q_THD.dtype), lse
 
 
-def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, *, window=None, softcap=None):
+def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *, window=None, softcap=None):
     """Gradients of a block given the final merged `out` and `lse`: (dq, dk, dv) in acc dtype.
 
     P = exp(S - lse), dV = P^T dO, dP = dO V^T, D = rowsum(dO * O), dS = P (dP - D);
@@ -72,7 +76,7 @@ def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segm
         v = repeat_kv(v_TKD[c:e], num_heads).to(acc).transpose(0, 1)
         do = dout_THD[a:b].to(acc).transpose(0, 1)
         o = out_THD[a:b].to(acc).transpose(0, 1)
-        s, t = _scores(q, k, seg, (a, b, c, e), causal, scale, window, softcap)
+        s, t = _scores(q, k, seg, (a, b, c, e), causal, scale, visible, window, softcap)
         lse = lse_TH[a:b].to(acc).transpose(0, 1)
         p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
         dv[c:e] = (p.transpose(1, 2) @ do).transpose(0, 1)
@@ -91,6 +95,7 @@ REFERENCE_KERNEL = BlockKernel(
     backward=block_backward_ref,
     causal_alignment="bottom_right",
     note="plain torch, per segment, float64-capable",
+    lifetime_mask=True,
 )
 
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import torch
 
-from .base import BlockKernel, Segments, acc_dtype, reduce_kv, repeat_kv, window_visible
+from .base import BlockKernel, Lifetimes, Segments, acc_dtype, reduce_kv, repeat_kv, window_visible
 from .reference import block_backward_ref, block_forward_ref
 
 logger = logging.getLogger("hetsp.attention")
@@ -141,11 +141,34 @@ def _window_backward(dout_THD, q_THD, k_THD, v_THD, out_THD, lse_TH1, seg: Segme
     return dq, dk, dv
 
 
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, *, window=None, softcap=None):
-    """(out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype)."""
+def _batch_mask(visible: Lifetimes | None, nq, nk, qa, ka, qs, ks, b, dtype):
+    """Additive (B, 1, nq, nk) lifetime mask of one strided batch and (B, nq) 'row sees a key', or (None, None).
+
+    The op takes no boolean mask (only one of q's dtype) and gives a row whose mask hides
+    every key lse = 0, not -inf: the caller resets such rows."""
+    if visible is None:
+        return None, None
+    dev = visible.q_time.device
+    qi = qa + torch.arange(b, device=dev)[:, None] * qs + torch.arange(nq, device=dev)
+    ki = ka + torch.arange(b, device=dev)[:, None] * ks + torch.arange(nk, device=dev)
+    qt = visible.q_time[qi][..., None]
+    allowed = (visible.k_time[ki][:, None, :] <= qt) & (qt < visible.k_pop[ki][:, None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None], allowed.any(-1)
+
+
+def _refuse_lifetimes_with(visible, window) -> None:
+    if visible is not None and window is not None:
+        raise NotImplementedError("attention kernel 'torch_cpu' does not combine a <bkspc> lifetime mask with a sliding window; use kernel='reference'")
+
+
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *, window=None, softcap=None):
+    """(out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype); `visible`: optional lifetime mask
+    (it implies causality, so the op then runs unmasked-causal with the additive mask)."""
+    _refuse_lifetimes_with(visible, window)
     if softcap is not None:
         _log_softcap_path()
-        return block_forward_ref(q_THD, k_TKD, v_TKD, seg, causal, scale, window=window, softcap=softcap)
+        return block_forward_ref(q_THD, k_TKD, v_TKD, seg, causal, scale, visible, window=window, softcap=softcap)
     num_heads = q_THD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
     if window is not None:
@@ -153,16 +176,24 @@ def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float
     out = torch.empty_like(q_THD)
     lse = torch.empty(q_THD.shape[:2], dtype=acc_dtype(q_THD.dtype), device=q_THD.device)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
-        o, l = _op()(_view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0, causal, scale=scale)
+        mask, seen = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
+        o, l = _op()(
+            _view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0,
+            causal and mask is None, attn_mask=mask, scale=scale,
+        )
+        if seen is not None:
+            l = l.masked_fill(~seen[:, None, :], float("-inf"))
+            o = o.masked_fill(~seen[:, None, :, None], 0.0)
         _view(out, qa, qs, nq, b).copy_(o)
         _view(lse[..., None], qa, qs, nq, b)[..., 0].copy_(l)
     return out, lse
 
 
-def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, *, window=None, softcap=None):
+def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *, window=None, softcap=None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) from the given final `out` and `lse`."""
+    _refuse_lifetimes_with(visible, window)
     if softcap is not None:
-        return block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg, causal, scale, window=window, softcap=softcap)
+        return block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg, causal, scale, visible, window=window, softcap=softcap)
     num_heads, num_kv = q_THD.shape[1], k_TKD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
     lse_dtype = acc_dtype(q_THD.dtype)
@@ -176,6 +207,7 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     dk = torch.empty_like(k_THD)
     dv = torch.empty_like(v_THD)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
+        mask, _ = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
         gq, gk, gv = _op_backward()(
             _view(dout_THD, qa, qs, nq, b).contiguous(),
             _view(q_THD, qa, qs, nq, b),
@@ -184,7 +216,8 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
             _view(out_THD, qa, qs, nq, b).contiguous(),
             _view(lse_TH1, qa, qs, nq, b)[..., 0].contiguous(),
             0.0,
-            causal,
+            causal and mask is None,
+            attn_mask=mask,
             scale=scale,
         )
         _view(dq, qa, qs, nq, b).copy_(gq)
@@ -199,4 +232,5 @@ TORCH_CPU_KERNEL = BlockKernel(
     backward=block_backward,
     causal_alignment="top_left",
     note="aten._scaled_dot_product_flash_attention_for_cpu, one call per run of equal segments",
+    lifetime_mask=True,
 )

@@ -15,19 +15,56 @@ and a sliding window masked by the rows' global positions (index-aligned causal 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .base import BlockKernel, Segments
+from .base import BlockKernel, Lifetimes, Segments
 
 
-def _blocks(device: torch.device) -> tuple[int, int]:
-    if device.type == "cuda":
-        return 64, 64
-    return 16, 16  # interpreter: small tiles keep it quick
+# Tile sizes (BLOCK_M query rows x BLOCK_N key rows per program). On CUDA 64 x 64: with head
+# dim up to 128 the q, k, v and accumulator tiles of one program in bf16/fp32 fit the register
+# file of one SM with 4 warps (the Triton fused-attention tutorial starts its sweep from such
+# tiles), and a 64-row tile keeps a 4K-token sequence at 64 programs per head, enough to fill
+# the SMs at a few heads; larger tiles (128) favour long sequences and small head dims.
+# tl.dot needs every dot dimension >= 16, and tl.arange a power of two: these are the limits.
+# The interpreter runs on CPU, where small tiles keep the tests quick.
+DEFAULT_BLOCKS_CUDA = (64, 64)
+DEFAULT_BLOCKS_INTERPRETER = (16, 16)
+
+
+def check_blocks(block_m: int, block_n: int) -> None:
+    """ValueError unless both tile sizes are powers of two of at least 16 (Triton's tl.dot limits)."""
+    from hetsp.checks import triton_block_ok
+
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if not triton_block_ok(b):
+            raise ValueError(f"triton attention {name} = {b!r}: must be a power of two >= 16 (tl.dot and tl.arange limits), e.g. 64 or 128")
+
+
+def _blocks(device: torch.device, blocks: tuple[int, int] | None = None) -> tuple[int, int]:
+    if blocks is not None:
+        return blocks
+    return DEFAULT_BLOCKS_CUDA if device.type == "cuda" else DEFAULT_BLOCKS_INTERPRETER
+
+
+def _num_warps(block_m: int) -> int:
+    # Each program keeps a (BLOCK_M, D) fp32 accumulator and the q tile in registers: with
+    # 128-row tiles 4 warps (Triton's default) would need about twice the registers per
+    # thread and spill, so they get 8 warps.
+    return 8 if block_m >= 128 else 4
+
+
+@triton.jit
+def _alive(QT, KT, KP, rows, cols, row_ok, col_ok):
+    """Lifetime mask (base.Lifetimes): key j visible to query i iff k_time[j] <= q_time[i] < k_pop[j]."""
+    qt = tl.load(QT + rows, mask=row_ok, other=0)
+    kt = tl.load(KT + cols, mask=col_ok, other=0)
+    kp = tl.load(KP + cols, mask=col_ok, other=0)
+    return (kt[None, :] <= qt[:, None]) & (qt[:, None] < kp[None, :])
 
 
 @triton.jit
@@ -37,18 +74,19 @@ def _tanh(x):
 
 
 @triton.jit
-def _in_window(QP, KP, q0, k0, rows, cols, row_ok, col_ok, window):
+def _in_window(QPOS, KPOS, q0, k0, rows, cols, row_ok, col_ok, window):
     """(BLOCK_M, BLOCK_N) bool: 0 <= q_pos - k_pos < window (kernels/base.py)."""
-    qp = tl.load(QP + q0 + rows, mask=row_ok, other=0)
-    kp = tl.load(KP + k0 + cols, mask=col_ok, other=0)
+    qp = tl.load(QPOS + q0 + rows, mask=row_ok, other=0)
+    kp = tl.load(KPOS + k0 + cols, mask=col_ok, other=0)
     diff = qp[:, None] - kp[None, :]
     return (diff >= 0) & (diff < window)
 
 
 @triton.jit
-def _fwd(Q, K, V, O, L, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
+def _fwd(Q, K, V, O, L, cu_q, cu_k, QPOS, KPOS, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
          G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+         QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -83,7 +121,9 @@ def _fwd(Q, K, V, O, L, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, 
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + shift)
             if WINDOW:
-                valid = valid & _in_window(QP, KP, q0, k0, offs_m, cols, row_ok, col_ok, window)
+                valid = valid & _in_window(QPOS, KPOS, q0, k0, offs_m, cols, row_ok, col_ok, window)
+            if LIFE:
+                valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + cols, row_ok, col_ok)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
@@ -100,9 +140,10 @@ def _fwd(Q, K, V, O, L, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, 
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
+def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QPOS, KPOS, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
               G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+              QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
     kh = tl.program_id(2)
@@ -141,7 +182,9 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QP, KP, scale, window, 
                 if CAUSAL:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
                 if WINDOW:
-                    valid = valid & _in_window(QP, KP, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
+                    valid = valid & _in_window(QPOS, KPOS, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
+                if LIFE:
+                    valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
                 p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -155,9 +198,10 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QP, KP, scale, window, 
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
+def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, QPOS, KPOS, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
             G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+            BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+            QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -194,7 +238,9 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, QP, KP, scale, window, softca
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
             if WINDOW:
-                valid = valid & _in_window(QP, KP, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
+                valid = valid & _in_window(QPOS, KPOS, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
+            if LIFE:
+                valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -214,8 +260,8 @@ def _check(q: torch.Tensor) -> None:
         raise ValueError("the triton attention kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
 
 
-def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, window=None, softcap=None) -> dict:
-    bm, bn = _blocks(q.device)
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, blocks: tuple[int, int] | None = None, window=None, softcap=None) -> dict:
+    bm, bn = _blocks(q.device, blocks)
     return dict(
         WINDOW=window is not None,
         SOFTCAP=softcap is not None,
@@ -226,11 +272,12 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, window=None, softcap=N
         BLOCK_N=bn,
         CAUSAL=bool(causal) and window is None,  # a window masks by position instead (kernels/base.py)
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_num_warps(bm),
     )
 
 
 def _modifier_args(seg: Segments, device, window, softcap) -> tuple:
-    """(QP, KP, window, softcap) kernel arguments; placeholders when a modifier is off."""
+    """(QPOS, KPOS, window, softcap) kernel arguments; placeholders when a modifier is off."""
     if window is not None:
         q_pos, k_pos = seg.device_pos(device)
     else:
@@ -238,22 +285,32 @@ def _modifier_args(seg: Segments, device, window, softcap) -> tuple:
     return q_pos, k_pos, int(window or 0), float(softcap or 1.0)
 
 
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, *, window=None, softcap=None):
-    """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32)."""
+def _life(visible: Lifetimes | None, device) -> dict:
+    if visible is None:
+        return {}
+    return dict(QT=visible.q_time.to(device).contiguous(), KT=visible.k_time.to(device).contiguous(),
+                KP=visible.k_pop.to(device).contiguous(), LIFE=True)
+
+
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None,
+                  blocks: tuple[int, int] | None = None, *, window=None, softcap=None):
+    """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32); `visible`: optional lifetime mask (base.Lifetimes);
+    blocks: (BLOCK_M, BLOCK_N), None for the default; window, softcap: score modifiers (kernels/base.py)."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     cu_q, cu_k = seg.device_cu(q.device)
-    meta = _meta(q, k, causal, window, softcap)
+    meta = _meta(q, k, causal, blocks, window, softcap)
     mods = _modifier_args(seg, q.device, window, softcap)
     grid = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
     _fwd[grid](q, k, v, out, lse, cu_q, cu_k, mods[0], mods[1], float(scale), mods[2], mods[3], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-               out.stride(0), out.stride(1), lse.stride(0), **meta)
+               out.stride(0), out.stride(1), lse.stride(0), **meta, **_life(visible, q.device))
     return out, lse
 
 
-def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, *, window=None, softcap=None):
+def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
+                   visible: Lifetimes | None = None, blocks: tuple[int, int] | None = None, *, window=None, softcap=None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) in fp32 from the given final `out` and `lse`."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
@@ -264,14 +321,14 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     cu_q, cu_k = seg.device_cu(q.device)
-    meta = _meta(q, k, causal, window, softcap)
+    meta = _meta(q, k, causal, blocks, window, softcap)
     mods = _modifier_args(seg, q.device, window, softcap)
     grid_kv = (triton.cdiv(seg.max_k, meta["BLOCK_N"]), seg.num_segments, k.shape[1])
     _bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, mods[0], mods[1], float(scale), mods[2], mods[3], q.stride(0), q.stride(1),
-                       k.stride(0), k.stride(1), lse.stride(0), dk.stride(0), dk.stride(1), **meta)
+                       k.stride(0), k.stride(1), lse.stride(0), dk.stride(0), dk.stride(1), **meta, **_life(visible, q.device))
     grid_q = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
     _bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_q, cu_k, mods[0], mods[1], float(scale), mods[2], mods[3], q.stride(0), q.stride(1),
-                    k.stride(0), k.stride(1), lse.stride(0), dq.stride(0), dq.stride(1), **meta)
+                    k.stride(0), k.stride(1), lse.stride(0), dq.stride(0), dq.stride(1), **meta, **_life(visible, q.device))
     return dq, dk, dv
 
 
@@ -281,4 +338,23 @@ TRITON_KERNEL = BlockKernel(
     backward=block_backward,
     causal_alignment="bottom_right",
     note="Triton varlen flash attention with log-sum-exp",
+    lifetime_mask=True,
 )
+
+
+def triton_kernel(block_m: int | None = None, block_n: int | None = None) -> BlockKernel:
+    """The Triton block kernel with tiles (block_m, block_n); both None gives `TRITON_KERNEL`."""
+    if block_m is None and block_n is None:
+        return TRITON_KERNEL
+    if block_m is None or block_n is None:
+        raise ValueError("give both triton block sizes (block_m and block_n) or neither")
+    check_blocks(block_m, block_n)
+    blocks = (block_m, block_n)
+    return BlockKernel(
+        name="triton",
+        forward=functools.partial(block_forward, blocks=blocks),
+        backward=functools.partial(block_backward, blocks=blocks),
+        causal_alignment="bottom_right",
+        note=f"Triton varlen flash attention with log-sum-exp, tiles {block_m}x{block_n}",
+        lifetime_mask=True,
+    )

@@ -1,6 +1,11 @@
-"""transformers' own hybrid Mamba-2/attention models as hetsp model families.
+"""Model families the runtime registers beyond llama: the hybrid models of `models/`, and
+transformers' own hybrid Mamba-2/attention models.
 
-``bamba``: `transformers.BambaConfig`; ``granitemoehybrid``: a second Mamba-2
+The dependency is one way: this runtime module imports `models` (model
+definitions only); `models` never imports `hetsp`.
+
+``hybrid``: `models.HybridConfig` from a hetsp `ModelConfig`, the hybrid-only
+fields in ``model.extra`` (layer_pattern, ...). ``bamba``: `transformers.BambaConfig`; ``granitemoehybrid``: a second Mamba-2
 hybrid that ships in transformers. Both are built from a hetsp `ModelConfig`
 (attention layers at ``model.extra["attn_layer_indices"]``, by default every
 third layer starting at 1; Mamba-2 sizes from ``extra`` keys ``mamba_*``).
@@ -75,5 +80,29 @@ def granitemoehybrid_config(cfg: ModelConfig, vocab_size: int) -> Any:
     return GraniteMoeHybridConfig(layer_types=layer_types, **kwargs, **extra)
 
 
+# Keys of model.extra that map to differently named HybridConfig fields.
+_EXTRA_ALIASES = {
+    "ssm_state_size": "mamba_d_state",
+    "window": "seqboat_window",
+    "seqboat_w": "seqboat_window",
+}
+
+
+def hybrid_config(cfg: ModelConfig, vocab_size: int) -> Any:
+    """hetsp ModelConfig -> `models.HybridConfig`; `cfg.extra` holds the hybrid-only fields."""
+    from models import HybridConfig
+
+    extra = {_EXTRA_ALIASES.get(k, k): v for k, v in dict(cfg.extra).items()}
+    known = set(HybridConfig.__dataclass_fields__) if hasattr(HybridConfig, "__dataclass_fields__") else set()
+    unknown = sorted(k for k in extra if known and k not in known)
+    if unknown:
+        raise ConfigError(f"model.extra: unknown key(s) {unknown} for the hybrid family")
+    try:
+        return HybridConfig(**hf_config_kwargs(cfg, vocab_size), rope_theta=cfg.rope_theta, **extra)
+    except ValueError as err:
+        raise ConfigError(f"model (family hybrid): {err}") from err
+
+
+register_family("hybrid", hybrid_config)
 register_family("bamba", bamba_config)
 register_family("granitemoehybrid", granitemoehybrid_config)

@@ -1,0 +1,1 @@
+"""Embedded fine-tuning tasks built from local sources (no download)."""
