@@ -102,6 +102,13 @@ def test_refusals():
         ring_attention(q, q, q, ctx, window=0)
     with pytest.raises(ValueError, match="softcap must be > 0"):
         ring_attention(q, q, q, ctx, softcap=-1.0)
+    # a kernel without a modifier is refused before any exchange, naming the kernels that have it
+    from dataclasses import replace
+
+    plain = replace(ctx, kernel=replace(ctx.kernel, score_modifiers=frozenset({"softcap"})))
+    with pytest.raises(NotImplementedError, match="does not implement window.*kernel='reference', 'torch_cpu', 'triton'"):
+        ring_attention(q, q, q, plain, window=3)
+    ring_attention(q, q, q, plain, softcap=2.0)
     with pytest.raises(NotImplementedError, match="'flash_attn' cannot express.*kernel='triton'"):
         flash.block_forward(q, q, q, Segments((0, 5), (0, 5), q_pos=tuple(range(5)), k_pos=tuple(range(5))), True, 0.5, window=3)
 

@@ -191,11 +191,22 @@ def _lifetimes(ctx: ShardContext, steps, causal: bool, window, device):
     return [(None, not step.empty) for step in steps]
 
 
-def _check_modifiers(ctx: ShardContext, causal: bool, window, softcap) -> tuple[int | None, float | None]:
+_KERNELS_WITH = {"window": ("'reference'", "'torch_cpu'", "'triton'"), "softcap": ("'flash_attn'", "'reference'", "'torch_cpu'", "'triton'")}
+
+
+def _check_modifiers(ctx: ShardContext, kernel, causal: bool, window, softcap) -> tuple[int | None, float | None]:
     if (window is not None or softcap is not None) and ctx.tree is not None:
         raise NotImplementedError(
             "ring attention does not combine <bkspc> stack structures with a sliding window or logit softcapping; "
             "train such models on sequences without <bkspc>"
+        )
+    wanted = [name for name, value in (("window", window), ("softcap", softcap)) if value is not None]
+    missing = [name for name in wanted if name not in kernel.score_modifiers]
+    if missing:
+        able = ", ".join(sorted(_KERNELS_WITH[missing[0]]))
+        raise NotImplementedError(
+            f"attention kernel {kernel.name!r} does not implement {' and '.join(missing)} "
+            f"({'sliding window' if missing[0] == 'window' else 'logit softcapping'}); use kernel={able}"
         )
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -220,7 +231,7 @@ def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scal
     softcap * tanh(score / softcap) (Gemma2's attention logit softcapping).
     """
     _validate(q, k, v, ctx, causal)
-    window, softcap = _check_modifiers(ctx, causal, window, softcap)
+    window, softcap = _check_modifiers(ctx, ctx.kernel, causal, window, softcap)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, ctx, causal, float(scale), ctx.kernel, window, softcap)
 
@@ -229,6 +240,6 @@ def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_
     """Reference twin of `ring_attention` (same shapes): the same ring with the plain-torch
     block kernel, which computes in float64 for float64 inputs."""
     _validate(q, k, v, ctx, causal)
-    window, softcap = _check_modifiers(ctx, causal, window, softcap)
+    window, softcap = _check_modifiers(ctx, REFERENCE_KERNEL, causal, window, softcap)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, ctx, causal, float(scale), REFERENCE_KERNEL, window, softcap)

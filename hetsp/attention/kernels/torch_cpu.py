@@ -233,4 +233,5 @@ TORCH_CPU_KERNEL = BlockKernel(
     causal_alignment="top_left",
     note="aten._scaled_dot_product_flash_attention_for_cpu, one call per run of equal segments",
     lifetime_mask=True,
+    score_modifiers=frozenset({"window", "softcap"}),
 )
