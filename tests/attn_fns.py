@@ -35,7 +35,8 @@ def ring_cases(cases):
             continue
         gi, start, size, lengths = mine
         structure = case["structures"][gi] if case.get("structures") else None
-        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"), structure=structure, allow_empty_ranks=True)
+        ctx = make_shard_context(lengths, start, size, dist.get_rank(), "cpu", kernel=case.get("kernel", "auto"),
+                                 structure=structure, allow_empty_ranks=True)
         idx = torch.tensor(ctx.layout.token_index, dtype=torch.long)
         q, k, v, dout = (x.index_select(0, idx) for x in case["inputs"][gi])
         q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))

@@ -9,7 +9,13 @@ from hetsp.attention import make_shard_context, ring_attention
 from hetsp.backspace import pack_structures, stack_structure
 
 from .backspace_fns import BK, deep_pop_ids, random_backspace_ids
-from .test_ring_attention import LAYOUTS, WORLD, assemble, make_case, rel
+from hetsp.testing import tolerance_ratio
+
+from .test_ring_attention import LAYOUTS, WORLD, assemble, make_case
+
+# fp64 on O(1) inputs over at most ~50 keys: rounding is ~1e-15; a zero gradient (a key no query
+# sees) has round-off of the same order, hence the absolute term.
+TOL = dict(atol=1e-10, rtol=1e-9)
 
 
 def structures_for(lengths, rng, kind):
@@ -54,7 +60,7 @@ def run(pool, cases):
         worst = 0.0
         for gi, got in assemble(c, [per_rank[r][i] for r in range(WORLD)]).items():
             for a, b in zip(got, context_truth(c, gi)):
-                worst = max(worst, rel(a, b))
+                worst = max(worst, tolerance_ratio(a, b, **TOL))
         errs.append(worst)
     return errs
 
@@ -62,7 +68,7 @@ def run(pool, cases):
 @pytest.mark.parametrize("kernel", ["torch_cpu", "reference"])
 def test_ring_attention_backspace_all_layouts(rank_pool, kernel):
     """Random structures (isolated pops, runs of pops) and a deep run popping across several shards,
-    on every group layout, GQA, fp64: rel 1e-9 against the per-context truth (fp64 rounding only)."""
+    on every group layout, GQA, fp64: within TOL of the per-context truth (fp64 rounding only)."""
     rng = random.Random(1)
     cases = []
     seed = 0
@@ -75,7 +81,7 @@ def test_ring_attention_backspace_all_layouts(rank_pool, kernel):
             case["structures"] = structures
             cases.append(case)
     errs = run(rank_pool(WORLD), cases)
-    assert max(errs) < 1e-9, errs
+    assert max(errs) <= 1, errs
 
 
 def test_plain_structure_takes_todays_path():

@@ -96,13 +96,13 @@ class ShardContext:
             self._steps[key] = torch.tensor(out, dtype=torch.int64, device=self.positions.device)[None]
         return self._steps[key]
 
-    def lifetimes(self, causal: bool, device: torch.device):
+    def lifetimes(self, causal: bool, device: torch.device, window: int | None = None):
         """Per ring step, the block's `Lifetimes` (None without a tree), and whether any key of the
         block is visible to any of its queries (a block hidden entirely is skipped), cached."""
-        key = ("lifetimes", causal, str(device))
+        key = ("lifetimes", causal, str(device), window)
         if key not in self._steps:
             out = []
-            for step in self.steps(causal):
+            for step in self.steps(causal, window):
                 if self.tree is None or step.empty:
                     out.append((None, not step.empty))
                     continue
@@ -121,14 +121,19 @@ class ShardContext:
 
 
 def make_shard_context(
-    lengths, group_start: int, group_size: int, global_rank: int, device, kernel: str = "auto", structure: StackStructure | None = None,
-    *, allow_empty_ranks: bool = False,
+    lengths, group_start: int, group_size: int, global_rank: int, device, kernel: str = "auto",
+    structure: StackStructure | None = None, *, allow_empty_ranks: bool = False
 ) -> ShardContext:
     """The `ShardContext` of `global_rank` in group [group_start, group_start + group_size) for `lengths`.
 
     structure: the packed stack structure of the group's sequences (`hetsp.backspace.pack_structures`)
     when they hold `<bkspc>`; positions then are depths and attention sees ancestors only. None, or a
     structure without any `<bkspc>`, takes exactly the plain path.
+
+    A rank of the group that would hold no token is refused on every rank of the group at once
+    (all compute the same layouts from `lengths`, before any exchange): a stock model cannot run
+    on 0 tokens, and its peers would wait in the ring. `allow_empty_ranks=True` is for callers
+    that handle empty ranks (`ring_attention` called directly, SSM-only models).
     """
     import torch.distributed as dist
 

@@ -59,7 +59,7 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel,
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
     steps = ctx.steps(causal, window)
-    lifetimes = _lifetimes(ctx, steps, causal, window, q.device)
+    lifetimes = ctx.lifetimes(causal, q.device, window)
     mods = _modifiers(window, softcap)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=acc, device=q.device)
@@ -71,7 +71,7 @@ def ring_forward(q, k, v, ctx: ShardContext, causal: bool, scale: float, kernel,
             q_rows, k_rows = step.rows(q.device)
             kb = _take(kv[0], k_rows)
             vb = _take(kv[1], k_rows)
-            extra = mods if life is None else {**mods, "visible": life}
+            extra = mods if life is None else dict(mods, visible=life)
             o_b, lse_b = kernel.forward(_take(q, q_rows), kb, vb, step.seg, step.causal, scale, **extra)
             if t == 0 and q_rows is None:  # the first block covers every row: nothing to merge yet
                 out.copy_(o_b)
@@ -89,7 +89,7 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
     d, r = ctx.group_size, ctx.rank_in_group
     ring = RingExchange(ctx.group_start, d, r)
     steps = ctx.steps(causal, window)
-    lifetimes = _lifetimes(ctx, steps, causal, window, q.device)
+    lifetimes = ctx.lifetimes(causal, q.device, window)
     mods = _modifiers(window, softcap)
     out_q = out.to(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -102,7 +102,7 @@ def ring_backward(dout, q, k, v, out, lse, ctx: ShardContext, causal: bool, scal
         life, useful = lifetimes[t]
         if useful:
             q_rows, k_rows = step.rows(q.device)
-            extra = mods if life is None else {**mods, "visible": life}
+            extra = mods if life is None else dict(mods, visible=life)
             grads = kernel.backward(
                 _take(dout, q_rows),
                 _take(q, q_rows),
@@ -184,30 +184,21 @@ def _validate(q, k, v, ctx: ShardContext, causal: bool = True) -> None:
         raise ValueError(f"q, k, v and the context must be on one device, got {q.device}, {k.device}, {v.device}, {ctx.positions.device}")
 
 
-def _lifetimes(ctx: ShardContext, steps, causal: bool, window, device):
-    """Per step (lifetime mask or None, whether the block is computed); a window has no tree."""
-    if window is None:
-        return ctx.lifetimes(causal, device)
-    return [(None, not step.empty) for step in steps]
-
-
 _KERNELS_WITH = {"window": ("'reference'", "'torch_cpu'", "'triton'"), "softcap": ("'flash_attn'", "'reference'", "'torch_cpu'", "'triton'")}
 
 
-def _check_modifiers(ctx: ShardContext, kernel, causal: bool, window, softcap) -> tuple[int | None, float | None]:
-    if (window is not None or softcap is not None) and ctx.tree is not None:
-        raise NotImplementedError(
-            "ring attention does not combine <bkspc> stack structures with a sliding window or logit softcapping; "
-            "train such models on sequences without <bkspc>"
-        )
+def _check_kernel(kernel, window, softcap) -> None:
+    """Refuse, before any exchange, a score modifier the block kernel does not implement."""
     wanted = [name for name, value in (("window", window), ("softcap", softcap)) if value is not None]
     missing = [name for name in wanted if name not in kernel.score_modifiers]
     if missing:
-        able = ", ".join(sorted(_KERNELS_WITH[missing[0]]))
         raise NotImplementedError(
             f"attention kernel {kernel.name!r} does not implement {' and '.join(missing)} "
-            f"({'sliding window' if missing[0] == 'window' else 'logit softcapping'}); use kernel={able}"
+            f"({'sliding window' if missing[0] == 'window' else 'logit softcapping'}); use kernel={', '.join(_KERNELS_WITH[missing[0]])}"
         )
+
+
+def _check_modifiers(causal: bool, window, softcap) -> tuple[int | None, float | None]:
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"sliding window must be an int >= 1 (keys visible per query, itself included), got {window!r}")
@@ -231,7 +222,11 @@ def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scal
     softcap * tanh(score / softcap) (Gemma2's attention logit softcapping).
     """
     _validate(q, k, v, ctx, causal)
-    window, softcap = _check_modifiers(ctx, ctx.kernel, causal, window, softcap)
+    window, softcap = _check_modifiers(causal, window, softcap)
+    _check_kernel(ctx.kernel, window, softcap)
+    if window is not None and ctx.tree is not None:
+        raise NotImplementedError("ring attention: a sliding window on <bkspc> sequences is not supported (the window "
+                                  "would count positions, not ancestors); train such sequences without the window")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, ctx, causal, float(scale), ctx.kernel, window, softcap)
 
@@ -240,6 +235,10 @@ def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_
     """Reference twin of `ring_attention` (same shapes): the same ring with the plain-torch
     block kernel, which computes in float64 for float64 inputs."""
     _validate(q, k, v, ctx, causal)
-    window, softcap = _check_modifiers(ctx, REFERENCE_KERNEL, causal, window, softcap)
+    window, softcap = _check_modifiers(causal, window, softcap)
+    _check_kernel(REFERENCE_KERNEL, window, softcap)
+    if window is not None and ctx.tree is not None:
+        raise NotImplementedError("ring attention: a sliding window on <bkspc> sequences is not supported (the window "
+                                  "would count positions, not ancestors); train such sequences without the window")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, ctx, causal, float(scale), REFERENCE_KERNEL, window, softcap)

@@ -21,7 +21,7 @@ def _mask(nq: int, nk: int, device: torch.device) -> torch.Tensor:
     return j <= i + (nk - nq)
 
 
-def _scores(q, k, seg: Segments, bounds, causal: bool, scale: float, visible, window, softcap):
+def _scores(q, k, seg: Segments, bounds, causal: bool, scale: float, window, softcap, visible=None):
     """Masked (H, nq, nk) scores of one segment and the softcap's tanh (None without a cap)."""
     a, b, c, e = bounds
     s = (q @ k.transpose(1, 2)) * scale
@@ -39,7 +39,8 @@ def _scores(q, k, seg: Segments, bounds, causal: bool, scale: float, visible, wi
     return s, t
 
 
-def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *, window=None, softcap=None):
+def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *,
+                      window=None, softcap=None):
     """Block attention per segment: (out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype).
 
     `visible`: optional lifetime mask (base.Lifetimes), applied on top of `causal`."""
@@ -51,7 +52,7 @@ def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: f
         q = q_THD[a:b].to(acc).transpose(0, 1)  # H, nq, D
         k = repeat_kv(k_TKD[c:e], num_heads).to(acc).transpose(0, 1)
         v = repeat_kv(v_TKD[c:e], num_heads).to(acc).transpose(0, 1)
-        s, _ = _scores(q, k, seg, (a, b, c, e), causal, scale, visible, window, softcap)
+        s, _ = _scores(q, k, seg, (a, b, c, e), causal, scale, window, softcap, visible)
         l = torch.logsumexp(s, dim=-1)  # H, nq; -inf for a row that sees no key (then p = 0, out = 0)
         p = torch.exp(s - torch.where(torch.isfinite(l), l, 0.0)[..., None])
         out[a:b] = (p @ v).transpose(0, 1)
@@ -59,7 +60,8 @@ def block_forward_ref(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: f
     return out.to(q_THD.dtype), lse
 
 
-def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *, window=None, softcap=None):
+def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
+                       visible: Lifetimes | None = None, *, window=None, softcap=None):
     """Gradients of a block given the final merged `out` and `lse`: (dq, dk, dv) in acc dtype.
 
     P = exp(S - lse), dV = P^T dO, dP = dO V^T, D = rowsum(dO * O), dS = P (dP - D);
@@ -76,7 +78,7 @@ def block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segm
         v = repeat_kv(v_TKD[c:e], num_heads).to(acc).transpose(0, 1)
         do = dout_THD[a:b].to(acc).transpose(0, 1)
         o = out_THD[a:b].to(acc).transpose(0, 1)
-        s, t = _scores(q, k, seg, (a, b, c, e), causal, scale, visible, window, softcap)
+        s, t = _scores(q, k, seg, (a, b, c, e), causal, scale, window, softcap, visible)
         lse = lse_TH[a:b].to(acc).transpose(0, 1)
         p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
         dv[c:e] = (p.transpose(1, 2) @ do).transpose(0, 1)

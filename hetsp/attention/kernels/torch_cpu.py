@@ -77,6 +77,22 @@ def _view(x_TXD: torch.Tensor, start: int, step: int, n: int, b: int) -> torch.T
     return x_TXD.as_strided((b, n, x_TXD.shape[1], x_TXD.shape[2]), (step * s0, s0, s1, s2), x_TXD.storage_offset() + start * s0).transpose(1, 2)
 
 
+def _batch_mask(visible: Lifetimes | None, nq, nk, qa, ka, qs, ks, b, dtype):
+    """Additive (B, 1, nq, nk) lifetime mask of one strided batch and (B, nq) 'row sees a key', or (None, None).
+
+    The op takes no boolean mask (only one of q's dtype) and gives a row whose mask hides
+    every key lse = 0, not -inf: the caller resets such rows."""
+    if visible is None:
+        return None, None
+    dev = visible.q_time.device
+    qi = qa + torch.arange(b, device=dev)[:, None] * qs + torch.arange(nq, device=dev)
+    ki = ka + torch.arange(b, device=dev)[:, None] * ks + torch.arange(nk, device=dev)
+    qt = visible.q_time[qi][..., None]
+    allowed = (visible.k_time[ki][:, None, :] <= qt) & (qt < visible.k_pop[ki][:, None, :])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None], allowed.any(-1)
+
+
 def _window_tiles(seg: Segments, window: int) -> list[tuple[int, int, int, int]]:
     """Sub-blocks (q_start, nq, k_start, nk) covering a sliding-window block (cached): each
     segment's queries in tiles of max(window, 128) rows, each with the key rows its windows
@@ -141,31 +157,13 @@ def _window_backward(dout_THD, q_THD, k_THD, v_THD, out_THD, lse_TH1, seg: Segme
     return dq, dk, dv
 
 
-def _batch_mask(visible: Lifetimes | None, nq, nk, qa, ka, qs, ks, b, dtype):
-    """Additive (B, 1, nq, nk) lifetime mask of one strided batch and (B, nq) 'row sees a key', or (None, None).
-
-    The op takes no boolean mask (only one of q's dtype) and gives a row whose mask hides
-    every key lse = 0, not -inf: the caller resets such rows."""
-    if visible is None:
-        return None, None
-    dev = visible.q_time.device
-    qi = qa + torch.arange(b, device=dev)[:, None] * qs + torch.arange(nq, device=dev)
-    ki = ka + torch.arange(b, device=dev)[:, None] * ks + torch.arange(nk, device=dev)
-    qt = visible.q_time[qi][..., None]
-    allowed = (visible.k_time[ki][:, None, :] <= qt) & (qt < visible.k_pop[ki][:, None, :])
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-    return mask[:, None], allowed.any(-1)
-
-
-def _refuse_lifetimes_with(visible, window) -> None:
-    if visible is not None and window is not None:
-        raise NotImplementedError("attention kernel 'torch_cpu' does not combine a <bkspc> lifetime mask with a sliding window; use kernel='reference'")
-
-
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *, window=None, softcap=None):
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *,
+                  window=None, softcap=None):
     """(out (Tq, H, D) in q's dtype, lse (Tq, H) in acc dtype); `visible`: optional lifetime mask
     (it implies causality, so the op then runs unmasked-causal with the additive mask)."""
-    _refuse_lifetimes_with(visible, window)
+    if visible is not None and window is not None:
+        raise NotImplementedError("attention kernel torch_cpu: a sliding window on <bkspc> sequences is not supported; "
+                                  "train such models without backspace, or without the window")
     if softcap is not None:
         _log_softcap_path()
         return block_forward_ref(q_THD, k_TKD, v_TKD, seg, causal, scale, visible, window=window, softcap=softcap)
@@ -176,24 +174,31 @@ def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float
     out = torch.empty_like(q_THD)
     lse = torch.empty(q_THD.shape[:2], dtype=acc_dtype(q_THD.dtype), device=q_THD.device)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
-        mask, seen = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
+        mask = seen = None
+        if visible is not None:
+            mask, seen = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
         o, l = _op()(
             _view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0,
             causal and mask is None, attn_mask=mask, scale=scale,
         )
-        if seen is not None:
-            l = l.masked_fill(~seen[:, None, :], float("-inf"))
+        if seen is not None and not bool(seen.all()):
+            # the op returns lse = 0 for a row whose mask hides every key; such a row has seen nothing
             o = o.masked_fill(~seen[:, None, :, None], 0.0)
+            l = l.masked_fill(~seen[:, None, :], float("-inf"))
         _view(out, qa, qs, nq, b).copy_(o)
         _view(lse[..., None], qa, qs, nq, b)[..., 0].copy_(l)
     return out, lse
 
 
-def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *, window=None, softcap=None):
+def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
+                   visible: Lifetimes | None = None, *, window=None, softcap=None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) from the given final `out` and `lse`."""
-    _refuse_lifetimes_with(visible, window)
+    if visible is not None and window is not None:
+        raise NotImplementedError("attention kernel torch_cpu: a sliding window on <bkspc> sequences is not supported; "
+                                  "train such models without backspace, or without the window")
     if softcap is not None:
-        return block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg, causal, scale, visible, window=window, softcap=softcap)
+        return block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg, causal, scale, visible,
+                                  window=window, softcap=softcap)
     num_heads, num_kv = q_THD.shape[1], k_TKD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
     lse_dtype = acc_dtype(q_THD.dtype)
@@ -202,12 +207,14 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     lse_TH1 = lse_TH.to(lse_dtype)[..., None]
     if window is not None:
         dq, dk, dv = _window_backward(dout_THD, q_THD, k_THD, v_THD, out_THD, lse_TH1, seg, scale, window)
-        return dq, reduce_kv(dk, num_kv), reduce_kv(dv.to(lse_dtype), num_kv)
+        return dq, reduce_kv(dk, num_kv), reduce_kv(dv, num_kv)
     dq = torch.empty_like(q_THD)
     dk = torch.empty_like(k_THD)
     dv = torch.empty_like(v_THD)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
-        mask, _ = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
+        mask = None
+        if visible is not None:
+            mask, _ = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
         gq, gk, gv = _op_backward()(
             _view(dout_THD, qa, qs, nq, b).contiguous(),
             _view(q_THD, qa, qs, nq, b),

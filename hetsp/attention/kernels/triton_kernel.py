@@ -59,11 +59,11 @@ def _num_warps(block_m: int) -> int:
 
 
 @triton.jit
-def _alive(QT, KT, KP, rows, cols, row_ok, col_ok):
+def _alive(QT, KT, KPOP, rows, cols, row_ok, col_ok):
     """Lifetime mask (base.Lifetimes): key j visible to query i iff k_time[j] <= q_time[i] < k_pop[j]."""
     qt = tl.load(QT + rows, mask=row_ok, other=0)
     kt = tl.load(KT + cols, mask=col_ok, other=0)
-    kp = tl.load(KP + cols, mask=col_ok, other=0)
+    kp = tl.load(KPOP + cols, mask=col_ok, other=0)
     return (kt[None, :] <= qt[:, None]) & (qt[:, None] < kp[None, :])
 
 
@@ -74,19 +74,19 @@ def _tanh(x):
 
 
 @triton.jit
-def _in_window(QPOS, KPOS, q0, k0, rows, cols, row_ok, col_ok, window):
+def _in_window(QP, KP, q0, k0, rows, cols, row_ok, col_ok, window):
     """(BLOCK_M, BLOCK_N) bool: 0 <= q_pos - k_pos < window (kernels/base.py)."""
-    qp = tl.load(QPOS + q0 + rows, mask=row_ok, other=0)
-    kp = tl.load(KPOS + k0 + cols, mask=col_ok, other=0)
+    qp = tl.load(QP + q0 + rows, mask=row_ok, other=0)
+    kp = tl.load(KP + k0 + cols, mask=col_ok, other=0)
     diff = qp[:, None] - kp[None, :]
     return (diff >= 0) & (diff < window)
 
 
 @triton.jit
-def _fwd(Q, K, V, O, L, cu_q, cu_k, QPOS, KPOS, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
+def _fwd(Q, K, V, O, L, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh, s_lt,
          G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-         QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
+         QT=None, KT=None, KPOP=None, LIFE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -120,10 +120,10 @@ def _fwd(Q, K, V, O, L, cu_q, cu_k, QPOS, KPOS, scale, window, softcap, s_qt, s_
             valid = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + shift)
-            if WINDOW:
-                valid = valid & _in_window(QPOS, KPOS, q0, k0, offs_m, cols, row_ok, col_ok, window)
             if LIFE:
-                valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + cols, row_ok, col_ok)
+                valid = valid & _alive(QT, KT, KPOP, q0 + offs_m, k0 + cols, row_ok, col_ok)
+            if WINDOW:
+                valid = valid & _in_window(QP, KP, q0, k0, offs_m, cols, row_ok, col_ok, window)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
@@ -140,10 +140,10 @@ def _fwd(Q, K, V, O, L, cu_q, cu_k, QPOS, KPOS, scale, window, softcap, s_qt, s_
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QPOS, KPOS, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
+def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
               G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-              QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
+              QT=None, KT=None, KPOP=None, LIFE: tl.constexpr = False):
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
     kh = tl.program_id(2)
@@ -181,10 +181,10 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QPOS, KPOS, scale, wind
                 valid = row_ok[:, None] & col_ok[None, :]
                 if CAUSAL:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
-                if WINDOW:
-                    valid = valid & _in_window(QPOS, KPOS, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
                 if LIFE:
-                    valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
+                    valid = valid & _alive(QT, KT, KPOP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
+                if WINDOW:
+                    valid = valid & _in_window(QP, KP, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
                 p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -198,10 +198,10 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV, cu_q, cu_k, QPOS, KPOS, scale, wind
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, QPOS, KPOS, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
+def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, QP, KP, scale, window, softcap, s_qt, s_qh, s_kt, s_kh, s_lt, s_gt, s_gh,
             G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-            QT=None, KT=None, KP=None, LIFE: tl.constexpr = False):
+            QT=None, KT=None, KPOP=None, LIFE: tl.constexpr = False):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -237,10 +237,10 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, cu_q, cu_k, QPOS, KPOS, scale, window, so
             valid = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + shift)
-            if WINDOW:
-                valid = valid & _in_window(QPOS, KPOS, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
             if LIFE:
-                valid = valid & _alive(QT, KT, KP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
+                valid = valid & _alive(QT, KT, KPOP, q0 + offs_m, k0 + offs_n, row_ok, col_ok)
+            if WINDOW:
+                valid = valid & _in_window(QP, KP, q0, k0, offs_m, offs_n, row_ok, col_ok, window)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -260,7 +260,8 @@ def _check(q: torch.Tensor) -> None:
         raise ValueError("the triton attention kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
 
 
-def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, blocks: tuple[int, int] | None = None, window=None, softcap=None) -> dict:
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, window=None, softcap=None,
+          blocks: tuple[int, int] | None = None) -> dict:
     bm, bn = _blocks(q.device, blocks)
     return dict(
         WINDOW=window is not None,
@@ -276,8 +277,15 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool, blocks: tuple[int, int
     )
 
 
+def _life(visible: Lifetimes | None, device) -> dict:
+    if visible is None:
+        return {}
+    return dict(QT=visible.q_time.to(device).contiguous(), KT=visible.k_time.to(device).contiguous(),
+                KPOP=visible.k_pop.to(device).contiguous(), LIFE=True)
+
+
 def _modifier_args(seg: Segments, device, window, softcap) -> tuple:
-    """(QPOS, KPOS, window, softcap) kernel arguments; placeholders when a modifier is off."""
+    """(QP, KP, window, softcap) kernel arguments; placeholders when a modifier is off."""
     if window is not None:
         q_pos, k_pos = seg.device_pos(device)
     else:
@@ -285,23 +293,16 @@ def _modifier_args(seg: Segments, device, window, softcap) -> tuple:
     return q_pos, k_pos, int(window or 0), float(softcap or 1.0)
 
 
-def _life(visible: Lifetimes | None, device) -> dict:
-    if visible is None:
-        return {}
-    return dict(QT=visible.q_time.to(device).contiguous(), KT=visible.k_time.to(device).contiguous(),
-                KP=visible.k_pop.to(device).contiguous(), LIFE=True)
-
-
-def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None,
-                  blocks: tuple[int, int] | None = None, *, window=None, softcap=None):
+def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *,
+                  window=None, softcap=None, blocks: tuple[int, int] | None = None):
     """(out (Tq, H, D) in q's dtype, lse (Tq, H) fp32); `visible`: optional lifetime mask (base.Lifetimes);
-    blocks: (BLOCK_M, BLOCK_N), None for the default; window, softcap: score modifiers (kernels/base.py)."""
+    blocks: (BLOCK_M, BLOCK_N), None for the default."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     cu_q, cu_k = seg.device_cu(q.device)
-    meta = _meta(q, k, causal, blocks, window, softcap)
+    meta = _meta(q, k, causal, window, softcap, blocks)
     mods = _modifier_args(seg, q.device, window, softcap)
     grid = (triton.cdiv(seg.max_q, meta["BLOCK_M"]), seg.num_segments, q.shape[1])
     _fwd[grid](q, k, v, out, lse, cu_q, cu_k, mods[0], mods[1], float(scale), mods[2], mods[3], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -310,7 +311,7 @@ def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float
 
 
 def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
-                   visible: Lifetimes | None = None, blocks: tuple[int, int] | None = None, *, window=None, softcap=None):
+                   visible: Lifetimes | None = None, *, window=None, softcap=None, blocks: tuple[int, int] | None = None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) in fp32 from the given final `out` and `lse`."""
     _check(q_THD)
     q, k, v = q_THD.contiguous(), k_TKD.contiguous(), v_TKD.contiguous()
@@ -321,7 +322,7 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     cu_q, cu_k = seg.device_cu(q.device)
-    meta = _meta(q, k, causal, blocks, window, softcap)
+    meta = _meta(q, k, causal, window, softcap, blocks)
     mods = _modifier_args(seg, q.device, window, softcap)
     grid_kv = (triton.cdiv(seg.max_k, meta["BLOCK_N"]), seg.num_segments, k.shape[1])
     _bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, mods[0], mods[1], float(scale), mods[2], mods[3], q.stride(0), q.stride(1),
