@@ -117,46 +117,135 @@ def _pad(t: torch.Tensor, npad: int) -> torch.Tensor:
 
 
 def tree_scan(log_a: torch.Tensor, b: torch.Tensor, tree: StackTree, chunk: int = TREE_CHUNK) -> torch.Tensor:
-    """States h (N, *F) of h_t = exp(log_a_t) h_parent(t) + b_t (zero state above a root).
+    """States h (N, *F) of h_t = exp(log_a_t) h_parent(t) + b_t (zero state above a root), for every token.
 
     log_a (N, *Fa) with Fa a prefix of F (broadcast over the rest), real or complex; b (N, *F).
+    The plain form of `tree_lti_scan` / `tree_ssd_scan`, which read out without every state.
     """
     tree.require_local("tree_scan")
     M, anchor, npad = tree.chunks(chunk)
     n = b.shape[0]
+    fa = log_a.shape[1:]
     extra = b.dim() - log_a.dim()
     dtype = torch.promote_types(log_a.dtype, b.dtype)
-    la = _pad(log_a.to(dtype), npad).view(-1, chunk, *log_a.shape[1:])
     bb = _pad(b.to(dtype), npad).view(-1, chunk, *b.shape[1:])
-    Mf = M.to(la.real.dtype if la.is_complex() else la.dtype)
-    cum = torch.einsum("cij,cj...->ci...", Mf.to(dtype), la)  # sum of log decays over in-chunk ancestors-or-self
+    la = _pad(log_a.to(dtype), npad).view(-1, chunk, *fa)
+    cum = torch.einsum("cij,cj...->ci...", M.to(dtype), la)  # sum of log decays over in-chunk ancestors-or-self
     states: list[torch.Tensor] = []
-    zero = bb.new_zeros(bb.shape[2:])
     anchors = anchor.tolist()
     for c in range(M.shape[0]):
-        diff = cum[c][:, None] - cum[c][None, :]  # (Q, Q, *Fa)
-        m = M[c].view(chunk, chunk, *([1] * (diff.dim() - 2)))
-        w = torch.where(m, torch.exp(torch.where(m, diff, torch.zeros_like(diff))), torch.zeros_like(diff))
-        w = w.view(*w.shape, *([1] * extra))
-        h = (w * bb[c][None]).sum(1)
-        uniq = sorted({a for a in anchors[c] if a >= 0})
-        if uniq:
-            rows = torch.stack([zero] + [states[a // chunk][a % chunk] for a in uniq])
-            where = {a: i + 1 for i, a in enumerate(uniq)}
-            sel = torch.tensor([where.get(a, 0) for a in anchors[c]], device=h.device)
-            decay = torch.exp(cum[c]).view(chunk, *log_a.shape[1:], *([1] * extra))
-            h = h + decay * rows[sel]
+        w = _pair_decay(cum[c], M[c])
+        h = torch.einsum("ijf,jfr->ifr", w.reshape(chunk, chunk, -1), bb[c].reshape(chunk, w[0, 0].numel(), -1)).reshape(bb[c].shape)
+        h_anchor, any_anchor = _anchor_rows(anchors[c], lambda a: states[a // chunk][a % chunk], bb.new_zeros(bb.shape[2:]), h.device)
+        if any_anchor:
+            h = h + torch.exp(cum[c]).view(chunk, *fa, *([1] * extra)) * h_anchor
         states.append(h)
     return torch.cat(states, 0)[:n]
 
 
-def last_states(h: torch.Tensor, batch: int, length: int, cu_seqlens) -> torch.Tensor:
-    """(S, *F): the state at the last token of each segment (of each row without cu_seqlens)."""
+def _pair_decay(cum_QF: torch.Tensor, M_QQ: torch.Tensor) -> torch.Tensor:
+    """(Q, Q, *F): exp(cum_i - cum_j) where j is an in-chunk ancestor-or-self of i, else 0 (no overflow)."""
+    diff = cum_QF[:, None] - cum_QF[None, :]
+    m = M_QQ.view(*M_QQ.shape, *([1] * (diff.dim() - 2)))
+    return torch.where(m, torch.exp(torch.where(m, diff, torch.zeros_like(diff))), torch.zeros_like(diff))
+
+
+def _anchor_rows(anchors_row, state_of, zero, device):
+    """(Q, *S) state of each token's anchor (zero without one), and whether any token has one."""
+    uniq = sorted({a for a in anchors_row if a >= 0})
+    if not uniq:
+        return None, False
+    rows = torch.stack([zero] + [state_of(a) for a in uniq])
+    where = {a: i + 1 for i, a in enumerate(uniq)}
+    return rows[torch.tensor([where.get(a, 0) for a in anchors_row], device=device)], True
+
+
+def _exported(anchors, last) -> set[int]:
+    return {a for row in anchors for a in row if a >= 0} | {int(t) for t in last}
+
+
+def tree_ssd_scan(la: torch.Tensor, xdt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, tree: StackTree, last, chunk: int = TREE_CHUNK):
+    """Mamba-2's recurrence on a tree, read out: h_t = exp(la_t) h_parent(t) + xdt_t B_t^T, y_t = h_t C_t.
+
+    la (N, H); xdt (N, H, P); B, C (N, H, Ns) (heads already expanded). Returns y (N, H, P) and the
+    states (len(last), H, P, Ns) at flat indices `last`. Inside a chunk y is the SSD quadratic form
+    with the in-chunk ancestor mask; full states only for anchors and `last`.
+    """
+    tree.require_local("tree_scan")
+    M, anchor, npad = tree.chunks(chunk)
+    n, H, P = xdt.shape
+    Ns = B.shape[-1]
+    view = lambda t: _pad(t, npad).view(-1, chunk, *t.shape[1:])  # noqa: E731
+    lac, xc, Bc, Cc = view(la), view(xdt), view(B), view(C)
+    cum = torch.einsum("cij,cjh->cih", M.to(la.dtype), lac)
+    anchors = anchor.tolist()
+    exported = _exported(anchors, last)
+    states: dict[int, torch.Tensor] = {}
+    ys = []
+    for c in range(M.shape[0]):
+        w = _pair_decay(cum[c], M[c])  # (Q, Q, H)
+        y = torch.einsum("ijh,ihn,jhn,jhp->ihp", w, Cc[c], Bc[c], xc[c])
+        h_anchor, any_anchor = _anchor_rows(anchors[c], states.__getitem__, xdt.new_zeros((H, P, Ns)), xdt.device)
+        if any_anchor:
+            y = y + torch.exp(cum[c])[..., None] * torch.einsum("ihpn,ihn->ihp", h_anchor, Cc[c])
+        mine = [t for t in range(c * chunk, min((c + 1) * chunk, n)) if t in exported]
+        if mine:
+            loc = torch.tensor([t - c * chunk for t in mine], device=xdt.device)
+            h_e = torch.einsum("ejh,jhp,jhn->ehpn", w[loc], xc[c], Bc[c])
+            if any_anchor:
+                h_e = h_e + torch.exp(cum[c][loc])[..., None, None] * h_anchor[loc]
+            for i, t in enumerate(mine):
+                states[t] = h_e[i]
+        ys.append(y)
+    finals = torch.stack([states[int(t)] for t in last]) if len(last) else xdt.new_zeros((0, H, P, Ns))
+    return torch.cat(ys, 0)[:n], finals
+
+
+def tree_lti_scan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, tree: StackTree, last, chunk: int = TREE_CHUNK):
+    """Time-invariant diagonal recurrence on a tree, read out: y_t = sum_n C h_t with h_t = A h_parent(t) + B u_t.
+
+    u (N, H); A, B, C (H, Ns). Returns y (N, H) in A's dtype and the states (len(last), H, Ns) at the
+    flat token indices `last`. Inside a chunk y is a masked convolution with K[d] = sum_n C A^d B over
+    in-chunk ancestors (d: depth difference); full states are formed only for the tokens later chunks
+    branch from (anchors) and for `last`, so no (Q, Q, H, Ns) tensor is ever built for all tokens.
+    """
+    tree.require_local("tree_scan")
+    M, anchor, npad = tree.chunks(chunk)
+    n, H = u.shape
+    uu = _pad(u.to(A.dtype), npad).view(-1, chunk, H)
+    cnt = M.sum(-1)  # (C, Q)
+    powers = torch.exp(torch.arange(chunk + 1, device=u.device, dtype=A.real.dtype)[:, None, None] * torch.log(A))  # (Q+1, H, Ns)
+    ktab = (powers * (B * C)).sum(-1)  # (Q+1, H)
+    anchors = anchor.tolist()
+    exported = _exported(anchors, last)
+    states: dict[int, torch.Tensor] = {}
+    ys = []
+    for c in range(M.shape[0]):
+        dd = (cnt[c][:, None] - cnt[c][None, :]).clamp(min=0)
+        w = ktab[dd] * M[c][..., None]  # (Q, Q, H)
+        y = torch.einsum("ijh,jh->ih", w, uu[c])
+        h_anchor, any_anchor = _anchor_rows(anchors[c], states.__getitem__, A.new_zeros(A.shape), u.device)
+        if any_anchor:
+            y = y + (C * powers[cnt[c]] * h_anchor).sum(-1)
+        mine = [t for t in range(c * chunk, min((c + 1) * chunk, n)) if t in exported]
+        if mine:
+            loc = torch.tensor([t - c * chunk for t in mine], device=u.device)
+            w_e = powers[dd[loc]] * M[c][loc][..., None, None]  # (E, Q, H, Ns)
+            h_e = torch.einsum("ejhn,jh->ehn", w_e, uu[c]) * B
+            if any_anchor:
+                h_e = h_e + powers[cnt[c][loc]] * h_anchor[loc]
+            for i, t in enumerate(mine):
+                states[t] = h_e[i]
+        ys.append(y)
+    finals = torch.stack([states[int(t)] for t in last]) if len(last) else A.new_zeros((0, *A.shape))
+    return torch.cat(ys, 0)[:n], finals
+
+
+def segment_last(batch: int, length: int, cu_seqlens) -> list[int]:
+    """Flat index of the last token of each segment (of each row without cu_seqlens)."""
     if cu_seqlens is None:
-        ends = torch.arange(1, batch + 1, device=h.device) * length - 1
-    else:
-        ends = cu_seqlens.to(device=h.device, dtype=torch.long)[1:] - 1
-    return h[ends.clamp(min=0)]
+        return [(r + 1) * length - 1 for r in range(batch)]
+    return [max(int(e) - 1, 0) for e in cu_seqlens[1:]]
 
 
 def tree_conv_sources(tree: StackTree, k: int) -> list[torch.Tensor]:
