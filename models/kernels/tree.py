@@ -160,16 +160,33 @@ def _anchor_rows(anchors_row, state_of, zero, device):
     return rows[torch.tensor([where.get(a, 0) for a in anchors_row], device=device)], True
 
 
-def _exported(anchors, last) -> set[int]:
-    return {a for row in anchors for a in row if a >= 0} | {int(t) for t in last}
+def _exported(anchor_CQ: torch.Tensor, last, chunk: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Tokens whose full state is needed (every anchor, and `last`), in order; their chunk and in-chunk index."""
+    tokens = sorted({a for a in anchor_CQ.flatten().tolist() if a >= 0} | {int(t) for t in last})
+    t = torch.tensor(tokens, dtype=torch.long, device=anchor_CQ.device)
+    return tokens, t // chunk, t % chunk
+
+
+def _propagate(tokens, local, decay, anchor_flat, zero):
+    """States of the exported tokens in order: h_e = local_e + decay_e * h_anchor(e) (the only sequential step),
+    and the table [zero; h_e...] with, for every token, its anchor's row in it."""
+    index = {t: i + 1 for i, t in enumerate(tokens)}
+    anchors = anchor_flat.tolist()
+    states = []
+    for i, t in enumerate(tokens):
+        a = anchors[t]
+        states.append(local[i] if a < 0 else local[i] + decay[i] * states[index[a] - 1])
+    table = torch.stack([zero] + states)
+    rows = torch.tensor([index.get(a, 0) for a in anchors], dtype=torch.long, device=zero.device)
+    return table, rows
 
 
 def tree_ssd_scan(la: torch.Tensor, xdt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, tree: StackTree, last, chunk: int = TREE_CHUNK):
     """Mamba-2's recurrence on a tree, read out: h_t = exp(la_t) h_parent(t) + xdt_t B_t^T, y_t = h_t C_t.
 
     la (N, H); xdt (N, H, P); B, C (N, H, Ns) (heads already expanded). Returns y (N, H, P) and the
-    states (len(last), H, P, Ns) at flat indices `last`. Inside a chunk y is the SSD quadratic form
-    with the in-chunk ancestor mask; full states only for anchors and `last`.
+    states (len(last), H, P, Ns) at flat indices `last`. All chunks at once: the SSD quadratic form
+    with the in-chunk ancestor mask, plus exp(cum) C h_anchor; full states only for the exported tokens.
     """
     tree.require_local("tree_scan")
     M, anchor, npad = tree.chunks(chunk)
@@ -178,27 +195,18 @@ def tree_ssd_scan(la: torch.Tensor, xdt: torch.Tensor, B: torch.Tensor, C: torch
     view = lambda t: _pad(t, npad).view(-1, chunk, *t.shape[1:])  # noqa: E731
     lac, xc, Bc, Cc = view(la), view(xdt), view(B), view(C)
     cum = torch.einsum("cij,cjh->cih", M.to(la.dtype), lac)
-    anchors = anchor.tolist()
-    exported = _exported(anchors, last)
-    states: dict[int, torch.Tensor] = {}
-    ys = []
-    for c in range(M.shape[0]):
-        w = _pair_decay(cum[c], M[c])  # (Q, Q, H)
-        y = torch.einsum("ijh,ihn,jhn,jhp->ihp", w, Cc[c], Bc[c], xc[c])
-        h_anchor, any_anchor = _anchor_rows(anchors[c], states.__getitem__, xdt.new_zeros((H, P, Ns)), xdt.device)
-        if any_anchor:
-            y = y + torch.exp(cum[c])[..., None] * torch.einsum("ihpn,ihn->ihp", h_anchor, Cc[c])
-        mine = [t for t in range(c * chunk, min((c + 1) * chunk, n)) if t in exported]
-        if mine:
-            loc = torch.tensor([t - c * chunk for t in mine], device=xdt.device)
-            h_e = torch.einsum("ejh,jhp,jhn->ehpn", w[loc], xc[c], Bc[c])
-            if any_anchor:
-                h_e = h_e + torch.exp(cum[c][loc])[..., None, None] * h_anchor[loc]
-            for i, t in enumerate(mine):
-                states[t] = h_e[i]
-        ys.append(y)
-    finals = torch.stack([states[int(t)] for t in last]) if len(last) else xdt.new_zeros((0, H, P, Ns))
-    return torch.cat(ys, 0)[:n], finals
+    diff = cum[:, :, None] - cum[:, None, :]
+    m = M[..., None]
+    w = torch.where(m, torch.exp(torch.where(m, diff, torch.zeros_like(diff))), torch.zeros_like(diff))  # (C, Q, Q, H)
+    cb = torch.einsum("cihn,cjhn->cijh", Cc, Bc)
+    y = torch.einsum("cijh,cjhp->cihp", w * cb, xc)
+    tokens, ce, le = _exported(anchor, last, chunk)
+    local = torch.einsum("ejh,ejhp,ejhn->ehpn", w[ce, le], xc[ce], Bc[ce])
+    decay = torch.exp(cum[ce, le])[..., None, None]
+    table, rows = _propagate(tokens, local, decay, anchor.flatten(), xdt.new_zeros((H, P, Ns)))
+    y = y + torch.exp(cum)[..., None] * torch.einsum("cihpn,cihn->cihp", table[rows].view(-1, chunk, H, P, Ns), Cc)
+    finals = table[[tokens.index(int(t)) + 1 for t in last]]
+    return y.reshape(-1, H, P)[:n], finals
 
 
 def tree_lti_scan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, tree: StackTree, last, chunk: int = TREE_CHUNK):
@@ -206,39 +214,25 @@ def tree_lti_scan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Te
 
     u (N, H); A, B, C (H, Ns). Returns y (N, H) in A's dtype and the states (len(last), H, Ns) at the
     flat token indices `last`. Inside a chunk y is a masked convolution with K[d] = sum_n C A^d B over
-    in-chunk ancestors (d: depth difference); full states are formed only for the tokens later chunks
-    branch from (anchors) and for `last`, so no (Q, Q, H, Ns) tensor is ever built for all tokens.
+    in-chunk ancestors (d: depth difference), all chunks at once; full states are formed only for the
+    tokens later chunks branch from (anchors) and for `last`.
     """
     tree.require_local("tree_scan")
     M, anchor, npad = tree.chunks(chunk)
     n, H = u.shape
     uu = _pad(u.to(A.dtype), npad).view(-1, chunk, H)
-    cnt = M.sum(-1)  # (C, Q)
+    cnt = M.sum(-1)  # (C, Q) in-chunk ancestors-or-self
     powers = torch.exp(torch.arange(chunk + 1, device=u.device, dtype=A.real.dtype)[:, None, None] * torch.log(A))  # (Q+1, H, Ns)
     ktab = (powers * (B * C)).sum(-1)  # (Q+1, H)
-    anchors = anchor.tolist()
-    exported = _exported(anchors, last)
-    states: dict[int, torch.Tensor] = {}
-    ys = []
-    for c in range(M.shape[0]):
-        dd = (cnt[c][:, None] - cnt[c][None, :]).clamp(min=0)
-        w = ktab[dd] * M[c][..., None]  # (Q, Q, H)
-        y = torch.einsum("ijh,jh->ih", w, uu[c])
-        h_anchor, any_anchor = _anchor_rows(anchors[c], states.__getitem__, A.new_zeros(A.shape), u.device)
-        if any_anchor:
-            y = y + (C * powers[cnt[c]] * h_anchor).sum(-1)
-        mine = [t for t in range(c * chunk, min((c + 1) * chunk, n)) if t in exported]
-        if mine:
-            loc = torch.tensor([t - c * chunk for t in mine], device=u.device)
-            w_e = powers[dd[loc]] * M[c][loc][..., None, None]  # (E, Q, H, Ns)
-            h_e = torch.einsum("ejhn,jh->ehn", w_e, uu[c]) * B
-            if any_anchor:
-                h_e = h_e + powers[cnt[c][loc]] * h_anchor[loc]
-            for i, t in enumerate(mine):
-                states[t] = h_e[i]
-        ys.append(y)
-    finals = torch.stack([states[int(t)] for t in last]) if len(last) else A.new_zeros((0, *A.shape))
-    return torch.cat(ys, 0)[:n], finals
+    dd = (cnt[:, :, None] - cnt[:, None, :]).clamp(min=0)  # (C, Q, Q)
+    y = torch.einsum("cijh,cjh->cih", ktab[dd] * M[..., None], uu)
+    tokens, ce, le = _exported(anchor, last, chunk)
+    w_e = powers[dd[ce, le]] * M[ce, le][..., None, None]  # (E, Q, H, Ns)
+    local = torch.einsum("ejhn,ejh->ehn", w_e, uu[ce]) * B
+    table, rows = _propagate(tokens, local, powers[cnt[ce, le]], anchor.flatten(), A.new_zeros(A.shape))
+    y = y + (C * powers[cnt].view(-1, chunk, H, A.shape[1]) * table[rows].view(-1, chunk, H, A.shape[1])).sum(-1)
+    finals = table[[tokens.index(int(t)) + 1 for t in last]]
+    return y.reshape(-1, H)[:n], finals
 
 
 def segment_last(batch: int, length: int, cu_seqlens) -> list[int]:
