@@ -34,9 +34,9 @@ VOCAB = 64
 BK = VOCAB - 1
 METHOD = {
     "attention": "ring attention, torch CPU flash op with an additive lifetime mask per block",
-    "s4d": "chunked tree scan (in-chunk ancestor quadratic form + anchor state), chunk 32",
-    "ema": "chunked tree scan, chunk 32",
-    "mamba2": "conv over ancestors (K gathers) + chunked tree scan, chunk 32",
+    "s4d": "tree scan: masked convolution over in-chunk ancestors + anchor states, chunk 32",
+    "ema": "tree scan: masked convolution over in-chunk ancestors + anchor states, chunk 32",
+    "mamba2": "conv over ancestors (K gathers) + tree scan: SSD quadratic form with the ancestor mask, chunk 32",
     "seqboat": "EMA tree scan + GAU over activated ancestors, dense M x M mask",
 }
 
@@ -81,6 +81,39 @@ def _time(model, ids, structure, repeats):
     return statistics.median(times)
 
 
+def decode_table(hidden: int, steps: int = 64) -> list[str]:
+    """ms per decoding step of a five-layer model (one layer of each kind): pushes, and pops (which
+    restore the parent's states and also run the <bkspc> token)."""
+    from models.backspace_decoding import BackspaceDecoder
+
+    torch.manual_seed(0)
+    cfg = HybridConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, layer_pattern=",".join(KINDS), s4d_state_size=32, ema_dim=16,
+        mamba_d_state=32, mamba_head_dim=32, mamba_chunk_size=64, scan_chunk_size=64,
+        seqboat_window=128, seqboat_z_dim=32, seqboat_v_dim=2 * hidden,
+    )
+    model = HybridForCausalLM(cfg).eval()
+    dec = BackspaceDecoder(model, BK)
+    push, pop = [], []
+    with torch.no_grad():
+        dec.prefill(list(range(16)))
+        for i in range(steps):
+            t0 = time.perf_counter()
+            dec.step(i % (VOCAB - 1))
+            push.append(time.perf_counter() - t0)
+            if i % 2:
+                t0 = time.perf_counter()
+                dec.step(BK)
+                pop.append(time.perf_counter() - t0)
+    return [
+        "| decoding step (5 layers, one of each kind) | ms (median) |",
+        "|---|---|",
+        f"| push a token | {1e3 * statistics.median(push):.2f} |",
+        f"| pop (<bkspc>: restore parent states, run the <bkspc>, restore again) | {1e3 * statistics.median(pop):.2f} |",
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
@@ -89,8 +122,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--decode", action="store_true", help="only time decoding steps (push, pop)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.decode:
+        print("\n".join(decode_table(args.hidden)))
+        return
     load = os.getloadavg()
     lines = [
         "| mixer | L | pairs (positions) | plain tok/s | with pairs tok/s | time ratio | method |",
