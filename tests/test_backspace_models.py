@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from hetsp.backspace import pack_structures, stack_structure
+from hetsp.backspace import pack_structures, reference_outputs, stack_structure
 from models.kernels.tree import StackTree, tree_lti_scan, tree_scan, tree_ssd_scan
 
 from .backspace_fns import BK, deep_pop_ids, random_backspace_ids
@@ -43,9 +43,7 @@ def reference_logits_and_loss_grads(model, docs, weights):
     model.zero_grad()
     rows = []
     for ids, s in docs:
-        for j in range(len(ids)):
-            ctx = s.context(j)
-            rows.append(model(input_ids=torch.tensor([ids[i] for i in ctx])[None]).logits[0, -1])
+        rows += reference_outputs(lambda idx, ids=ids: model(input_ids=torch.tensor([[ids[i] for i in idx]])).logits[0], s)
     logits = torch.stack(rows)
     (logits * weights).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
