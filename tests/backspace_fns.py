@@ -87,6 +87,7 @@ def per_context_reference(sequences, structures, family, model_kwargs):
     """The semantics, slowly: position j's logits are the last logits of the model on ctx(j) (positions 0..); mean token loss over the batch and its gradients, one process."""
     import torch
 
+    from hetsp.backspace import reference_outputs
     from hetsp.objectives.lm import LanguageModeling
 
     # transformers' eager attention takes its softmax in fp32; sdpa stays in fp64 (the hybrid's eager is fp64)
@@ -95,7 +96,7 @@ def per_context_reference(sequences, structures, family, model_kwargs):
     units = lm.num_units([len(s) for s in sequences])
     total = 0.0
     for seq, s in zip(sequences, structures):
-        rows = [model(input_ids=torch.tensor([[seq[i] for i in s.context(j)]]), use_cache=False).logits[0, -1] for j in range(len(seq))]
+        rows = reference_outputs(lambda idx, seq=seq: model(input_ids=torch.tensor([[seq[i] for i in idx]]), use_cache=False).logits[0], s)
         loss = lm.loss_sum(torch.stack(rows), torch.tensor(lm.labels(seq))) / units
         loss.backward()
         total += loss.item()

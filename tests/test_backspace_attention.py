@@ -158,3 +158,28 @@ def test_triton_lifetime_mask_in_interpreter():
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_plain_sequences_call_kernels_as_today():
+    """Without a <bkspc>, block kernels are called exactly as before (no `visible` keyword)."""
+    from dataclasses import replace
+
+    from hetsp.attention.kernels.torch_cpu import TORCH_CPU_KERNEL
+
+    calls = []
+
+    def fwd(*args, **kwargs):
+        calls.append(kwargs)
+        return TORCH_CPU_KERNEL.forward(*args, **kwargs)
+
+    def bwd(*args, **kwargs):
+        calls.append(kwargs)
+        return TORCH_CPU_KERNEL.backward(*args, **kwargs)
+
+    spy = replace(TORCH_CPU_KERNEL, forward=fwd, backward=bwd)
+    s = pack_structures([stack_structure([1, 2, 3], BK, 10), stack_structure([4, 5], BK, 10)])
+    ctx = make_shard_context([3, 2], 0, 1, 0, "cpu", structure=s)
+    ctx.kernel = spy
+    q = torch.randn(5, 2, 4, requires_grad=True)
+    ring_attention(q, q, q, ctx).sum().backward()
+    assert len(calls) == 2 and all(c == {} for c in calls)
