@@ -6,7 +6,7 @@ loads it on N simulated CPU ranks (a fresh gloo world per stage) exactly as trai
 (/proc/self/clear_refs) after its imports, so the figure is the peak while loading; the
 baseline (RSS before loading) is reported next to it. Prints a markdown table:
 
-    python bench/load_memory.py --ranks 4 --out bench/results/load_memory.md
+    python bench/load_memory.py --ranks 4 --layers 24 --out bench/results/load_memory.md
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def load_and_measure(folder: str, warm_folder: str, zero_stage: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"], help="decoder layers of the model")
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = p.parse_args()
 
@@ -82,7 +83,7 @@ def main() -> int:
     from hetsp.testing import RankPool
 
     with tempfile.TemporaryDirectory(prefix="hetsp_load_bench_") as tmp:
-        model = LlamaForCausalLM(LlamaConfig(**MODEL))
+        model = LlamaForCausalLM(LlamaConfig(**dict(MODEL, num_hidden_layers=args.layers)))
         num_params = sum(q.numel() for q in model.parameters())
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="40MB")
         del model
