@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        except ValueError as e:
+        except (ValueError, NotImplementedError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if "WORLD_SIZE" not in os.environ:
