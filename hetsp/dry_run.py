@@ -42,10 +42,8 @@ def activation_bytes_per_token(hf_config: Any, bf16: bool, checkpointing: bool) 
 def dry_run(cfg: Config, world_size: int) -> int:
     from hetsp.data import build_data
     from hetsp.model_registry import build_hf_config, build_model
-    from hetsp.loading import resolve_config
     from hetsp.planning import make_planner
 
-    cfg = resolve_config(cfg)  # model.init_from: the checkpoint's shape and tokenizer
     bf16 = cfg.train.dtype == "bf16" or cfg.train.dtype == "auto" and cfg.cluster.peak_tflops > 0
     data = build_data(cfg.data, cfg.run.seed)
     model = build_model(cfg.model, data.vocab_size, device="meta")
