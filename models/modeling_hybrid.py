@@ -5,7 +5,10 @@ interface (`config._attn_implementation`), the swappable kernels of every SSM mi
 (`set_kernels` or `models.kernels.KERNELS`), and forward keyword arguments that reach
 every mixer. Packed rows: pass `cu_seqlens` (int32 boundaries, batch of one row), or a
 `hetsp_shard` object whose `cu_seqlens` attribute is used; documents never share
-state, convolution context or attention.
+state, convolution context or attention. Padded rows: a 0/1 `attention_mask`
+(B, past + L) reaches every mixer as `token_mask` (B, L), True at real tokens;
+pads feed no state, window or router, so left-padded prompts decode exactly as
+each prompt alone (see `_token_mask` for what is refused).
 """
 
 from __future__ import annotations
@@ -106,19 +109,19 @@ def _token_mask(attention_mask, batch, length, past, cached, cu_seqlens, tree, i
         return None
     if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (batch, past + length):
         raise ValueError(
-            f"a padded attention_mask must be (batch={batch}, past + length={past + length}) of 0/1, got {tuple(attention_mask.shape)}"
+            f"HybridForCausalLM: a padded attention_mask must be (batch={batch}, past + length={past + length}) of 0/1, got {tuple(attention_mask.shape)}"
         )
     real = attention_mask.bool()
     if tree is not None or cu_seqlens is not None:
-        raise ValueError("padding in attention_mask with packed rows (cu_seqlens or parents): drop the pads, documents are separated by cu_seqlens")
+        raise ValueError("HybridForCausalLM: padding in attention_mask with packed rows (cu_seqlens or parents): drop the pads, documents are separated by cu_seqlens")
     if "attention" in kinds and impl not in _MASKED_IMPLEMENTATIONS:
-        raise ValueError(f"padding in attention_mask needs attention implementation 'eager' or 'sdpa' (got {impl!r}); or run prompts one at a time")
+        raise ValueError(f"HybridForCausalLM: padding in attention_mask needs attention implementation 'eager' or 'sdpa' (got {impl!r}); or run prompts one at a time")
     starts = real[:, :1].sum(-1) + (real[:, 1:] & ~real[:, :-1]).sum(-1)  # runs of real tokens per row
     ends = (~real[:, 1:] & real[:, :-1]).sum(-1)  # real -> pad steps per row
     if bool((starts > 1).any()):
-        raise ValueError("attention_mask has pads between real tokens (state would decay through them): pad on the left (or the right without a cache)")
+        raise ValueError("HybridForCausalLM: attention_mask has pads between real tokens (state would decay through them): pad on the left (or the right without a cache)")
     if cached and bool((ends > 0).any()):
-        raise ValueError("right padding with a cache: the cached state would run through the pads; pad prompts on the left for generation")
+        raise ValueError("HybridForCausalLM: right padding with a cache: the cached state would run through the pads; pad prompts on the left for generation")
     return real[:, past:]
 
 

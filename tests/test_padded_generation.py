@@ -121,7 +121,7 @@ def test_left_padded_batch_equals_each_prompt_alone(pattern, impl):
         torch.testing.assert_close(gen_logits[i], logits.float(), rtol=1e-6, atol=1e-6)
 
 
-def test_pads_with_no_effect_are_not_a_no_op_without_the_mask():
+def test_unmasked_pads_do_change_the_logits():
     """Guards the comparison above: without the mask the same padded rows do differ from the prompts alone."""
     model = _padded_model(ALL_KINDS)
     prompts = _prompts()
