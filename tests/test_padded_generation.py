@@ -16,20 +16,12 @@ import torch
 
 from models import HybridCache
 
+from .test_models import _one_thread  # noqa: F401  (autouse fixture: one intra-op thread for tiny shapes)
 from .test_models import ALL_KINDS, tiny_model
 
 TOL = dict(rtol=1e-10, atol=1e-10)  # fp64, different chunk layouts: round-off only (see module docstring)
 LENGTHS = (3, 9, 6, 1)  # longer than the chunk size (4), the SeqBoat window (3) and the conv width (4), and shorter
 NEW_TOKENS = 6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add overhead (and contention on a shared machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _padded_model(pattern):
