@@ -42,6 +42,23 @@ class MicroBatchInputs:
     shard: Any  # hetsp.attention.ShardContext
     weight: float  # 1.0, or 0.0 for a placeholder on an idle rank
     group: Group | None
+    # Objectives with per-token inputs besides labels (`objective.token_inputs`): each a (T, ...) tensor.
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Objectives that need the next position's output (`objective.loss_sum_tokens`): `NextIndex`.
+    exchange: Any = None
+
+
+@dataclass
+class NextIndex:
+    """Where this rank's tokens sit in one vector over every token of the micro-batch (its groups'
+    packed sequences, filler included, in group order): `size` entries, the same on every rank.
+    own_local / own_index: this rank's real tokens and their entries; next_index: per local token,
+    the entry of the next position of the packed sequence (any entry where there is none)."""
+
+    size: int
+    own_local: torch.Tensor
+    own_index: torch.Tensor
+    next_index: torch.Tensor
 
 
 @dataclass
@@ -95,6 +112,32 @@ def _group_structure(structures, seqs, lengths) -> StackStructure | None:
     return pack_structures(parts)
 
 
+def _needs_filler(lengths: Sequence[int], size: int) -> bool:
+    return min(tokens_per_rank(lengths, size)) == 0
+
+
+def _group_token_count(plan: Plan, group: Group) -> int:
+    lengths = [plan.lengths[s] for s in group.seqs]
+    return sum(lengths) + (group.size if group.seqs and _needs_filler(lengths, group.size) else 0)
+
+
+def _next_index(plan: Plan, mb_index: int, group: Group | None, token_index: list[int], device: torch.device) -> NextIndex:
+    groups = plan.micro_batches[mb_index].groups
+    size = max(1, sum(_group_token_count(plan, g) for g in groups))  # >= 1: a placeholder reads entry 0
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    if group is None or not group.seqs:
+        return NextIndex(size, empty, empty, torch.zeros(1, dtype=torch.long, device=device))
+    offset = 0
+    for g in groups:
+        if g is group or g == group:
+            break
+        offset += _group_token_count(plan, g)
+    total = _group_token_count(plan, group)
+    idx = torch.tensor(token_index, dtype=torch.long)
+    return NextIndex(size, torch.arange(len(token_index), device=device), (idx + offset).to(device),
+                     ((idx + 1).clamp(max=total - 1) + offset).to(device))
+
+
 def micro_batch_inputs(
     plan: Plan,
     mb_index: int,
@@ -115,33 +158,65 @@ def micro_batch_inputs(
         shard = make_shard_context([1], rank, 1, rank, device, kernel=kernel)
         ids = torch.tensor([[placeholder_token]], dtype=torch.long, device=device)
         labels = torch.full((1,), IGNORE_INDEX, dtype=torch.long, device=device)
-        return MicroBatchInputs(ids, labels, shard, 0.0, group)
+        tokens = {k: _as_tensor([v]).to(device) for k, v in _token_fill(objective).items()}
+        exchange = _next_index(plan, mb_index, group, [], device) if hasattr(objective, "loss_sum_tokens") else None
+        return MicroBatchInputs(ids, labels, shard, 0.0, group, tokens, exchange)
     lengths = [plan.lengths[s] for s in group.seqs]
     for s, n in zip(group.seqs, lengths):
         if len(sequences[s]) != n:
             raise ValueError(f"plan says sequence {s} has {n} tokens but the batch has {len(sequences[s])}")
     packed_ids = [t for s in group.seqs for t in sequences[s]]
     packed_labels = [t for s in group.seqs for t in objective.labels(sequences[s])]
-    if min(tokens_per_rank(lengths, group.size)) == 0:
+    extra = _packed_token_inputs(objective, [sequences[s] for s in group.seqs])
+    if _needs_filler(lengths, group.size):
         # Some rank would hold no token (sequences shorter than the group): append a filler
         # document of `size` tokens, which the zigzag split gives one token per rank. It is its
         # own document (no token attends across it, SSM state resets at it) and has no targets.
         lengths = lengths + [group.size]
         packed_ids += [placeholder_token] * group.size
         packed_labels += [IGNORE_INDEX] * group.size
+        for k, v in _token_fill(objective).items():
+            extra[k] += [v] * group.size
     layout = shard_layout(lengths, group.size, rank - group.start)
     index = torch.tensor(layout.token_index, dtype=torch.long)
     ids = torch.tensor(packed_ids, dtype=torch.long)[index].to(device)[None]
     labels = torch.tensor(packed_labels, dtype=torch.long)[index].to(device)
     structure = _group_structure(structures, group.seqs, lengths)
     shard = make_shard_context(lengths, group.start, group.size, rank, device, kernel=kernel, structure=structure)
-    return MicroBatchInputs(ids, labels, shard, 1.0, group)
+    tokens = {k: _as_tensor(v)[index].to(device) for k, v in extra.items()}
+    exchange = _next_index(plan, mb_index, group, layout.token_index, device) if hasattr(objective, "loss_sum_tokens") else None
+    return MicroBatchInputs(ids, labels, shard, 1.0, group, tokens, exchange)
+
+
+def _as_tensor(values: list) -> torch.Tensor:
+    """Integers as int64, anything else as float64 (the objective casts to the logits' dtype)."""
+    t = torch.tensor(values)
+    return torch.tensor(values, dtype=torch.float64) if t.is_floating_point() else t
+
+
+def _token_fill(objective: Any) -> dict[str, Any]:
+    fill = getattr(objective, "token_fill", None)
+    return {k: v for k, v in fill().items() if k != "labels"} if fill else {}
+
+
+def _packed_token_inputs(objective: Any, seqs: Sequence[Sequence[int]]) -> dict[str, list]:
+    """The objective's per-token inputs besides labels, each computed on a whole sequence, then packed."""
+    if not hasattr(objective, "token_inputs"):
+        return {}
+    out: dict[str, list] = {}
+    for seq in seqs:
+        for k, v in objective.token_inputs(seq).items():
+            if k != "labels":
+                out.setdefault(k, []).extend(v)
+    return out
 
 
 def forward_loss(model: Callable[..., Any], inputs: MicroBatchInputs, objective: Any) -> torch.Tensor:
     """This rank's sum of unit losses for one micro-batch (times its weight)."""
     out = model(input_ids=inputs.input_ids, position_ids=inputs.shard.positions[None], hetsp_shard=inputs.shard)
     logits = out.logits if hasattr(out, "logits") else out[0]
+    if hasattr(objective, "loss_sum_tokens"):  # needs per-token inputs and the next position's output
+        return objective.loss_sum_tokens(logits[0], inputs) * inputs.weight
     return objective.loss_sum(logits[0], inputs.labels) * inputs.weight
 
 
