@@ -290,3 +290,20 @@ def test_model_rows_mean_initialised_and_saved(tmp_path, family, model_kwargs):
     torch.testing.assert_close(again.get_input_embeddings().weight, model.get_input_embeddings().weight, rtol=0, atol=0)
     with pytest.raises(ValueError, match="more than"):
         add_bkspc_rows(model, 3)
+
+
+def test_sampled_trajectories_are_valid_model_trajectories():
+    from hetsp.objectives.sequencematch import sample_trajectory
+
+    model = backspace_fns._model("hybrid", ALL_FIVE, "eager")
+    g = torch.Generator().manual_seed(0)  # near-uniform sampling: pops and ends happen within a few actions
+    trajs = [sample_trajectory(model, [1, 2, 3], BK, EOS, 12, g, temperature=1e3) for _ in range(40)]
+    assert any(BK in t for t in trajs) and any(t[-1] == EOS for t in trajs)
+    for t in trajs:
+        assert t.source == "model" and t.prompt_length == 3 and t[:3] == [1, 2, 3] and len(t) <= 15
+        stack_structure(t, BK, VOCAB, prompt_length=3)  # pops never reach the prompt
+    obj = _objective(gamma=0.9, chi2=0.5, w_data=0.5, alpha=1.0)
+    structures = [stack_structure(t, BK, VOCAB, 3) for t in trajs[:3]]
+    loss, _ = _one_process(_model(), trajs[:3], obj, structures)
+    ref_loss, _ = backspace_fns.per_context_reference(trajs[:3], structures, "hybrid", ALL_FIVE, obj)
+    torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), **PLAN_TOL)

@@ -275,3 +275,29 @@ def add_bkspc_rows(model: Any, vocab_size: int) -> Any:
             new_out.bias[old:] = bias_mean
     model.config.vocab_size = vocab_size
     return model
+
+
+@torch.no_grad()
+def sample_trajectory(model: Any, prompt: Sequence[int], bkspc_id: int, eos_token_id: int, max_new_tokens: int,
+                      generator: torch.Generator | None = None, temperature: float = 1.0) -> Trajectory:
+    """One model-generated trajectory for the mixture term: sample over the vocabulary plus `<bkspc>`
+    from the current policy (a `<bkspc>` pops, never into the prompt), stop after EOS or
+    `max_new_tokens` actions (then not done). The trajectory holds every action, pops included,
+    as the training sequence (`source = "model"`). `model`: a HybridForCausalLM (one sequence)."""
+    from models.backspace_decoding import BackspaceDecoder
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens = {max_new_tokens}: a trajectory needs at least one action")
+    dec = BackspaceDecoder(model, bkspc_id)
+    logits = dec.prefill(prompt)
+    actions: list[int] = []
+    for _ in range(max_new_tokens):
+        scores = logits.double() / temperature
+        if not dec.can_pop():
+            scores[bkspc_id] = float("-inf")
+        a = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
+        actions.append(a)
+        if a == eos_token_id:
+            break
+        logits = dec.step(a)
+    return Trajectory(list(prompt) + actions, prompt_length=len(prompt), source="model")
