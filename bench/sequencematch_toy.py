@@ -143,7 +143,7 @@ def check_against_decoder(model, recs, k: int = 5) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--decodes", type=int, default=1000)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-p", type=float, default=0.2)
     ap.add_argument("--gamma", type=float, default=0.998)
     ap.add_argument("--chi2", type=float, default=0.5)
-    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--bc-steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=str, default="")

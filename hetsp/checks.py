@@ -139,14 +139,21 @@ def check_files(cfg: Config) -> None:
                               f"from {Path.cwd()})")
 
 
-def check_planner_fits(cfg: Config, world_size: int) -> None:
-    """The planner can place a sequence of data.max_seq_len tokens on this world (or drops it)."""
+def check_planner_fits(cfg: Config, world_size: int, on_gpu: bool | None = None) -> None:
+    """The planner can place a sequence of data.max_seq_len tokens on this world (or drops it).
+    `on_gpu` (None: whether this process sees CUDA) picks the run dtype of "auto"."""
     from hetsp.planning import make_planner
+    from solver.costed import CostedPlanner
 
+    # the vocabulary only scales the ring cost model's logits memory; the tokenizer is not loaded here
+    planner = make_planner(cfg, cfg.model.vocab_size or 256, on_gpu)
+    if isinstance(planner, CostedPlanner):  # it chooses by time: its cost model must give times
+        try:
+            planner.cost_model(world_size).seq_time(1, 1)
+        except ValueError as e:
+            raise ConfigError(f"planner {cfg.planner.name!r} chooses plans by time: {e}") from None
     if cfg.planner.long_policy == "drop":
         return
-    # the vocabulary only scales the ring cost model's logits memory; the tokenizer is not loaded here
-    planner = make_planner(cfg, cfg.model.vocab_size or 256)
     limit = planner.max_fit_length(world_size) if planner.uses_memory else None
     if limit is not None and limit < cfg.data.max_seq_len:
         sizes = cfg.planner.allowed_group_sizes or "1..world"
@@ -158,11 +165,12 @@ def check_planner_fits(cfg: Config, world_size: int) -> None:
         )
 
 
-def check_run(cfg: Config, world_size: int, planning: bool = True) -> None:
+def check_run(cfg: Config, world_size: int, planning: bool = True, on_gpu: bool | None = None) -> None:
     """All checks of `cfg` on `world_size` ranks that need no process group; ValueError (ConfigError) on failure.
 
     planning=False (``--profile``, which measures the cost table instead of planning): the
-    planner's cost table need not exist yet, and its capacity is not checked."""
+    planner's cost table need not exist yet, and its capacity is not checked (nor is torch
+    imported). `on_gpu`: whether the ranks compute on GPUs (None: whether this process sees CUDA)."""
     from hetsp.data.module import check_data_config
     from hetsp.preflight import check_world
 
@@ -173,4 +181,4 @@ def check_run(cfg: Config, world_size: int, planning: bool = True) -> None:
     check_world(cfg, world_size)
     if planning:
         check_files(cfg)
-        check_planner_fits(cfg, world_size)
+        check_planner_fits(cfg, world_size, on_gpu)

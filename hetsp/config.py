@@ -119,7 +119,7 @@ class PlannerConfig:
     allowed_group_sizes: list[int] = field(default_factory=list)  # empty: 1..world
     seed: int = 0
     # A sequence longer than the largest group can hold: "error" (name it) or "drop" (plan the
-    # rest; Plan.meta lists the dropped indices and maps plan sequences back to the input).
+    # rest; the Plan records which input sequences it trains: Plan.source_index, Plan.dropped).
     long_policy: Literal["error", "drop"] = "error"
     flexsp_model: Literal["7b", "13b", "30b"] = "7b"  # cost_model = "flexsp": which published model ("7b", "13b", "30b")
     profile_path: str = ""  # cost_model = "profile": the measured JSON table

@@ -4,8 +4,7 @@ MODEL_OR_RUN is an exported Hugging Face folder (`hetsp-export`, or any folder w
 and safetensors), a peft adapter folder (`hetsp-export --lora-output adapter`; its base model is
 read from adapter_config.json), or a run folder / its checkpoints folder, whose latest checkpoint
 is consolidated first (as `hetsp-export` does, into a temporary folder). One process, stock
-attention, no KV cache: each new token runs the model over the whole text so far, which is
-plenty for a look at a small model. Temperature 0 is greedy decoding.
+attention, transformers' `generate` with the model's cache. Temperature 0 is greedy decoding.
 """
 
 from __future__ import annotations
@@ -74,7 +73,10 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
 
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              seed: int = 0) -> str:
-    """The text the model appends to `prompt` (stops at eos)."""
+    """The text the model appends to `prompt` (transformers' `generate` with its cache; stops at eos).
+
+    Temperature 0 is greedy; otherwise plain sampling from softmax(logits / T) (no top-k, no top-p).
+    """
     import torch
 
     if temperature < 0:
@@ -82,23 +84,19 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("--prompt is empty")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    gen = torch.Generator().manual_seed(seed)
-    new: list[int] = []
+    limit = getattr(model.config, "max_position_embeddings", None) or len(ids) + max_new_tokens
+    max_new_tokens = min(max_new_tokens, max(0, limit - len(ids)))
+    rows = model.config.vocab_size
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    torch.manual_seed(seed)
     with torch.no_grad():
-        for _ in range(max_new_tokens):
-            if limit and len(ids) + len(new) >= limit:
-                log.warning("stopped at the model's max_position_embeddings (%d)", limit)
-                break
-            logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1].double()
-            logits = logits[: tokenizer.vocab_size]  # rows past the tokenizer's ids are never produced
-            if temperature == 0:
-                token = int(logits.argmax())
-            else:
-                token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
-            if token == tokenizer.eos_token_id:
-                break
-            new.append(token)
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            # rows of the embedding past the tokenizer's ids are never produced
+            suppress_tokens=list(range(tokenizer.vocab_size, rows)) or None, **sampling,
+        )
+    new = [t for t in out[0, len(ids):].tolist() if t != tokenizer.eos_token_id]
     return tokenizer.decode(new)
 
 

@@ -315,6 +315,11 @@ def load_pretrained(model: ModelConfig, train: Any, world_size: int, device: Any
         import torch.distributed as dist
 
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
+        # Import the model's module (and torch._dynamo, which transformers imports with it) before
+        # zero.Init patches tensor construction: importing them inside it fails.
+        import torch._dynamo  # noqa: F401
+
+        AutoModelForCausalLM._model_mapping[type(hf_cfg)]
         dtype = resolve_dtype(train, device)
         # The dtype comes from the config (bf16 or fp32): zero.Init's own dtype argument is ignored
         # on accelerators without fp16, where it would fall back to bf16.

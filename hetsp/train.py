@@ -301,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         from hetsp.dry_run import dry_run
 
         try:
-            return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        except ValueError as e:
+            from hetsp.loading import resolve_config
+
+            return dry_run(resolve_config(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+        except (ValueError, NotImplementedError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if "WORLD_SIZE" not in os.environ:

@@ -38,12 +38,11 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = parse_args(argv)
         cfg = load_config(args.config, list(args.overrides))  # fail here, before any rank starts
-        if args.mode == "simulate":  # before count_gpus, which imports torch
-            check_run(cfg, args.num_ranks, planning=not args.profile)
+        if args.mode == "simulate":  # the checks that need no torch, before count_gpus imports it
+            check_run(cfg, args.num_ranks, planning=False)
         num_gpus = count_gpus(args.device)
         world, ranks_here = _world(args, num_gpus)
-        if args.mode == "torchrun":
-            check_run(cfg, world, planning=not args.profile)
+        check_run(cfg, world, planning=not args.profile, on_gpu=num_gpus > 0)
     except (UsageError, ConfigError, ValueError) as e:
         print(f"hetsp-launch: error: {e}", file=sys.stderr)
         return USAGE_EXIT

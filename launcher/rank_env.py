@@ -9,6 +9,9 @@ Variables (torchrun's names, plus two of hetsp's own):
                          the rank takes cuda:(LOCAL_RANK mod the number of visible GPUs))
     HETSP_DIST_BACKEND   "gloo" or "nccl"
     HETSP_RUN_DIR        the run folder named by ``hetsp-launch --run-dir`` (absent otherwise)
+    HETSP_HEARTBEAT_DIR, HETSP_HEARTBEAT_INTERVAL_S
+                         where and how often each rank's heartbeat thread touches its file
+                         (`hetsp.heartbeat`; the launcher watches them)
 """
 
 from __future__ import annotations

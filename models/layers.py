@@ -1,4 +1,4 @@
-"""Small building blocks shared by the mixers: RMSNorm, gated RMSNorm, SwiGLU MLP, rotary embedding."""
+"""Small building blocks shared by the mixers: RMSNorm, gated RMSNorm, SwiGLU MLP, rotary embedding, pad zeroing."""
 
 from __future__ import annotations
 
@@ -54,3 +54,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (..., L, dim) with cos/sin broadcastable to it."""
     return x * cos + rotate_half(x) * sin
+
+
+def zero_pads(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """x (B, L, ...) with every pad position (token_mask (B, L) False) set to 0; x itself when token_mask is None.
+
+    A select, not a product, so whatever a pad position holds (even inf or nan) cannot reach a real one."""
+    if token_mask is None:
+        return x
+    keep = token_mask.reshape(*token_mask.shape, *([1] * (x.ndim - 2)))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))

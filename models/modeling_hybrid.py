@@ -5,7 +5,10 @@ interface (`config._attn_implementation`), the swappable kernels of every SSM mi
 (`set_kernels` or `models.kernels.KERNELS`), and forward keyword arguments that reach
 every mixer. Packed rows: pass `cu_seqlens` (int32 boundaries, batch of one row), or a
 `hetsp_shard` object whose `cu_seqlens` attribute is used; documents never share
-state, convolution context or attention.
+state, convolution context or attention. Padded rows: a 0/1 `attention_mask`
+(B, past + L) reaches every mixer as `token_mask` (B, L), True at real tokens;
+pads feed no state, window or router, so left-padded prompts decode exactly as
+each prompt alone (see `_token_mask` for what is refused).
 """
 
 from __future__ import annotations
@@ -96,6 +99,32 @@ def _mask(batch, length, past, cu_seqlens, attention_mask, dtype, device, tree=N
     return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _token_mask(attention_mask, batch, length, past, cached, cu_seqlens, tree, impl, kinds):
+    """(B, L) bool, True at the real tokens of this forward, or None when `attention_mask` holds no padding.
+
+    Every mixer honours it exactly (pads feed no state, convolution window, router or GAU window;
+    attention masks pad keys) for left padding, with or without a cache, and for right padding
+    without one. Whatever cannot be computed exactly is refused here."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    if attention_mask.ndim != 2 or tuple(attention_mask.shape) != (batch, past + length):
+        raise ValueError(
+            f"HybridForCausalLM: a padded attention_mask must be (batch={batch}, past + length={past + length}) of 0/1, got {tuple(attention_mask.shape)}"
+        )
+    real = attention_mask.bool()
+    if tree is not None or cu_seqlens is not None:
+        raise ValueError("HybridForCausalLM: padding in attention_mask with packed rows (cu_seqlens or parents): drop the pads, documents are separated by cu_seqlens")
+    if "attention" in kinds and impl not in _MASKED_IMPLEMENTATIONS:
+        raise ValueError(f"HybridForCausalLM: padding in attention_mask needs attention implementation 'eager' or 'sdpa' (got {impl!r}); or run prompts one at a time")
+    starts = real[:, :1].sum(-1) + (real[:, 1:] & ~real[:, :-1]).sum(-1)  # runs of real tokens per row
+    ends = (~real[:, 1:] & real[:, :-1]).sum(-1)  # real -> pad steps per row
+    if bool((starts > 1).any()):
+        raise ValueError("HybridForCausalLM: attention_mask has pads between real tokens (state would decay through them): pad on the left (or the right without a cache)")
+    if cached and bool((ends > 0).any()):
+        raise ValueError("HybridForCausalLM: right padding with a cache: the cached state would run through the pads; pad prompts on the left for generation")
+    return real[:, past:]
+
+
 class HybridModel(HybridPreTrainedModel):
     def __init__(self, config: HybridConfig):
         super().__init__(config)
@@ -145,8 +174,14 @@ class HybridModel(HybridPreTrainedModel):
         if cache is not None and cu_seqlens is not None:
             raise ValueError("decoding with a cache works on unpacked rows; drop cu_seqlens or the cache")
         past = cache.get_seq_length() if cache is not None else 0
+        impl = self.config._attn_implementation
+        token_mask = _token_mask(attention_mask, batch, length, past, cache is not None, cu_seqlens, tree, impl, self.config.layer_kinds)
+        padded = token_mask is not None
         if position_ids is None:
-            if tree is not None:
+            if padded:
+                # Each row's positions start at 0 at its first real token (as transformers' generate computes them).
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+            elif tree is not None:
                 position_ids = tree.depths
             elif cu_seqlens is not None:
                 position_ids = positions_in_segment(batch, length, cu_seqlens, device)
@@ -154,16 +189,6 @@ class HybridModel(HybridPreTrainedModel):
                 position_ids = (torch.arange(length, device=device) + past)[None].expand(batch, length)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim or 2, self.config.rope_theta, inputs_embeds.dtype)
         mask = None
-        impl = self.config._attn_implementation
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if padded:
-            recurrent = sorted(set(self.config.layer_kinds) - {"attention"})
-            if recurrent:
-                # their states, convolution windows, routers and local windows would consume the pads
-                raise NotImplementedError(
-                    f"HybridForCausalLM: padding in attention_mask is not honoured by its {', '.join(recurrent)} layers; "
-                    "run prompts of different lengths one at a time (or as packed rows with cu_seqlens, without a cache)"
-                )
         # sdpa applies plain causal masking itself (and may pick a fused kernel) when no mask is given.
         plain_causal = impl == "sdpa" and cu_seqlens is None and past == 0 and not padded and tree is None
         if impl in _MASKED_IMPLEMENTATIONS and "attention" in self.config.layer_kinds and not plain_causal:
@@ -177,6 +202,7 @@ class HybridModel(HybridPreTrainedModel):
                 attention_mask=mask,
                 cache=cache,
                 cu_seqlens=cu_seqlens,
+                token_mask=token_mask,
                 **({"stack_tree": tree} if tree is not None else {}),
                 **kwargs,
             )

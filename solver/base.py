@@ -101,13 +101,12 @@ class Planner:
         return self._costs[num_ranks]
 
     def _estimate(self, plan: Plan, num_ranks: int) -> tuple[float | None, str | None]:
-        try:
-            cm = self.cost_model(num_ranks)
-        except (ValueError, ImportError) as e:
-            return None, f"no time estimate: {e}"
         from .simulate import simulate
 
-        return simulate(plan, cm).total_s, None
+        try:  # a cost model may give a memory budget but no times (ring without cluster.peak_tflops)
+            return simulate(plan, self.cost_model(num_ranks)).total_s, None
+        except (ValueError, ImportError) as e:
+            return None, f"no time estimate: {e}"
 
     # ---- the interface -------------------------------------------------------
     def plan(self, lengths: Sequence[int], num_ranks: int) -> Plan:

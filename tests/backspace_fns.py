@@ -103,6 +103,7 @@ def per_context_reference(sequences, structures, family, model_kwargs, objective
     With a SequenceMatch `objective`: its per-position reference formula instead of token cross-entropy."""
     import torch
 
+    from hetsp.backspace import reference_outputs
     from hetsp.objectives.lm import LanguageModeling
 
     # transformers' eager attention takes its softmax in fp32; sdpa stays in fp64 (the hybrid's eager is fp64)
@@ -111,7 +112,7 @@ def per_context_reference(sequences, structures, family, model_kwargs, objective
     units = lm.num_units([len(s) for s in sequences]) if objective is None else objective.num_units([], sequences)
     total = 0.0
     for seq, s in zip(sequences, structures):
-        rows = [model(input_ids=torch.tensor([[seq[i] for i in s.context(j)]]), use_cache=False).logits[0, -1] for j in range(len(seq))]
+        rows = reference_outputs(lambda idx, seq=seq: model(input_ids=torch.tensor([[seq[i] for i in idx]]), use_cache=False).logits[0], s)
         if objective is None:
             loss = lm.loss_sum(torch.stack(rows), torch.tensor(lm.labels(seq))) / units
         else:
@@ -125,11 +126,12 @@ def per_context_reference(sequences, structures, family, model_kwargs, objective
 
 # ---------------------------------------------------------------- block kernels with the lifetime mask
 
-def lifetime_kernel_vs_reference(name, device, dtype, seed=0, heads=(4, 2), dim=8):
+def lifetime_kernel_vs_reference(name, device, dtype, tol, seed=0, heads=(4, 2), dim=8):
     """Block kernel `name` against the reference kernel with a lifetime mask from random <bkspc>
     structures: a causal diagonal block (every token of each sequence) and an off-diagonal block
     (the second half of each sequence against its first half, where some rows see no key).
-    Returns [(label, max relative error)] over out, lse (finite rows), dq, dk, dv."""
+    Returns [(label, `tolerance_ratio` under tol=dict(atol, rtol))] over out, lse (finite rows),
+    dq, dk, dv; at most 1 passes (rows that see no key have exactly zero dq: atol covers round-off)."""
     import random
 
     import torch
@@ -138,6 +140,7 @@ def lifetime_kernel_vs_reference(name, device, dtype, seed=0, heads=(4, 2), dim=
     from hetsp.attention.kernels.base import Lifetimes, Segments
     from hetsp.attention.kernels.reference import REFERENCE_KERNEL
     from hetsp.backspace import stack_structure
+    from hetsp.testing import tolerance_ratio
 
     kern = select_kernel(name, device)
     rng = random.Random(seed)
@@ -175,8 +178,7 @@ def lifetime_kernel_vs_reference(name, device, dtype, seed=0, heads=(4, 2), dim=
         g_got = kern.backward(do, q, k, v, o_ref, l_fin, seg, causal, 0.3, visible=life)
         pairs = zip(("out", "lse", "dq", "dk", "dv"), (o, l[~hidden]) + tuple(g_got), (o_ref, l_ref[~hidden]) + tuple(g_ref))
         for label, a, b in pairs:
-            a, b = a.double().cpu(), b.double().cpu()
-            report.append((f"{name} causal={causal} {label}", ((a - b).norm() / b.norm()).item()))
+            report.append((f"{name} causal={causal} {label}", tolerance_ratio(a, b, **tol)))
     return report
 
 
@@ -187,6 +189,7 @@ def triton_lifetime_checks():
     import torch
 
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
-    bad = [(lab, e) for lab, e in lifetime_kernel_vs_reference("triton", "cpu", torch.float32) if not e < 1e-5]
+    # fp32 on O(1) randn inputs: unit round-off 6e-8 over at most 40 keys
+    bad = [(lab, e) for lab, e in lifetime_kernel_vs_reference("triton", "cpu", torch.float32, dict(atol=1e-5, rtol=1e-5)) if not e <= 1]
     assert not bad, bad
     return "ok"

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from hetsp.backspace import pack_structures, stack_structure
-from models.kernels.tree import StackTree, tree_scan
+from hetsp.backspace import pack_structures, reference_outputs, stack_structure
+from models.kernels.tree import StackTree, tree_lti_scan, tree_scan, tree_ssd_scan
 
 from .backspace_fns import BK, deep_pop_ids, random_backspace_ids
 from .test_models import ALL_KINDS, tiny_model
@@ -43,9 +43,7 @@ def reference_logits_and_loss_grads(model, docs, weights):
     model.zero_grad()
     rows = []
     for ids, s in docs:
-        for j in range(len(ids)):
-            ctx = s.context(j)
-            rows.append(model(input_ids=torch.tensor([ids[i] for i in ctx])[None]).logits[0, -1])
+        rows += reference_outputs(lambda idx, ids=ids: model(input_ids=torch.tensor([[ids[i] for i in idx]])).logits[0], s)
     logits = torch.stack(rows)
     (logits * weights).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -97,3 +95,37 @@ def test_cache_with_parents_is_refused():
     model = tiny_model("s4d")
     with pytest.raises(ValueError, match="takes no cache"):
         model(input_ids=torch.tensor([[1, 2, 3]]), parents=torch.tensor([[-1, 0, 0]]), use_cache=True)
+
+
+def test_readout_scans_match_all_states_scan():
+    """tree_lti_scan (complex, S4D-like) and tree_ssd_scan against tree_scan's states read out, outputs and
+    the states at the requested tokens, with gradients; fp64 rel 1e-10 (rounding of summation orders)."""
+    rng = random.Random(1)
+    ids = random_backspace_ids(rng, 75, prompt=2, p_pop=0.4)
+    s = stack_structure(ids, BK, vocab_size=41, prompt_length=2)
+    tree = StackTree(torch.tensor(s.parents)[None])
+    g = torch.Generator().manual_seed(2)
+    last = [10, 74]
+    A = torch.complex(torch.rand(3, 4, generator=g, dtype=torch.float64) * 0.9, torch.randn(3, 4, generator=g, dtype=torch.float64) * 0.3)
+    B = torch.randn(3, 4, generator=g, dtype=torch.complex128)
+    C = torch.randn(3, 4, generator=g, dtype=torch.complex128)
+    u = torch.randn(75, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    for chunk in (4, 32):
+        y, fin = tree_lti_scan(u, A, B, C, tree, last, chunk)
+        h = tree_scan(torch.log(A).expand(75, 3, 4), B * u[..., None].to(A.dtype), tree, chunk)
+        torch.testing.assert_close(y, (C * h).sum(-1), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fin, h[last], rtol=1e-10, atol=1e-12)
+        g1 = torch.autograd.grad(y.real.sum(), u)[0]
+        g2 = torch.autograd.grad((C * h).sum(-1).real.sum(), u)[0]
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    la = -torch.rand(75, 2, generator=g, dtype=torch.float64)
+    xdt = torch.randn(75, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    Bs = torch.randn(75, 2, 5, generator=g, dtype=torch.float64)
+    Cs = torch.randn(75, 2, 5, generator=g, dtype=torch.float64)
+    for chunk in (4, 32):
+        y, fin = tree_ssd_scan(la, xdt, Bs, Cs, tree, last, chunk)
+        h = tree_scan(la, xdt[..., None] * Bs[:, :, None, :], tree, chunk)
+        want = torch.einsum("thpn,thn->thp", h, Cs)
+        torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fin, h[last], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), xdt)[0], torch.autograd.grad(want.sum(), xdt)[0], rtol=1e-10, atol=1e-12)

@@ -61,19 +61,6 @@ def test_cache_with_packed_rows_is_rejected():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 4]), use_cache=True)
 
 
-@pytest.mark.parametrize("pattern", ["s4d", "ema", "mamba2", "seqboat"])
-def test_padded_batch_is_refused_by_recurrent_layers(pattern):
-    """Left padding would run through the layer's state or window: refused, not computed wrongly."""
-    model = tiny_model(pattern)
-    ids = torch.randint(0, 41, (2, 6))
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, :2] = 0
-    with pytest.raises(NotImplementedError, match=f"padding in attention_mask is not honoured by its {pattern} layers"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
-    generated = model.generate(ids, attention_mask=torch.ones_like(mask), max_new_tokens=2, do_sample=False)
-    assert generated.shape == (2, 8)
-
-
 def test_padded_batch_of_attention_layers_matches_one_prompt_at_a_time():
     """Attention-only layers honour the mask: a left-padded prompt's logits equal the prompt alone."""
     model = tiny_model("attention")

@@ -49,7 +49,7 @@ def truth(case, gi):
     cu = [0]
     for s in lengths:
         cu.append(cu[-1] + s)
-    out = varlen_attention_ref(q, k, v, cu, causal=case["causal"], softmax_scale=case["scale"])
+    out = varlen_attention_ref(q, k, v, cu, causal=case["causal"], softmax_scale=case["scale"], window=case.get("window"), softcap=case.get("softcap"))
     out.backward(do.detach())
     return out.detach(), q.grad, k.grad, v.grad
 

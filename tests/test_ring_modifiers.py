@@ -10,27 +10,16 @@ import pytest
 import torch
 
 from hetsp.attention.kernels.base import Segments
-from hetsp.attention.kernels.reference import REFERENCE_KERNEL, varlen_attention_ref
+from hetsp.attention.kernels.reference import REFERENCE_KERNEL
 from hetsp.attention.steps import ring_steps
 from hetsp.layout import group_layouts
 
 from . import attn_fns
-from .test_ring_attention import LAYOUTS, WORLD, assemble, make_case
+from .test_ring_attention import LAYOUTS, WORLD, assemble, make_case, truth
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp64 throughout: the ring only reorders sums (observed ~1e-15); fp32 inputs round at ~1e-7
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
-
-
-def truth(case, gi):
-    lengths = case["groups"][gi][2]
-    q, k, v, do = (x.double().clone().requires_grad_(True) for x in case["inputs"][gi])
-    cu = [0]
-    for s in lengths:
-        cu.append(cu[-1] + s)
-    out = varlen_attention_ref(q, k, v, cu, causal=True, softmax_scale=case["scale"], window=case.get("window"), softcap=case.get("softcap"))
-    out.backward(do.detach())
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def check(case, results):
@@ -113,6 +102,13 @@ def test_refusals():
         ring_attention(q, q, q, ctx, window=0)
     with pytest.raises(ValueError, match="softcap must be > 0"):
         ring_attention(q, q, q, ctx, softcap=-1.0)
+    # a kernel without a modifier is refused before any exchange, naming the kernels that have it
+    from dataclasses import replace
+
+    plain = replace(ctx, kernel=replace(ctx.kernel, score_modifiers=frozenset({"softcap"})))
+    with pytest.raises(NotImplementedError, match="does not implement window.*kernel='reference', 'torch_cpu', 'triton'"):
+        ring_attention(q, q, q, plain, window=3)
+    ring_attention(q, q, q, plain, softcap=2.0)
     with pytest.raises(NotImplementedError, match="'flash_attn' cannot express.*kernel='triton'"):
         flash.block_forward(q, q, q, Segments((0, 5), (0, 5), q_pos=tuple(range(5)), k_pos=tuple(range(5))), True, 0.5, window=3)
 
@@ -125,3 +121,26 @@ def test_triton_window_and_softcap_in_interpreter():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("window", [1, 3, 130, 400])
+def test_torch_cpu_window_tiles_match_reference(window):
+    """Segments longer than the CPU kernel's query tile (128 rows), with a gap in positions (a
+    zigzag diagonal block): tiles see exactly the keys of their windows."""
+    from hetsp.attention.kernels.torch_cpu import TORCH_CPU_KERNEL
+
+    g = torch.Generator().manual_seed(window)
+    pos = tuple(range(0, 170)) + tuple(range(400, 560)) + tuple(range(7, 12))
+    seg = Segments((0, 330, 335), (0, 330, 335), q_pos=pos, k_pos=pos)
+    q = torch.randn(335, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(335, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    do = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    o, l = TORCH_CPU_KERNEL.forward(q, k, v, seg, True, 0.4, window=window)
+    o_ref, l_ref = REFERENCE_KERNEL.forward(q, k, v, seg, True, 0.4, window=window)
+    # fp64 kernels: the same sums in another order
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(l, l_ref, rtol=1e-12, atol=1e-12)
+    got = TORCH_CPU_KERNEL.backward(do, q, k, v, o_ref, l_ref, seg, True, 0.4, window=window)
+    want = REFERENCE_KERNEL.backward(do, q, k, v, o_ref, l_ref, seg, True, 0.4, window=window)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-12, atol=1e-12)

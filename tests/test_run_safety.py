@@ -53,6 +53,8 @@ def config(tmp_path: Path) -> Path:
         (["--set", "planner.options.num_bucket=8"], "planner.options.num_bucket is not an option of planner 'milp'"),
         (["--set", "planner.options.backend=\"glpk\""], "planner.options.backend must be one of ['highs', 'cbc']"),
         (["--set", "run.heartbeat_timeout_s=900"], "must be below run.dist_timeout_s"),
+        (["--set", "planner.cost_model=\"ring\""], "planner 'milp' chooses plans by time: the ring cost model needs "
+                                                    "cluster.peak_tflops"),
     ],
 )
 def test_config_errors_exit_2_before_any_rank_starts(capsys, args, expected):
@@ -247,32 +249,51 @@ def _metrics_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(tmp_path):
-    """SIGTERM to the launcher (a scheduler's preemption) reaches the ranks, which checkpoint at the
-    end of the step they are in; --resume then continues exactly as a run that was never stopped."""
+STEPS = 20  # enough that a SIGTERM forwarded by torchrun still lands before the last step
+
+
+def _tiny_toml(tmp_path: Path, name: str) -> Path:
     from hetsp.config import config_from_dict, config_to_toml
 
     from .test_train_loop import tiny_config
 
-    def write(name: str) -> Path:
-        cfg = tiny_config(tmp_path, name, planner="static", steps=6, eval_every=0, checkpoint_every=0)
-        path = tmp_path / f"{name}.toml"
-        path.write_text(config_to_toml(config_from_dict(cfg)))
-        return path
+    cfg = tiny_config(tmp_path, name, planner="static", steps=STEPS, eval_every=0, checkpoint_every=0)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(config_to_toml(config_from_dict(cfg)))
+    return path
 
-    def run(path: Path, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launcher", "--device", "cpu", "--simulate", "2", str(path),
-                               *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
 
-    straight = run(write("straight"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    path = write("preempted")
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "--device", "cpu", "--simulate", "2", str(path)],
+def _launch_training(path: Path, mode: list[str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", "--device", "cpu", *mode, str(path), *args],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """STEPS steps on 2 ranks, never stopped: the reference of the preemption tests."""
+    tmp = tmp_path_factory.mktemp("straight")
+    r = _launch_training(_tiny_toml(tmp, "straight"), ["--simulate", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, _metrics_losses(tmp / "runs" / "straight")
+
+
+@pytest.mark.parametrize("mode", [
+    ["--simulate", "2"],
+    pytest.param(["--nproc-per-node", "2"], marks=pytest.mark.slow),
+], ids=["simulate", "torchrun"])
+def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(straight_run, mode):
+    """SIGTERM to the launcher (a scheduler's preemption) reaches the ranks (under torchrun, through
+    torchrun), which checkpoint at the end of the step they are in; --resume then continues exactly as
+    a run that was never stopped."""
+    import time
+
+    tmp, reference = straight_run
+    name = f"preempted_{mode[0].strip('-').replace('-', '_')}"
+    path = _tiny_toml(tmp, name)
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "--device", "cpu", *mode, str(path)],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    plans = tmp_path / "runs" / "preempted" / "plans.jsonl"
+    plans = tmp / "runs" / name / "plans.jsonl"
     try:
-        import time
-
         while not (plans.is_file() and len(plans.read_text().splitlines()) >= 2):  # step 1 under way
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
@@ -282,18 +303,10 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(tmp_path):
         proc.kill()
         proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    ckpt = tmp_path / "runs" / "preempted" / "checkpoints"
+    ckpt = tmp / "runs" / name / "checkpoints"
     tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
-    assert len(tags) == 1 and 2 <= int(tags[0][4:]) < 6, tags
+    assert len(tags) == 1 and 2 <= int(tags[0][4:]) < STEPS, tags
     assert f"SIGTERM: checkpoint of step {int(tags[0][4:])} written" in out + err
-    resumed = run(path, "--resume")
+    resumed = _launch_training(path, mode, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _metrics_losses(tmp_path / "runs" / "preempted") == _metrics_losses(tmp_path / "runs" / "straight")
-
-
-def test_profiling_may_write_the_cost_table_the_config_names(tmp_path):
-    """--profile makes the table that planner.profile_path will name: it need not exist yet."""
-    cfg = load_config(DEFAULT, [f"planner.profile_path={json.dumps(str(tmp_path / 'new.json'))}"])
-    with pytest.raises(ValueError, match="no such file"):
-        checks.check_run(cfg, 4)
-    checks.check_run(cfg, 4, planning=False)
+    assert _metrics_losses(tmp / "runs" / name) == reference

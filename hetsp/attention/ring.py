@@ -184,6 +184,20 @@ def _validate(q, k, v, ctx: ShardContext, causal: bool = True) -> None:
         raise ValueError(f"q, k, v and the context must be on one device, got {q.device}, {k.device}, {v.device}, {ctx.positions.device}")
 
 
+_KERNELS_WITH = {"window": ("'reference'", "'torch_cpu'", "'triton'"), "softcap": ("'flash_attn'", "'reference'", "'torch_cpu'", "'triton'")}
+
+
+def _check_kernel(kernel, window, softcap) -> None:
+    """Refuse, before any exchange, a score modifier the block kernel does not implement."""
+    wanted = [name for name, value in (("window", window), ("softcap", softcap)) if value is not None]
+    missing = [name for name in wanted if name not in kernel.score_modifiers]
+    if missing:
+        raise NotImplementedError(
+            f"attention kernel {kernel.name!r} does not implement {' and '.join(missing)} "
+            f"({'sliding window' if missing[0] == 'window' else 'logit softcapping'}); use kernel={', '.join(_KERNELS_WITH[missing[0]])}"
+        )
+
+
 def _check_modifiers(causal: bool, window, softcap) -> tuple[int | None, float | None]:
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -209,6 +223,7 @@ def ring_attention(q, k, v, ctx: ShardContext, causal: bool = True, softmax_scal
     """
     _validate(q, k, v, ctx, causal)
     window, softcap = _check_modifiers(causal, window, softcap)
+    _check_kernel(ctx.kernel, window, softcap)
     if window is not None and ctx.tree is not None:
         raise NotImplementedError("ring attention: a sliding window on <bkspc> sequences is not supported (the window "
                                   "would count positions, not ancestors); train such sequences without the window")
@@ -221,6 +236,7 @@ def ring_attention_ref(q, k, v, ctx: ShardContext, causal: bool = True, softmax_
     block kernel, which computes in float64 for float64 inputs."""
     _validate(q, k, v, ctx, causal)
     window, softcap = _check_modifiers(causal, window, softcap)
+    _check_kernel(REFERENCE_KERNEL, window, softcap)
     if window is not None and ctx.tree is not None:
         raise NotImplementedError("ring attention: a sliding window on <bkspc> sequences is not supported (the window "
                                   "would count positions, not ancestors); train such sequences without the window")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .segments import chunk_layout, segment_bounds
-from .tree import last_states, tree_scan
+from .tree import segment_last, tree_lti_scan
 
 DEFAULT_CHUNK = 64
 
@@ -111,10 +111,9 @@ def _lti_tree(u, A, B, C, cu_seqlens, initial_state, tree):
         raise NotImplementedError("an initial state (decoding cache) with stack-structured rows: decode them with models.backspace_decoding")
     batch, length, H = u.shape
     flat = u.reshape(batch * length, H).to(A.dtype)
-    log_a = torch.log(A).expand(flat.shape[0], *A.shape)
-    h = tree_scan(log_a, B * flat[..., None], tree)
-    y = (C * h).sum(-1)
-    return y.reshape(batch, length, H), last_states(h, batch, length, cu_seqlens)
+    last = segment_last(batch, length, cu_seqlens)
+    y, final = tree_lti_scan(flat, A, B, C, tree, last)
+    return y.reshape(batch, length, H), final
 
 
 def s4d_scan(u, A_bar, B_bar, C, cu_seqlens=None, initial_state=None, chunk_size=DEFAULT_CHUNK, tree=None):

@@ -23,7 +23,7 @@ import logging
 import torch
 
 from .segments import chunk_layout, segment_bounds
-from .tree import last_states, tree_scan
+from .tree import segment_last, tree_ssd_scan
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 64
@@ -145,9 +145,9 @@ def _ssd_tree(x, dt, A, B, C, cu_seqlens, initial_states, tree):
     dtf = dt.reshape(flat, H)
     Bh = _heads(B.reshape(flat, G, N), H)
     Ch = _heads(C.reshape(flat, G, N), H)
-    h = tree_scan(dtf * A, (dtf[..., None] * x.reshape(flat, H, P))[..., None] * Bh[:, :, None, :], tree)
-    y = torch.einsum("thpn,thn->thp", h, Ch)
-    return y.reshape(batch, length, H, P), last_states(h, batch, length, cu_seqlens)
+    last = segment_last(batch, length, cu_seqlens)
+    y, final = tree_ssd_scan(dtf * A, dtf[..., None] * x.reshape(flat, H, P), Bh, Ch, tree, last)
+    return y.reshape(batch, length, H, P), final
 
 
 def ssd_chunk_scan(x, dt, A, B, C, chunk_size=DEFAULT_CHUNK, cu_seqlens=None, initial_states=None, intra_impl=_AUTO, tree=None):

@@ -117,46 +117,129 @@ def _pad(t: torch.Tensor, npad: int) -> torch.Tensor:
 
 
 def tree_scan(log_a: torch.Tensor, b: torch.Tensor, tree: StackTree, chunk: int = TREE_CHUNK) -> torch.Tensor:
-    """States h (N, *F) of h_t = exp(log_a_t) h_parent(t) + b_t (zero state above a root).
+    """States h (N, *F) of h_t = exp(log_a_t) h_parent(t) + b_t (zero state above a root), for every token.
 
     log_a (N, *Fa) with Fa a prefix of F (broadcast over the rest), real or complex; b (N, *F).
+    The plain form of `tree_lti_scan` / `tree_ssd_scan`, which read out without every state.
     """
     tree.require_local("tree_scan")
     M, anchor, npad = tree.chunks(chunk)
     n = b.shape[0]
+    fa = log_a.shape[1:]
     extra = b.dim() - log_a.dim()
     dtype = torch.promote_types(log_a.dtype, b.dtype)
-    la = _pad(log_a.to(dtype), npad).view(-1, chunk, *log_a.shape[1:])
     bb = _pad(b.to(dtype), npad).view(-1, chunk, *b.shape[1:])
-    Mf = M.to(la.real.dtype if la.is_complex() else la.dtype)
-    cum = torch.einsum("cij,cj...->ci...", Mf.to(dtype), la)  # sum of log decays over in-chunk ancestors-or-self
+    la = _pad(log_a.to(dtype), npad).view(-1, chunk, *fa)
+    cum = torch.einsum("cij,cj...->ci...", M.to(dtype), la)  # sum of log decays over in-chunk ancestors-or-self
     states: list[torch.Tensor] = []
-    zero = bb.new_zeros(bb.shape[2:])
     anchors = anchor.tolist()
     for c in range(M.shape[0]):
-        diff = cum[c][:, None] - cum[c][None, :]  # (Q, Q, *Fa)
-        m = M[c].view(chunk, chunk, *([1] * (diff.dim() - 2)))
-        w = torch.where(m, torch.exp(torch.where(m, diff, torch.zeros_like(diff))), torch.zeros_like(diff))
-        w = w.view(*w.shape, *([1] * extra))
-        h = (w * bb[c][None]).sum(1)
-        uniq = sorted({a for a in anchors[c] if a >= 0})
-        if uniq:
-            rows = torch.stack([zero] + [states[a // chunk][a % chunk] for a in uniq])
-            where = {a: i + 1 for i, a in enumerate(uniq)}
-            sel = torch.tensor([where.get(a, 0) for a in anchors[c]], device=h.device)
-            decay = torch.exp(cum[c]).view(chunk, *log_a.shape[1:], *([1] * extra))
-            h = h + decay * rows[sel]
+        w = _pair_decay(cum[c], M[c])
+        h = torch.einsum("ijf,jfr->ifr", w.reshape(chunk, chunk, -1), bb[c].reshape(chunk, w[0, 0].numel(), -1)).reshape(bb[c].shape)
+        h_anchor, any_anchor = _anchor_rows(anchors[c], lambda a: states[a // chunk][a % chunk], bb.new_zeros(bb.shape[2:]), h.device)
+        if any_anchor:
+            h = h + torch.exp(cum[c]).view(chunk, *fa, *([1] * extra)) * h_anchor
         states.append(h)
     return torch.cat(states, 0)[:n]
 
 
-def last_states(h: torch.Tensor, batch: int, length: int, cu_seqlens) -> torch.Tensor:
-    """(S, *F): the state at the last token of each segment (of each row without cu_seqlens)."""
+def _pair_decay(cum_QF: torch.Tensor, M_QQ: torch.Tensor) -> torch.Tensor:
+    """(Q, Q, *F): exp(cum_i - cum_j) where j is an in-chunk ancestor-or-self of i, else 0 (no overflow)."""
+    diff = cum_QF[:, None] - cum_QF[None, :]
+    m = M_QQ.view(*M_QQ.shape, *([1] * (diff.dim() - 2)))
+    return torch.where(m, torch.exp(torch.where(m, diff, torch.zeros_like(diff))), torch.zeros_like(diff))
+
+
+def _anchor_rows(anchors_row, state_of, zero, device):
+    """(Q, *S) state of each token's anchor (zero without one), and whether any token has one."""
+    uniq = sorted({a for a in anchors_row if a >= 0})
+    if not uniq:
+        return None, False
+    rows = torch.stack([zero] + [state_of(a) for a in uniq])
+    where = {a: i + 1 for i, a in enumerate(uniq)}
+    return rows[torch.tensor([where.get(a, 0) for a in anchors_row], device=device)], True
+
+
+def _exported(anchor_CQ: torch.Tensor, last, chunk: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Tokens whose full state is needed (every anchor, and `last`), in order; their chunk and in-chunk index."""
+    tokens = sorted({a for a in anchor_CQ.flatten().tolist() if a >= 0} | {int(t) for t in last})
+    t = torch.tensor(tokens, dtype=torch.long, device=anchor_CQ.device)
+    return tokens, t // chunk, t % chunk
+
+
+def _propagate(tokens, local, decay, anchor_flat, zero):
+    """States of the exported tokens in order: h_e = local_e + decay_e * h_anchor(e) (the only sequential step),
+    and the table [zero; h_e...] with, for every token, its anchor's row in it."""
+    index = {t: i + 1 for i, t in enumerate(tokens)}
+    anchors = anchor_flat.tolist()
+    states = []
+    for i, t in enumerate(tokens):
+        a = anchors[t]
+        states.append(local[i] if a < 0 else local[i] + decay[i] * states[index[a] - 1])
+    table = torch.stack([zero] + states)
+    rows = torch.tensor([index.get(a, 0) for a in anchors], dtype=torch.long, device=zero.device)
+    return table, rows
+
+
+def tree_ssd_scan(la: torch.Tensor, xdt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, tree: StackTree, last, chunk: int = TREE_CHUNK):
+    """Mamba-2's recurrence on a tree, read out: h_t = exp(la_t) h_parent(t) + xdt_t B_t^T, y_t = h_t C_t.
+
+    la (N, H); xdt (N, H, P); B, C (N, H, Ns) (heads already expanded). Returns y (N, H, P) and the
+    states (len(last), H, P, Ns) at flat indices `last`. All chunks at once: the SSD quadratic form
+    with the in-chunk ancestor mask, plus exp(cum) C h_anchor; full states only for the exported tokens.
+    """
+    tree.require_local("tree_scan")
+    M, anchor, npad = tree.chunks(chunk)
+    n, H, P = xdt.shape
+    Ns = B.shape[-1]
+    view = lambda t: _pad(t, npad).view(-1, chunk, *t.shape[1:])  # noqa: E731
+    lac, xc, Bc, Cc = view(la), view(xdt), view(B), view(C)
+    cum = torch.einsum("cij,cjh->cih", M.to(la.dtype), lac)
+    diff = cum[:, :, None] - cum[:, None, :]
+    m = M[..., None]
+    w = torch.where(m, torch.exp(torch.where(m, diff, torch.zeros_like(diff))), torch.zeros_like(diff))  # (C, Q, Q, H)
+    cb = torch.einsum("cihn,cjhn->cijh", Cc, Bc)
+    y = torch.einsum("cijh,cjhp->cihp", w * cb, xc)
+    tokens, ce, le = _exported(anchor, last, chunk)
+    local = torch.einsum("ejh,ejhp,ejhn->ehpn", w[ce, le], xc[ce], Bc[ce])
+    decay = torch.exp(cum[ce, le])[..., None, None]
+    table, rows = _propagate(tokens, local, decay, anchor.flatten(), xdt.new_zeros((H, P, Ns)))
+    y = y + torch.exp(cum)[..., None] * torch.einsum("cihpn,cihn->cihp", table[rows].view(-1, chunk, H, P, Ns), Cc)
+    finals = table[[tokens.index(int(t)) + 1 for t in last]]
+    return y.reshape(-1, H, P)[:n], finals
+
+
+def tree_lti_scan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, tree: StackTree, last, chunk: int = TREE_CHUNK):
+    """Time-invariant diagonal recurrence on a tree, read out: y_t = sum_n C h_t with h_t = A h_parent(t) + B u_t.
+
+    u (N, H); A, B, C (H, Ns). Returns y (N, H) in A's dtype and the states (len(last), H, Ns) at the
+    flat token indices `last`. Inside a chunk y is a masked convolution with K[d] = sum_n C A^d B over
+    in-chunk ancestors (d: depth difference), all chunks at once; full states are formed only for the
+    tokens later chunks branch from (anchors) and for `last`.
+    """
+    tree.require_local("tree_scan")
+    M, anchor, npad = tree.chunks(chunk)
+    n, H = u.shape
+    uu = _pad(u.to(A.dtype), npad).view(-1, chunk, H)
+    cnt = M.sum(-1)  # (C, Q) in-chunk ancestors-or-self
+    powers = torch.exp(torch.arange(chunk + 1, device=u.device, dtype=A.real.dtype)[:, None, None] * torch.log(A))  # (Q+1, H, Ns)
+    ktab = (powers * (B * C)).sum(-1)  # (Q+1, H)
+    dd = (cnt[:, :, None] - cnt[:, None, :]).clamp(min=0)  # (C, Q, Q)
+    y = torch.einsum("cijh,cjh->cih", ktab[dd] * M[..., None], uu)
+    tokens, ce, le = _exported(anchor, last, chunk)
+    w_e = powers[dd[ce, le]] * M[ce, le][..., None, None]  # (E, Q, H, Ns)
+    local = torch.einsum("ejhn,ejh->ehn", w_e, uu[ce]) * B
+    table, rows = _propagate(tokens, local, powers[cnt[ce, le]], anchor.flatten(), A.new_zeros(A.shape))
+    y = y + (C * powers[cnt].view(-1, chunk, H, A.shape[1]) * table[rows].view(-1, chunk, H, A.shape[1])).sum(-1)
+    finals = table[[tokens.index(int(t)) + 1 for t in last]]
+    return y.reshape(-1, H)[:n], finals
+
+
+def segment_last(batch: int, length: int, cu_seqlens) -> list[int]:
+    """Flat index of the last token of each segment (of each row without cu_seqlens)."""
     if cu_seqlens is None:
-        ends = torch.arange(1, batch + 1, device=h.device) * length - 1
-    else:
-        ends = cu_seqlens.to(device=h.device, dtype=torch.long)[1:] - 1
-    return h[ends.clamp(min=0)]
+        return [(r + 1) * length - 1 for r in range(batch)]
+    return [max(int(e) - 1, 0) for e in cu_seqlens[1:]]
 
 
 def tree_conv_sources(tree: StackTree, k: int) -> list[torch.Tensor]:

@@ -53,7 +53,8 @@ class AttentionMixer(nn.Module):
         self.v_proj = nn.Linear(d, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
 
-    def forward(self, hidden_states, *, position_embeddings, attention_mask=None, cache=None, cu_seqlens=None, **kwargs):
+    def forward(self, hidden_states, *, position_embeddings, attention_mask=None, cache=None, cu_seqlens=None, token_mask=None, **kwargs):
+        """Pads are masked as keys by `attention_mask` (built by the model); token_mask is not needed here."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kernels.tree import tree_kw as _tree_kw
+from ..layers import zero_pads
 
 
 class DampedEMA(nn.Module):
@@ -44,10 +45,11 @@ class DampedEMA(nn.Module):
         q = 1.0 - p * alpha
         return q, p * self.beta.to(dtype), self.gamma.to(dtype) * math.sqrt(1.0 / self.ema_dim)
 
-    def forward(self, x, kernels, cu_seqlens=None, state=None, tree=None):
-        """x (B, L, D) -> y (B, L, D), final state (S, D, N)."""
+    def forward(self, x, kernels, cu_seqlens=None, state=None, tree=None, token_mask=None):
+        """x (B, L, D) -> y (B, L, D), final state (S, D, N). token_mask (B, L) bool or None: pads
+        (False) feed nothing into the state, so a zero state stays zero through left padding."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        xs = x.to(dtype)
+        xs = zero_pads(x.to(dtype), token_mask)
         q, pb, gamma = self.coefficients(dtype)
         y, final = kernels["ema_scan"](xs, q, pb, gamma, cu_seqlens=cu_seqlens, initial_state=state, **_tree_kw(tree))
         return (y + self.omega.to(dtype) * xs).to(x.dtype), final
@@ -64,10 +66,10 @@ class EMAMixer(nn.Module):
         self.ema = DampedEMA(config.hidden_size, config.ema_dim)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, **kwargs):
+    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, token_mask=None, **kwargs):
         entry = cache.layer(self.layer_idx) if cache is not None else None
         state = entry.get("ema") if entry is not None else None
-        y, final = self.ema(hidden_states, self.kernels, cu_seqlens, state, stack_tree)
+        y, final = self.ema(hidden_states, self.kernels, cu_seqlens, state, stack_tree, token_mask)
         if entry is not None:
             entry["ema"] = final
         return self.out_proj(F.silu(y))

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from ..kernels.tree import tree_kw as _tree_kw
 
 from ..kernels.conv import conv_tail
-from ..layers import GatedRMSNorm
+from ..layers import GatedRMSNorm, zero_pads
 
 
 class Mamba2Mixer(nn.Module):
@@ -53,22 +53,25 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
         self.D.fill_(1.0)
 
-    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, **kwargs):
+    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, token_mask=None, **kwargs):
+        """token_mask (B, L) bool or None: pads (False) enter the convolution window as zeros and leave
+        the SSD state untouched (dt = 0: no decay, no input; x, B, C = 0 there despite the conv bias)."""
         batch, length, _ = hidden_states.shape
         entry = cache.layer(self.layer_idx) if cache is not None else None
         z, xbc, dt = torch.split(self.in_proj(hidden_states), [self.inner, self.conv_dim, self.num_heads], -1)
+        xbc = zero_pads(xbc, token_mask)
         halo = entry.get("conv") if entry is not None else None
         conv_out = self.kernels["causal_conv1d"](xbc, self.conv_weight, self.conv_bias, cu_seqlens=cu_seqlens, halo=halo, **_tree_kw(stack_tree))
         if entry is not None:
             entry["conv"] = conv_tail(xbc, cu_seqlens, halo, self.conv_kernel)
-        xbc = F.silu(conv_out)
+        xbc = zero_pads(F.silu(conv_out), token_mask)
         gn = self.num_groups * self.state_size
         x, B, C = torch.split(xbc, [self.inner, gn, gn], -1)
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         x = x.reshape(batch, length, self.num_heads, self.head_dim).to(dtype)
         B = B.reshape(batch, length, self.num_groups, self.state_size).to(dtype)
         C = C.reshape(batch, length, self.num_groups, self.state_size).to(dtype)
-        dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
+        dt = zero_pads(F.softplus(dt.to(dtype) + self.dt_bias.to(dtype)), token_mask)
         A = -torch.exp(self.A_log.to(dtype))
         state = entry.get("ssm") if entry is not None else None
         y, final = self.kernels["ssd_scan"](

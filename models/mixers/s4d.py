@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kernels.tree import tree_kw as _tree_kw
+from ..layers import zero_pads
 
 
 class S4DMixer(nn.Module):
@@ -60,9 +61,10 @@ class S4DMixer(nn.Module):
         c = torch.view_as_complex(self.c.to(dtype).contiguous())
         return a_bar, b_bar, c
 
-    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, **kwargs):
+    def forward(self, hidden_states, *, cache=None, cu_seqlens=None, stack_tree=None, token_mask=None, **kwargs):
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-        u = hidden_states.to(dtype)
+        # Pads (token_mask False) feed nothing into the state (a zero state stays zero through left padding).
+        u = zero_pads(hidden_states.to(dtype), token_mask)
         entry = cache.layer(self.layer_idx) if cache is not None else None
         state = entry.get("s4d") if entry is not None else None
         a_bar, b_bar, c = self.discretize(dtype)

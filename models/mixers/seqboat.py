@@ -73,15 +73,23 @@ class SeqBoatMixer(nn.Module):
         pi = torch.softmax(u.float() / torch.exp(self.log_tau.float()), -1)
         return pi[..., 1] > pi[..., 0], pi[..., 1].to(m.dtype), hx
 
-    def forward(self, hidden_states, *, position_ids, cache=None, cu_seqlens=None, stack_tree=None, **kwargs):
+    def forward(self, hidden_states, *, position_ids, cache=None, cu_seqlens=None, stack_tree=None, token_mask=None, **kwargs):
+        """token_mask (B, L) bool or None: pads (False) feed nothing into the EMA state and are never
+        activated, so they take no slot of the GAU window and no prefix entry of the cache."""
         x = hidden_states
         batch, length, _ = x.shape
         entry = cache.layer(self.layer_idx) if cache is not None else None
         x_hat = self.norm(x)
-        ema_out, ema_state = self.ema(x_hat, self.kernels, cu_seqlens, entry.get("ema") if entry is not None else None, stack_tree)
+        ema_out, ema_state = self.ema(
+            x_hat, self.kernels, cu_seqlens, entry.get("ema") if entry is not None else None, stack_tree, token_mask
+        )
         m = F.silu(ema_out)
         active, prob, hx = self.route(m)
-        self.last_activation_ratio = active.float().mean().detach()
+        if token_mask is None:
+            self.last_activation_ratio = active.float().mean().detach()
+        else:
+            active = active & token_mask
+            self.last_activation_ratio = (active.sum() / token_mask.sum().clamp_min(1)).float().detach()
 
         # Pack activated tokens to the front of each row (stable: original order kept).
         counts = active.sum(1)

@@ -132,6 +132,7 @@ class BlockKernel:
     causal_alignment: str  # "top_left" or "bottom_right" (when q and k lengths differ)
     note: str = ""
     lifetime_mask: bool = False  # takes `visible=Lifetimes` (stack-structured sequences)
+    score_modifiers: frozenset = frozenset()  # of "window", "softcap": the modifiers it implements
 
     def __repr__(self) -> str:
         return f"BlockKernel({self.name!r}, causal_alignment={self.causal_alignment!r})"

@@ -80,4 +80,5 @@ FLASH_ATTN_KERNEL = BlockKernel(
     backward=block_backward,
     causal_alignment="bottom_right",
     note="flash_attn_varlen_func and its varlen backward",
+    score_modifiers=frozenset({"softcap"}),
 )

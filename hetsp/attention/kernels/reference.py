@@ -98,6 +98,7 @@ REFERENCE_KERNEL = BlockKernel(
     causal_alignment="bottom_right",
     note="plain torch, per segment, float64-capable",
     lifetime_mask=True,
+    score_modifiers=frozenset({"window", "softcap"}),
 )
 
 

@@ -8,21 +8,23 @@ top-left (query i sees keys j <= i) when query and key lengths differ; hetsp onl
 causally with equal lengths. GQA: K/V heads are repeated here, after communication, and
 their gradients summed back.
 
-Sliding window: an additive (0 / -inf) mask from the rows' global positions; a row whose
-mask hides every key gets lse = 0 from the op, so such rows are set to lse = -inf, out = 0
-(the ring never sends them: its steps drop rows that see no key of a block).
+Sliding window: each segment's queries run in tiles against only the key rows their windows
+reach, with an additive (0 / -inf) mask from the rows' global positions; a row whose mask
+hides every key gets lse = 0 from the op, so such rows are set to lse = -inf, out = 0 (the
+ring never sends them: its steps drop rows that see no key of a block).
 Logit softcapping changes the score function, which the op cannot do: a softcapped block
 is computed by the plain-torch reference kernel (exact, slower), logged once.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from functools import lru_cache
 
 import torch
 
-from .base import BlockKernel, Lifetimes, Segments, acc_dtype, reduce_kv, repeat_kv
+from .base import BlockKernel, Lifetimes, Segments, acc_dtype, reduce_kv, repeat_kv, window_visible
 from .reference import block_backward_ref, block_forward_ref
 
 logger = logging.getLogger("hetsp.attention")
@@ -91,15 +93,68 @@ def _batch_mask(visible: Lifetimes | None, nq, nk, qa, ka, qs, ks, b, dtype):
     return mask[:, None], allowed.any(-1)
 
 
-def _window_mask(seg: Segments, window: int, dtype, device, qa, qs, nq, ka, ks, nk, b):
-    """(B, 1, nq, nk) additive mask (0 visible, -inf hidden) of one strided batch, and (B, nq) 'sees a key'."""
+def _window_tiles(seg: Segments, window: int) -> list[tuple[int, int, int, int]]:
+    """Sub-blocks (q_start, nq, k_start, nk) covering a sliding-window block (cached): each
+    segment's queries in tiles of max(window, 128) rows, each with the key rows its windows
+    reach (positions ascend within a segment, so that is one contiguous range). A query row
+    belongs to one tile, so the op never computes far outside the window."""
+    key = ("torch_cpu_window_tiles", window)
+    if key not in seg.cache:
+        q_pos, k_pos = seg.q_pos, seg.k_pos
+        if q_pos is None or k_pos is None:
+            raise ValueError("a sliding-window block needs the rows' global positions: set Segments.q_pos and k_pos")
+        size = max(window, 128)
+        tiles = []
+        for a, b, c, e in zip(seg.cu_q, seg.cu_q[1:], seg.cu_k, seg.cu_k[1:]):
+            keys = k_pos[c:e]
+            for t0 in range(a, b, size):
+                t1 = min(b, t0 + size)
+                lo = c + bisect.bisect_left(keys, q_pos[t0] - window + 1)
+                hi = c + bisect.bisect_right(keys, q_pos[t1 - 1])
+                if hi > lo:
+                    tiles.append((t0, t1 - t0, lo, hi - lo))
+        seg.cache[key] = tiles
+    return seg.cache[key]
+
+
+def _tile_mask(seg: Segments, window: int, dtype, device, qa, nq, ka, nk):
+    """(1, 1, nq, nk) additive mask (0 visible, -inf hidden) of one tile, and (nq,) 'sees a key'."""
     q_pos, k_pos = seg.device_pos(device)
-    qp = q_pos.as_strided((b, nq), (qs, 1), qa)
-    kp = k_pos.as_strided((b, nk), (ks, 1), ka)
-    diff = qp[:, :, None] - kp[:, None, :]
-    visible = (diff >= 0) & (diff < window)  # as base.window_visible, per segment of the batch
+    visible = window_visible(q_pos[qa : qa + nq], k_pos[ka : ka + nk], window)
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-    return mask[:, None], visible.any(-1)
+    return mask[None, None], visible.any(-1)
+
+
+def _window_forward(q_THD, k_THD, v_THD, seg: Segments, scale: float, window: int):
+    out = torch.zeros_like(q_THD)
+    lse = torch.full(q_THD.shape[:2], float("-inf"), dtype=acc_dtype(q_THD.dtype), device=q_THD.device)
+    for qa, nq, ka, nk in _window_tiles(seg, window):
+        mask, seen = _tile_mask(seg, window, q_THD.dtype, q_THD.device, qa, nq, ka, nk)
+        o, l = _op()(_view(q_THD, qa, 0, nq, 1), _view(k_THD, ka, 0, nk, 1), _view(v_THD, ka, 0, nk, 1), 0.0, False, attn_mask=mask, scale=scale)
+        if not bool(seen.all()):
+            # the op returns lse = 0 for a row whose mask hides every key; such a row has seen nothing
+            o = o.masked_fill(~seen[None, None, :, None], 0.0)
+            l = l.masked_fill(~seen[None, None, :], float("-inf"))
+        _view(out, qa, 0, nq, 1).copy_(o)
+        _view(lse[..., None], qa, 0, nq, 1)[..., 0].copy_(l)
+    return out, lse
+
+
+def _window_backward(dout_THD, q_THD, k_THD, v_THD, out_THD, lse_TH1, seg: Segments, scale: float, window: int):
+    dq = torch.zeros_like(q_THD)
+    dk = torch.zeros(k_THD.shape, dtype=lse_TH1.dtype, device=q_THD.device)  # tiles share keys: accumulate
+    dv = torch.zeros_like(dk)
+    for qa, nq, ka, nk in _window_tiles(seg, window):
+        mask, _ = _tile_mask(seg, window, q_THD.dtype, q_THD.device, qa, nq, ka, nk)
+        gq, gk, gv = _op_backward()(
+            _view(dout_THD, qa, 0, nq, 1).contiguous(), _view(q_THD, qa, 0, nq, 1), _view(k_THD, ka, 0, nk, 1),
+            _view(v_THD, ka, 0, nk, 1), _view(out_THD, qa, 0, nq, 1).contiguous(),
+            _view(lse_TH1, qa, 0, nq, 1)[..., 0].contiguous(), 0.0, False, attn_mask=mask, scale=scale,
+        )
+        _view(dq, qa, 0, nq, 1).copy_(gq)
+        _view(dk, ka, 0, nk, 1).add_(gk)
+        _view(dv, ka, 0, nk, 1).add_(gv)
+    return dq, dk, dv
 
 
 def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float, visible: Lifetimes | None = None, *,
@@ -114,14 +169,14 @@ def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float
         return block_forward_ref(q_THD, k_TKD, v_TKD, seg, causal, scale, visible, window=window, softcap=softcap)
     num_heads = q_THD.shape[1]
     k_THD, v_THD = repeat_kv(k_TKD, num_heads), repeat_kv(v_TKD, num_heads)
+    if window is not None:
+        return _window_forward(q_THD, k_THD, v_THD, seg, scale, window)
     out = torch.empty_like(q_THD)
     lse = torch.empty(q_THD.shape[:2], dtype=acc_dtype(q_THD.dtype), device=q_THD.device)
     for nq, nk, qa, ka, qs, ks, b in _batches(seg):
         mask = seen = None
         if visible is not None:
             mask, seen = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
-        elif window is not None:
-            mask, seen = _window_mask(seg, window, q_THD.dtype, q_THD.device, qa, qs, nq, ka, ks, nk, b)
         o, l = _op()(
             _view(q_THD, qa, qs, nq, b), _view(k_THD, ka, ks, nk, b), _view(v_THD, ka, ks, nk, b), 0.0,
             causal and mask is None, attn_mask=mask, scale=scale,
@@ -138,6 +193,9 @@ def block_forward(q_THD, k_TKD, v_TKD, seg: Segments, causal: bool, scale: float
 def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments, causal: bool, scale: float,
                    visible: Lifetimes | None = None, *, window=None, softcap=None):
     """(dq (Tq, H, D), dk (Tk, K, D), dv) from the given final `out` and `lse`."""
+    if visible is not None and window is not None:
+        raise NotImplementedError("attention kernel torch_cpu: a sliding window on <bkspc> sequences is not supported; "
+                                  "train such models without backspace, or without the window")
     if softcap is not None:
         return block_backward_ref(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg, causal, scale, visible,
                                   window=window, softcap=softcap)
@@ -147,6 +205,9 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
     dout_THD = dout_THD.to(q_THD.dtype)
     out_THD = out_THD.to(q_THD.dtype)
     lse_TH1 = lse_TH.to(lse_dtype)[..., None]
+    if window is not None:
+        dq, dk, dv = _window_backward(dout_THD, q_THD, k_THD, v_THD, out_THD, lse_TH1, seg, scale, window)
+        return dq, reduce_kv(dk, num_kv), reduce_kv(dv, num_kv)
     dq = torch.empty_like(q_THD)
     dk = torch.empty_like(k_THD)
     dv = torch.empty_like(v_THD)
@@ -154,8 +215,6 @@ def block_backward(dout_THD, q_THD, k_TKD, v_TKD, out_THD, lse_TH, seg: Segments
         mask = None
         if visible is not None:
             mask, _ = _batch_mask(visible, nq, nk, qa, ka, qs, ks, b, q_THD.dtype)
-        elif window is not None:
-            mask, _ = _window_mask(seg, window, q_THD.dtype, q_THD.device, qa, qs, nq, ka, ks, nk, b)
         gq, gk, gv = _op_backward()(
             _view(dout_THD, qa, qs, nq, b).contiguous(),
             _view(q_THD, qa, qs, nq, b),
@@ -181,4 +240,5 @@ TORCH_CPU_KERNEL = BlockKernel(
     causal_alignment="top_left",
     note="aten._scaled_dot_product_flash_attention_for_cpu, one call per run of equal segments",
     lifetime_mask=True,
+    score_modifiers=frozenset({"window", "softcap"}),
 )

@@ -340,6 +340,7 @@ TRITON_KERNEL = BlockKernel(
     causal_alignment="bottom_right",
     note="Triton varlen flash attention with log-sum-exp",
     lifetime_mask=True,
+    score_modifiers=frozenset({"window", "softcap"}),
 )
 
 
@@ -358,4 +359,5 @@ def triton_kernel(block_m: int | None = None, block_n: int | None = None) -> Blo
         causal_alignment="bottom_right",
         note=f"Triton varlen flash attention with log-sum-exp, tiles {block_m}x{block_n}",
         lifetime_mask=True,
+        score_modifiers=frozenset({"window", "softcap"}),
     )
