@@ -307,3 +307,11 @@ def test_sampled_trajectories_are_valid_model_trajectories():
     loss, _ = _one_process(_model(), trajs[:3], obj, structures)
     ref_loss, _ = backspace_fns.per_context_reference(trajs[:3], structures, "hybrid", ALL_FIVE, obj)
     torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), **PLAN_TOL)
+
+
+def test_masked_sequence_refused():
+    from hetsp.data.corpus import MaskedSequence
+
+    with pytest.raises(NotImplementedError, match="prompt_length"):
+        SequenceMatch.labels(MaskedSequence([1, 2, 3, 4], [False, True, False, True]))
+    assert SequenceMatch.labels(Trajectory([1, 2, 3, 4], prompt_length=2)) == [-100, 3, 4, -100]

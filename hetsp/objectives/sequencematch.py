@@ -165,6 +165,11 @@ class SequenceMatch:
     @staticmethod
     def labels(seq: Sequence[int]) -> list[int]:
         """Position j's action is token j + 1; the last token and the prompt have none."""
+        trainable = getattr(seq, "trainable", None)
+        if trainable is not None and not all(trainable[max(1, getattr(seq, "prompt_length", 0)):]):
+            raise NotImplementedError(
+                "sequencematch takes a prompt as Trajectory(ids, prompt_length=...), not a per-token trainable "
+                "mask with gaps (a chat transcript); convert the example to a prompt and one completion")
         start = max(0, getattr(seq, "prompt_length", 0) - 1)
         return [IGNORE_INDEX] * start + list(seq[start + 1:]) + [IGNORE_INDEX] * (len(seq) > start)
 
