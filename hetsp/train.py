@@ -88,7 +88,7 @@ def build_runtime(cfg: Config) -> Runtime:
     device = _device()
     warm_up(device)  # NCCL: one collective before any group's first point-to-point exchange
     torch.manual_seed(cfg.run.seed)
-    objective = get_objective(cfg.train.objective)
+    objective = get_objective(cfg.train.objective, cfg.objective)
     data = build_data(cfg.data, cfg.run.seed)
     model = parallelize(build_model(cfg.model, data.vocab_size, attn_implementation=register_attention()))
     num_params = sum(p.numel() for p in model.parameters())

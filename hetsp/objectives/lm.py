@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from hetsp.objectives.base import IGNORE_INDEX, Objective
+
+__all__ = ["IGNORE_INDEX", "LanguageModeling"]
 
 
-class LanguageModeling:
+class LanguageModeling(Objective):
     name = "lm"
+    unit = "target token"
 
     @staticmethod
     def labels(seq: Sequence[int]) -> list[int]:
@@ -22,9 +25,12 @@ class LanguageModeling:
         """
         return list(seq[1:]) + [IGNORE_INDEX]
 
-    @staticmethod
-    def num_units(lengths: Sequence[int]) -> int:
-        return sum(max(0, n - 1) for n in lengths)
+    def token_inputs(self, example: Sequence[int]) -> dict[str, list]:
+        return {"labels": self.labels(example)}
+
+    def num_units(self, examples: Sequence[Any]) -> int:
+        """Target tokens of a batch, given its sequences or their lengths."""
+        return sum(max(0, (n if isinstance(n, int) else len(n)) - 1) for n in examples)
 
     @staticmethod
     def loss_sum(logits_TV: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
@@ -33,3 +39,6 @@ class LanguageModeling:
         if logits_TV.shape[0] == 0:
             return logits_TV.sum() * 0.0
         return F.cross_entropy(logits_TV, labels_T, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def token_loss(self, logits_TV: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_sum(logits_TV, inputs["labels"])
