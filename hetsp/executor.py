@@ -198,7 +198,7 @@ def micro_batch_loss(
     token = objective.token_loss(logits, inputs.tokens)
     local = token * inputs.weight if token is not None else logits.sum() * 0.0
     reported = float(local.detach())
-    if not objective.num_stats:
+    if not objective.num_stats or not examples:  # the plan tells every rank alike: no collective
         return MicroBatchLoss(local, reported)
     per_token_TK = objective.token_stats(logits, inputs.tokens)
     keep = inputs.seq_slot >= 0
@@ -234,7 +234,7 @@ def run_plan(
     num_units = objective.num_units(sequences)
     if num_units == 0:
         raise ValueError(f"the global batch has no {objective.unit} to train on (every sequence has a single token?)")
-    check_bundles_planned(plan, objective.bundles(sequences))
+    plan.check_bundle_placement(objective.bundles(sequences))
     scale = world_size / num_units
     total = 0.0
     local_tokens = 0
@@ -263,17 +263,3 @@ def run_plan(
             for k, v in objective.metrics_from_stats(res.stats_SK, examples).items():
                 metrics[k] = metrics.get(k, 0.0) + v
     return StepResult(total, num_units, local_tokens, per_mb, seq_stats, metrics)
-
-
-def check_bundles_planned(plan: Plan, bundles: Sequence[Sequence[int]]) -> None:
-    """Refuse a plan that splits a bundle over micro-batches (its loss would be wrong)."""
-    if all(len(b) == 1 for b in bundles):
-        return
-    mb_of = {s: m for m, mb in enumerate(plan.micro_batches) for s in mb.seqs()}
-    for b in bundles:
-        where = {mb_of[s] for s in b}
-        if len(where) > 1:
-            raise ValueError(
-                f"the plan puts bundle {list(b)} in micro-batches {sorted(where)}; a bundle's sequences must "
-                "share one micro-batch (plan with the batch's bundles)"
-            )

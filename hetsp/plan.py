@@ -74,16 +74,20 @@ class Plan:
     `lengths[i]` is the token count of batch sequence i (as fed to the model,
     i.e. after any truncation). `meta` carries free-form planner information
     (planner name, solve time, optimality, estimated time); it never changes
-    what is executed.
+    what is executed. `bundles` lists sets of sequences that must share a
+    micro-batch (the completions of one prompt for CoPG); empty, or bundles
+    of one, when every sequence stands alone (language modelling).
     """
 
     lengths: tuple[int, ...]
     micro_batches: tuple[MicroBatch, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    bundles: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(x) for x in self.lengths))
         object.__setattr__(self, "micro_batches", tuple(self.micro_batches))
+        object.__setattr__(self, "bundles", tuple(tuple(int(s) for s in b) for b in self.bundles))
 
     @property
     def num_micro_batches(self) -> int:
@@ -135,15 +139,29 @@ class Plan:
         missing = [i for i in range(len(self.lengths)) if i not in seen]
         if missing:
             raise PlanError(f"sequences {missing[:10]}{'...' if len(missing) > 10 else ''} are in no group")
+        self.check_bundle_placement()
         return self
+
+    def check_bundle_placement(self, bundles: Sequence[Sequence[int]] | None = None) -> None:
+        """Every bundle (the plan's own, or `bundles`) lies in one micro-batch; PlanError if not."""
+        bundles = self.bundles if bundles is None else bundles
+        check_bundles(bundles, len(self.lengths))
+        mb_of = {s: m for m, mb in enumerate(self.micro_batches) for s in mb.seqs()}
+        for b in bundles:
+            where = sorted({mb_of.get(s, -1) for s in b})
+            if len(where) > 1:
+                raise PlanError(f"bundle {list(b)} is split over micro-batches {where}; a bundle must share one")
 
     # ---- JSON form (one object per plan; run folders store one per line) ----
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "lengths": list(self.lengths),
             "micro_batches": [[g.to_dict() for g in mb.groups] for mb in self.micro_batches],
             "meta": self.meta,
         }
+        if any(len(b) > 1 for b in self.bundles):
+            d["bundles"] = [list(b) for b in self.bundles]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -151,8 +169,31 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         mbs = tuple(MicroBatch(tuple(Group.from_dict(g) for g in mb)) for mb in d["micro_batches"])
-        return cls(tuple(d["lengths"]), mbs, dict(d.get("meta", {})))
+        return cls(tuple(d["lengths"]), mbs, dict(d.get("meta", {})), tuple(tuple(b) for b in d.get("bundles", ())))
 
     @classmethod
     def from_json(cls, s: str) -> "Plan":
         return cls.from_dict(json.loads(s))
+
+
+def check_bundles(bundles: Sequence[Sequence[int]], num_seqs: int) -> None:
+    """Bundles must be non-empty and disjoint, with indices in [0, num_seqs); sequences in none
+    stand alone. Raises PlanError naming the first fault."""
+    owner: dict[int, int] = {}
+    for k, b in enumerate(bundles):
+        if not b:
+            raise PlanError(f"bundle {k} is empty")
+        for s in b:
+            if not 0 <= s < num_seqs:
+                raise PlanError(f"bundle {k} names sequence {s}, outside the batch of {num_seqs}")
+            if s in owner:
+                raise PlanError(f"sequence {s} is in bundles {owner[s]} and {k}")
+            owner[s] = k
+
+
+def full_bundles(bundles: Sequence[Sequence[int]] | None, num_seqs: int) -> list[list[int]]:
+    """`bundles` completed with a bundle of one for every sequence they leave out (checked)."""
+    bundles = [list(b) for b in bundles or ()]
+    check_bundles(bundles, num_seqs)
+    listed = {s for b in bundles for s in b}
+    return bundles + [[i] for i in range(num_seqs) if i not in listed]
