@@ -181,7 +181,12 @@ def assemble_stats(partial_SK: torch.Tensor) -> torch.Tensor:
 
 
 def micro_batch_loss(
-    model: Callable[..., Any], inputs: MicroBatchInputs, objective: Any, examples: Sequence[Any], rank: int
+    model: Callable[..., Any],
+    inputs: MicroBatchInputs,
+    objective: Any,
+    examples: Sequence[Any],
+    rank: int,
+    stats_only: bool = False,
 ) -> MicroBatchLoss:
     """Forward one micro-batch and build this rank's loss terms.
 
@@ -204,7 +209,10 @@ def micro_batch_loss(
     keep = inputs.seq_slot >= 0
     partial_SK = per_token_TK.new_zeros((len(examples), objective.num_stats))
     partial_SK = partial_SK.index_add(0, inputs.seq_slot[keep], per_token_TK[keep]) * inputs.weight
-    stats_SK = assemble_stats(partial_SK).requires_grad_(True)
+    stats_SK = assemble_stats(partial_SK)
+    if stats_only:
+        return MicroBatchLoss(local, 0.0, stats_SK)
+    stats_SK.requires_grad_(True)
     with torch.enable_grad():
         seq_loss = objective.loss_from_stats(stats_SK, examples)
         (coef_SK,) = torch.autograd.grad(seq_loss, stats_SK)
@@ -224,13 +232,18 @@ def run_plan(
     objective: Any,
     kernel: str = "auto",
     train: bool = True,
+    stats_only: bool = False,
 ) -> StepResult:
     """Forward (and backward when `train`) of every micro-batch of `plan` on this rank.
+
+    `stats_only` (no backward): only assemble the objective's per-sequence statistics
+    (`StepResult.seq_stats`), e.g. the reference model's log-probs; no loss is computed.
 
     `engine` is a DeepSpeed engine when training (its `backward` and
     `set_gradient_accumulation_boundary` are used; the caller calls
     `engine.step()` afterwards), or any callable model for evaluation.
     """
+    train = train and not stats_only
     num_units = objective.num_units(sequences)
     if num_units == 0:
         raise ValueError(f"the global batch has no {objective.unit} to train on (every sequence has a single token?)")
@@ -255,11 +268,12 @@ def run_plan(
             engine.backward(res.local * scale, scale_wrt_gas=False)
         else:
             with torch.no_grad():
-                res = micro_batch_loss(engine, inputs, objective, examples, rank)
+                res = micro_batch_loss(engine, inputs, objective, examples, rank, stats_only)
         total += res.reported
         if res.stats_SK is not None:
             for j, s in enumerate(mb_seqs):
                 seq_stats[s] = res.stats_SK[j].tolist()
+        if res.stats_SK is not None and not stats_only:
             for k, v in objective.metrics_from_stats(res.stats_SK, examples).items():
                 metrics[k] = metrics.get(k, 0.0) + v
     return StepResult(total, num_units, local_tokens, per_mb, seq_stats, metrics)

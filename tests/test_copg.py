@@ -17,7 +17,7 @@ from hetsp.objectives.config import CoPGObjectiveConfig
 from hetsp.objectives.copg import CoPG, ScoredCompletion, copg_loss
 from solver import get_planner
 
-from . import step_fns
+from . import copg_fns, step_fns
 
 
 def random_bundles(rng: random.Random, num_bundles: int, k_max: int = 3, ref: bool = True):
@@ -218,3 +218,22 @@ def test_bad_bundles_are_refused():
         obj.bundles(empty)
     with pytest.raises(ValueError, match="beta must be > 0"):
         CoPG(CoPGObjectiveConfig(beta=0.0))
+
+
+def test_reference_precomputed_equals_live_equals_one_process(rank_pool, tmp_path):
+    rng = random.Random(3)
+    exs = random_bundles(rng, 4, ref=False)
+    obj = CoPG()
+    bundles = obj.bundles(exs)
+    batches = [sorted(s for b in bundles[:2] for s in b), sorted(s for b in bundles[2:] for s in b)]
+    live_plan = get_planner("random", PlannerConfig(seed=9), ClusterConfig()).plan([len(e.tokens) for e in exs], 3, bundles)
+    out = [r for r in rank_pool(3).run(copg_fns.reference_paths, exs, batches, 4, live_plan.to_json(), str(tmp_path)) if r]
+    pre, cached1, cached2, again, live = out[0]
+    assert (cached1, cached2) == (False, True)
+    model = step_fns.tiny_model("sdpa", torch.float64)
+    with torch.no_grad():
+        want = torch.tensor([float(completion_logp(model, e)) for e in exs], dtype=torch.float64)
+    # fp64 throughout; plans only change summation order
+    torch.testing.assert_close(torch.tensor(pre, dtype=torch.float64), want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(torch.tensor(live, dtype=torch.float64), want, rtol=1e-9, atol=1e-11)
+    assert again == pre  # read back from the cache exactly
