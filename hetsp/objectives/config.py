@@ -6,7 +6,7 @@ checked like every other section (unknown keys are errors naming the key).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -32,8 +32,19 @@ class CoPGObjectiveConfig:
     # Where the reference log-probs come from: "precomputed" (one pass before training,
     # cached in the run folder) or "live" (a frozen copy, or the base with LoRA adapters off).
     reference: Literal["precomputed", "live"] = "precomputed"
+    # Offline pairs without score_chosen/score_rejected get these rewards. With the default
+    # (+1/4, -1/4), CoPG's gradient is IPO's (tau = beta) divided by 2 beta (REFERENCE.md section 3).
+    reward_pair: list[float] = field(default_factory=lambda: [0.25, -0.25])
+    # A prompt longer than this many tokens (0: no limit) is dropped with a count ("drop") or
+    # keeps its last max_prompt_tokens tokens ("truncate_left").
+    max_prompt_tokens: int = 0
+    long_prompt: Literal["drop", "truncate_left"] = "drop"
 
     def check(self) -> None:
+        if len(self.reward_pair) != 2 or not self.reward_pair[0] > self.reward_pair[1]:
+            raise ValueError(f"objective.reward_pair must be [chosen, rejected] with chosen > rejected, got {self.reward_pair}")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"objective.max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         if not self.beta > 0:
             raise ValueError(f"objective.beta must be > 0, got {self.beta}")
         if not self.reward_scale > 0:
