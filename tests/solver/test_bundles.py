@@ -84,3 +84,15 @@ def test_bad_bundles_and_too_large_bundles():
     plan = drop.plan([6, 6, 3, 2, 2], 1, [[0, 1], [3, 4]])
     assert plan.meta["dropped"] == [0, 1] and plan.meta["source_index"] == [2, 3, 4]
     assert plan.bundles == ((1, 2),) and plan.lengths == (3, 2, 2)
+
+
+def test_cli_shows_bundles(tmp_path, capsys):
+    from solver.__main__ import main
+
+    f = tmp_path / "lengths.txt"
+    f.write_text("\n".join(map(str, [300, 500, 200, 900, 120, 400])))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[cluster]\npeak_tflops = 1.0\ntokens_per_rank = 1000\n[planner]\nname = "greedy"\n')
+    assert main(["--lengths", str(f), "--ranks", "2", "--bundle-size", "3", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "2 bundles" in out and "b0" in out and "b1" in out
