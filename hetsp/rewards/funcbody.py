@@ -12,7 +12,8 @@ The reward is in [0, 1], the weighted sum of four parts:
   and cls excluded) read somewhere in that parsed prefix (1 when it has none);
 - 0.2 returns as documented: when the docstring says the function returns
   (the word "return" or "returns"), 1 if the parsed prefix has a ``return``
-  with a value, else 0; when it does not say so, 1.
+  with a value of its own (not in a nested function), else 0; when it does
+  not say so, 1.
 
 An empty body scores 0. Partial credit is the point: a body that parses
 halfway, or parses but ignores its arguments, sits between a real body and noise.
@@ -34,6 +35,18 @@ def _function(tree: ast.AST) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             return node
     return None
+
+
+def _own_nodes(stmts: list[ast.stmt]):
+    """Every node of these statements, not descending into nested functions, lambdas or classes
+    (their returns are not the function's)."""
+    todo = list(stmts)
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                todo.append(child)
 
 
 def _tokenizes_fraction(text: str) -> float:
@@ -92,7 +105,7 @@ def reward_parts(prompt: str, completion: str) -> dict[str, float]:
     reads = {n.id for stmt in body_nodes for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     parts["uses_params"] = sum(p in reads for p in params) / len(params) if params else 1.0
     if _RETURNS.search(doc):
-        has_return = any(isinstance(n, ast.Return) and n.value is not None for stmt in body_nodes for n in ast.walk(stmt))
+        has_return = any(isinstance(n, ast.Return) and n.value is not None for n in _own_nodes(body_nodes))
         parts["returns"] = 1.0 if has_return else 0.0
     else:
         parts["returns"] = 1.0
