@@ -77,7 +77,6 @@ def build_runtime(cfg: Config) -> Runtime:
     import torch.distributed as dist
 
     from hetsp.attention import register_attention, warm_up
-    from hetsp.data import build_data
     from hetsp.engine import build_engine
     from hetsp.metrics.flops import ModelFlops
     from hetsp.model_registry import build_model
@@ -89,7 +88,7 @@ def build_runtime(cfg: Config) -> Runtime:
     warm_up(device)  # NCCL: one collective before any group's first point-to-point exchange
     torch.manual_seed(cfg.run.seed)
     objective = get_objective(cfg.train.objective, cfg.objective)
-    data = build_data(cfg.data, cfg.run.seed)
+    data = objective.build_data(cfg, cfg.run.seed)
     model = parallelize(build_model(cfg.model, data.vocab_size, attn_implementation=register_attention()))
     num_params = sum(p.numel() for p in model.parameters())
     if dist.get_rank() == 0:
@@ -154,6 +153,13 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     # MFU uses the device's published peak only (cluster.peak_tflops is the planner's cost-model input).
     peak = peak_flops(device, dtype_name)
 
+    from hetsp.objectives.base import RunContext
+
+    planning = Planning(cfg, data, world_size, rank)
+    kernel = cfg.attention.kernel
+    ctx = RunContext(engine, data, planning, run_dir, rank, world_size, device, kernel,
+                     lambda msg: log.info("%s", msg) if rank == 0 else None)
+    objective.prepare_run(ctx)  # before any checkpoint is loaded: the model is the starting policy
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if (resume or cfg.run.resume or restarted) and checkpoint.latest_step(run_dir) is not None:
@@ -163,12 +169,10 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     elif resume and rank == 0:
         log.warning("--resume: no checkpoint in %s, starting from step 0", checkpoint.checkpoint_dir(run_dir))
 
-    planning = Planning(cfg, data, world_size, rank)
     metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size,
                             peak_flops_per_rank=peak, print_every=cfg.train.log_every)
     ckpt_meta = {"vocab_size": data.vocab_size, "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
-    kernel = cfg.attention.kernel
     end = cfg.train.steps if cfg.train.stop_after <= 0 else min(cfg.train.steps, start + cfg.train.stop_after)
     try:
         for step in range(start, end):
@@ -180,6 +184,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
                 planning.prefetch(step + 1)
             t_plan = time.perf_counter() - t0
             metrics.log_plan(step, plan)
+            batch = objective.step_batch(ctx, plan, batch)
             res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel)
             engine.step()
             loss_sum = torch.tensor([res.loss_sum], dtype=torch.float64)
@@ -196,6 +201,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
                 "group_sizes": plan.group_sizes(),
                 "epoch": data.epoch_of(step),
             }
+            record.update(objective.finish_metrics(res.metrics))
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)

@@ -132,3 +132,49 @@ def bundle_batches(examples: Sequence[ScoredCompletion], bundles_per_batch: int)
         order.setdefault(ex.bundle, []).append(i)
     groups = list(order.values())
     return [sorted(i for b in groups[j:j + bundles_per_batch] for i in b) for j in range(0, len(groups), bundles_per_batch)]
+
+
+class PreferenceDataModule:
+    """Global batches of whole bundles for CoPG: the slice of `DataModule`'s interface the
+    training loop uses. Batches are `bundles_per_batch` bundles, reshuffled every epoch from
+    (seed, epoch), so every rank builds the same batch of a step locally."""
+
+    def __init__(self, data: PreferenceData, bundles_per_batch: int, seed: int, tokenizer: Any) -> None:
+        self.examples = data.examples
+        self.stats = {"rows": data.num_rows, "dropped_long_prompt": data.num_dropped_long_prompt,
+                      "truncated_prompt": data.num_truncated_prompt}
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.seed = seed
+        self.bundles_per_batch = bundles_per_batch
+        self._bundles = bundle_batches(self.examples, 1)
+        self.batches_per_epoch = max(1, -(-len(self._bundles) // bundles_per_batch))
+
+    def all_batches(self) -> list[list[int]]:
+        """Every example once, in batches of whole bundles (for the reference pass)."""
+        return bundle_batches(self.examples, self.bundles_per_batch)
+
+    def _indices(self, step: int) -> list[int]:
+        import random
+
+        epoch, k = divmod(step, self.batches_per_epoch)
+        order = list(range(len(self._bundles)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        chosen = order[k * self.bundles_per_batch:(k + 1) * self.bundles_per_batch]
+        return [i for b in chosen for i in self._bundles[b]]
+
+    def train_batch(self, step: int) -> list[ScoredCompletion]:
+        return [self.examples[i] for i in self._indices(step)]
+
+    def train_batch_lengths(self, step: int) -> list[int]:
+        return [len(self.examples[i]) for i in self._indices(step)]
+
+    def train_batch_bundles(self, step: int) -> list[list[int]]:
+        return bundle_batches(self.train_batch(step), 1)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.batches_per_epoch
+
+    def val_batches(self, num: int) -> list:
+        return []
+

@@ -32,11 +32,27 @@ The step loss is the sum of unit losses over the global batch divided by
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class RunContext:
+    """What an objective's run hooks may use (built by the training loop on every rank)."""
+
+    engine: Any
+    data: Any
+    planning: Any
+    run_dir: Any
+    rank: int
+    world_size: int
+    device: Any
+    kernel: str
+    log: Callable[[str], None]
 
 
 class Objective:
@@ -49,6 +65,26 @@ class Objective:
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg
+
+    # ---- the run ------------------------------------------------------------------
+    def build_data(self, cfg: Any, seed: int) -> Any:
+        """The data module this objective trains on (default: the tokenized corpus)."""
+        from hetsp.data import build_data
+
+        return build_data(cfg.data, seed)
+
+    def prepare_run(self, ctx: Any) -> None:
+        """Called once on every rank before any checkpoint is loaded, so the model is the starting
+        policy (e.g. reference log-probs)."""
+
+    def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
+        """The batch as `run_plan` gets it (e.g. with live reference log-probs)."""
+        return batch
+
+    @staticmethod
+    def finish_metrics(sums: dict[str, float]) -> dict[str, float]:
+        """Per-step metrics from the step's sums of `metrics_from_stats`."""
+        return {}
 
     # ---- data, before the layout ---------------------------------------------
     def tokens(self, example: Any) -> Sequence[int]:

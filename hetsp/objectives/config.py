@@ -32,6 +32,8 @@ class CoPGObjectiveConfig:
     # Where the reference log-probs come from: "precomputed" (one pass before training,
     # cached in the run folder) or "live" (a frozen copy, or the base with LoRA adapters off).
     reference: Literal["precomputed", "live"] = "precomputed"
+    data: str = ""  # offline preference file (.jsonl/.json/.parquet) in TRL's formats
+    bundles_per_batch: int = 8  # prompts (bundles) per global batch
     # Offline pairs without score_chosen/score_rejected get these rewards. With the default
     # (+1/4, -1/4), CoPG's gradient is IPO's (tau = beta) divided by 2 beta (REFERENCE.md section 3).
     reward_pair: list[float] = field(default_factory=lambda: [0.25, -0.25])
@@ -43,6 +45,8 @@ class CoPGObjectiveConfig:
     def check(self) -> None:
         if len(self.reward_pair) != 2 or not self.reward_pair[0] > self.reward_pair[1]:
             raise ValueError(f"objective.reward_pair must be [chosen, rejected] with chosen > rejected, got {self.reward_pair}")
+        if self.bundles_per_batch < 1:
+            raise ValueError(f"objective.bundles_per_batch must be >= 1, got {self.bundles_per_batch}")
         if self.max_prompt_tokens < 0:
             raise ValueError(f"objective.max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         if not self.beta > 0:

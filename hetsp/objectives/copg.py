@@ -35,6 +35,9 @@ class ScoredCompletion:
     bundle: int  # the completions of one prompt share this id
     ref_logp: float | None = None  # log pi_ref(completion | prompt), summed over completion tokens
 
+    def __len__(self) -> int:
+        return len(self.tokens)
+
     @property
     def num_completion_tokens(self) -> int:
         return len(self.tokens) - self.prompt_len
@@ -153,6 +156,41 @@ class CoPG(Objective):
                             out["ordered"] += float(math.copysign(1, dr) * float(logratio[members[a]] - logratio[members[c]]) > 0)
         return out
 
+    def build_data(self, cfg: Any, seed: int) -> Any:
+        """Offline pairs from `objective.data` (TRL formats), tokenized with `data.tokenizer`."""
+        from hetsp.data.preference import PreferenceDataModule, preference_examples, read_rows
+        from hetsp.data.tokenizer import load_tokenizer
+
+        if not self.cfg.data:
+            raise ValueError("objective.data: give a preference file (.jsonl/.json/.parquet) for offline CoPG")
+        tok = load_tokenizer(cfg.data.tokenizer)
+        data = preference_examples(read_rows(self.cfg.data), tok, self.cfg)
+        return PreferenceDataModule(data, self.cfg.bundles_per_batch, seed, tok)
+
+    def prepare_run(self, ctx: Any) -> None:
+        """Reference log-probs before the first step: precomputed under hetsp's plans (cached in
+        the run folder), or, for `reference = "live"`, a frozen copy kept for every step."""
+        from hetsp.objectives.reference import precompute_reference
+
+        if self.cfg.reference == "live":
+            self._frozen = frozen_reference(ctx.engine)
+            return
+        examples, cached = precompute_reference(
+            ctx.engine.module, ctx.data.examples, ctx.data.all_batches(),
+            lambda batch: ctx.planning.plan_for(-1, sequences=batch, bundles=self.bundles(batch)),
+            ctx.run_dir, ctx.rank, ctx.world_size, ctx.device, self, ctx.kernel,
+        )
+        ctx.data.examples = examples
+        ctx.log(f"reference log-probs: {'read from the cache' if cached else 'computed'} for {len(examples)} completions")
+
+    def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
+        """The batch with reference log-probs (live mode: from the frozen copy under `plan`)."""
+        if self.cfg.reference != "live":
+            return batch
+        from hetsp.objectives.reference import live_reference
+
+        return live_reference(self._frozen, plan, batch, ctx.rank, ctx.world_size, ctx.device, self, ctx.kernel)
+
     @staticmethod
     def finish_metrics(sums: dict[str, float]) -> dict[str, float]:
         """Per-step means: rewards of the best and worst completion of each bundle, the log-ratio
@@ -169,3 +207,21 @@ class CoPG(Objective):
         if sums.get("ordered_pairs"):
             out["order_acc"] = sums["ordered"] / sums["ordered_pairs"]
         return out
+
+
+def frozen_reference(engine: Any) -> Any:
+    """The frozen starting policy for live reference log-probs: the policy itself when it is a
+    peft model (adapters disabled at use), else a frozen copy taken before any checkpoint is
+    loaded (so a resumed run gets the same starting policy)."""
+    import copy
+
+    module = engine.module
+    if callable(getattr(module, "disable_adapter", None)):
+        return module
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        raise NotImplementedError("objective.reference = 'live' without LoRA under ZeRO-3 would hold a second full "
+                                  "copy per rank; use reference = 'precomputed'")
+    frozen = copy.deepcopy(module).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
