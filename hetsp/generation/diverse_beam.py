@@ -10,7 +10,8 @@ score is the running sum of these augmented step scores (so group 1, with no
 earlier group, is plain beam search on log-probabilities). A beam that emitted
 `eos_token_id` is finished: it stays in its group with its score and is not
 extended. No length normalisation. Every forward is a whole-prefix forward
-(no cache), so any model hetsp runs works unchanged.
+(no cache) through hetsp's packed layout, so any model hetsp runs works unchanged.
+It runs on one rank by itself (no collective).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from hetsp.generation.sampling import packed_last_logits
+
 
 @dataclass
 class Beam:
@@ -28,12 +31,10 @@ class Beam:
     finished: bool = False
 
 
-def _next_log_probs(model: Any, prompt: Sequence[int], beams: list[Beam], device: Any) -> torch.Tensor:
-    """log p(next token) for each beam (all of one length), (n, V) in fp64."""
-    ids = torch.tensor([list(prompt) + b.tokens for b in beams], dtype=torch.long, device=device)
-    out = model(input_ids=ids)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return torch.log_softmax(logits[:, -1].to(torch.float64), dim=-1)
+def _next_log_probs(model: Any, prompt: Sequence[int], beams: list[Beam], device: Any, kernel: str) -> torch.Tensor:
+    """log p(next token) for each beam, (n, V) in fp64, from one packed forward (a group of one)."""
+    logits = packed_last_logits(model, [list(prompt) + b.tokens for b in beams], 0, device, kernel, local=True)
+    return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
 
 @torch.no_grad()
@@ -46,6 +47,7 @@ def diverse_beam_search(
     max_new_tokens: int = 16,
     eos_token_id: int | None = None,
     device: Any = "cpu",
+    kernel: str = "auto",
 ) -> list[list[Beam]]:
     """The beams of every group after `max_new_tokens` steps (or when all finished), best first."""
     if num_groups < 1 or num_beams < num_groups or num_beams % num_groups:
@@ -65,7 +67,7 @@ def diverse_beam_search(
             active = [b for b in beams if not b.finished]
             cands: list[tuple[float, Beam, int | None]] = [(b.score, b, None) for b in beams if b.finished]
             if active:
-                logp = _next_log_probs(model, prompt, active, device)
+                logp = _next_log_probs(model, prompt, active, device, kernel)
                 if chosen_count is None:
                     chosen_count = torch.zeros(logp.shape[1], dtype=torch.float64, device=logp.device)
                 step = logp - diversity * chosen_count

@@ -19,17 +19,35 @@ from typing import Any, Callable, Sequence
 import torch
 
 
-def _packed_last_logits(model: Any, seqs: list[list[int]], rank: int, device: Any, kernel: str) -> torch.Tensor:
-    """Logits at the last token of each sequence, (n, V), from one packed forward on this rank alone."""
+def packed_last_logits(
+    model: Any, seqs: list[list[int]], rank: int, device: Any, kernel: str, local: bool = False
+) -> torch.Tensor:
+    """Logits at the last token of each sequence, (n, V), from one packed forward on this rank
+    alone (a group of one; `local`: outside any process group)."""
     from hetsp.attention import make_shard_context
 
     lengths = [len(s) for s in seqs]
-    shard = make_shard_context(lengths, rank, 1, rank, device, kernel=kernel)
+    if local:
+        shard = _local_shard(lengths, device, kernel)
+    else:
+        shard = make_shard_context(lengths, rank, 1, rank, device, kernel=kernel)
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)[None]
     out = model(input_ids=ids, position_ids=shard.positions[None], hetsp_shard=shard)
     logits = (out.logits if hasattr(out, "logits") else out[0])[0]
     ends = torch.tensor(lengths, device=logits.device).cumsum(0) - 1
     return logits[ends]
+
+
+def _local_shard(lengths: list[int], device: Any, kernel: str) -> Any:
+    """A group-of-one shard context whatever process group exists (rank 0 of a world of one)."""
+    import torch.distributed as dist
+
+    from hetsp.attention import make_shard_context
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return make_shard_context(lengths, rank, 1, rank, device, kernel=kernel)
+    return make_shard_context(lengths, 0, 1, 0, device, kernel=kernel)
 
 
 def sample_next(logits_NV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -78,14 +96,14 @@ def sample_in_lockstep(
     p = 0  # prompts one after the other, the k samples of one prompt as one packed batch
     while _any_rank(p < len(prompts), device):
         if p >= len(prompts):
-            _packed_last_logits(model, [[placeholder_token]], rank, device, kernel)  # keep the gathers in step
+            packed_last_logits(model, [[placeholder_token]], rank, device, kernel)  # keep the gathers in step
             continue
         live = [j for j in range(k) if len(out[p][j]) < max_new_tokens and not (out[p][j] and out[p][j][-1] == eos_token_id)]
         if not live:
             p += 1
-            _packed_last_logits(model, [[placeholder_token]], rank, device, kernel)
+            packed_last_logits(model, [[placeholder_token]], rank, device, kernel)
             continue
-        logits = _packed_last_logits(model, [list(prompts[p]) + out[p][j] for j in live], rank, device, kernel)
+        logits = packed_last_logits(model, [list(prompts[p]) + out[p][j] for j in live], rank, device, kernel)
         for j, tok in zip(live, sample_next(logits, temperature, top_p, generator).tolist()):
             out[p][j].append(int(tok))
     return out
