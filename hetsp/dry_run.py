@@ -40,12 +40,13 @@ def activation_bytes_per_token(hf_config: Any, bf16: bool, checkpointing: bool) 
 
 
 def dry_run(cfg: Config, world_size: int) -> int:
-    from hetsp.data import build_data
     from hetsp.model_registry import build_hf_config, build_model
+    from hetsp.objectives import get_objective
     from hetsp.planning import make_planner
 
     bf16 = cfg.train.dtype == "bf16" or cfg.train.dtype == "auto" and cfg.cluster.peak_tflops > 0
-    data = build_data(cfg.data, cfg.run.seed)
+    objective = get_objective(cfg.train.objective, cfg.objective)
+    data = objective.build_data(cfg, cfg.run.seed)
     model = build_model(cfg.model, data.vocab_size, device="meta")
     num_params = sum(p.numel() for p in model.parameters())
     hf_cfg = build_hf_config(cfg.model, data.vocab_size)
@@ -62,7 +63,7 @@ def dry_run(cfg: Config, world_size: int) -> int:
     planner = make_planner(cfg, data.vocab_size)
     for step in range(min(3, cfg.train.steps)):
         batch = data.train_batch(step)
-        plan = planner.plan([len(s) for s in batch], world_size)
+        plan = planner.plan([len(s) for s in batch], world_size, objective.bundles(batch))
         print(f"\nstep {step}: {len(batch)} sequences, {sum(len(s) for s in batch):,} tokens, "
               f"{plan.num_micro_batches} micro-batches, groups {plan.group_sizes()}, "
               f"planner {plan.meta.get('planner')} {plan.meta.get('status', '')} in {plan.meta.get('solve_s', 0):.3f}s")
