@@ -197,11 +197,15 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
-            batch = data.train_batch(step)
+            made = objective.train_batch(ctx, step)  # online sampling; None: the data module's batch
+            batch = data.train_batch(step) if made is None else made
             t_data = time.perf_counter() - t0
-            plan = planning.plan_for(step)
+            if made is None:
+                plan = planning.plan_for(step)
+            else:
+                plan = planning.plan_for(step, sequences=batch, bundles=objective.bundles(batch))
             batch = planning.kept(plan, batch)
-            if step + 1 < end:
+            if step + 1 < end and made is None:
                 planning.prefetch(step + 1)
             t_plan = time.perf_counter() - t0 - t_data
             metrics.log_plan(step, plan)

@@ -54,3 +54,8 @@ def lockstep_sampling(prompts_by_rank, k, max_new, zero_stage):
                              temperature=0.9, top_p=0.9, eos_token_id=3, kernel="reference")
     engine.destroy()
     return out
+
+
+def length_reward(prompt, completion):
+    """A reward for online CoPG tests: longer completions score higher."""
+    return len(completion) / 10

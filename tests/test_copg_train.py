@@ -69,3 +69,33 @@ def test_offline_copg_trains_with_bundles_and_reuses_the_reference_on_resume(ran
     assert ref_file.stat().st_mtime_ns == stamp  # read from the cache, not recomputed
     losses = [r["loss"] for r in resumed if "loss" in r]
     assert losses == pytest.approx([r["loss"] for r in steps], rel=1e-6, abs=1e-7)
+
+
+def test_online_copg_samples_from_the_policy_every_n_steps(rank_pool, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f(x):", "def g(a, b):", "x = 1", "if y:"]))
+    cfg = copg_config(tmp_path, "online", data=str(prompts), online_every=2, samples_per_prompt=2, max_new_tokens=5,
+                      reward_fn="tests.copg_fns:length_reward", reference="live", bundles_per_batch=2)
+    _, records = [r for r in rank_pool(2).run(train_fns.run_train, cfg) if r][0]
+    steps = [r for r in records if r.get("kind", "train") == "train" and "loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["pair_loss"], rel=1e-9)
+        assert 0.0 <= r["reward_rejected"] <= r["reward_chosen"] <= 0.5  # at most 5 sampled bytes, scored by length
+    # step 0 samples from the starting policy, which is the reference: every log-ratio is 0
+    assert abs(steps[0]["kl"]) < 1e-5 and abs(steps[0]["margin"]) < 1e-5
+    plans = [Plan.from_dict(json.loads(line)["plan"]) for line in (tmp_path / "runs" / "online" / "plans.jsonl").read_text().splitlines()]
+    assert len(plans) == 4 and all(len(p.bundles) == 2 and all(len(b) == 2 for b in p.bundles) for p in plans)
+
+
+def test_online_copg_config_is_checked():
+    from hetsp.config import ConfigError, config_from_dict
+
+    base = {"train": {"objective": "copg"}, "objective": {"data": "p.jsonl", "online_every": 2}}
+    with pytest.raises(ConfigError, match="reward_fn"):
+        config_from_dict(base)
+    base["objective"]["reward_fn"] = "m:f"
+    with pytest.raises(ConfigError, match="reference = 'live'"):
+        config_from_dict(base)
+    base["objective"]["reference"] = "live"
+    config_from_dict(base)

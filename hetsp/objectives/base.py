@@ -77,6 +77,11 @@ class Objective:
         """Called once on every rank before any checkpoint is loaded, so the model is the starting
         policy (e.g. reference log-probs)."""
 
+    def train_batch(self, ctx: Any, step: int) -> list | None:
+        """The batch of step `step` when the objective makes it (online sampling); None: the data
+        module's `train_batch(step)`, planned ahead."""
+        return None
+
     def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
         """The batch as `run_plan` gets it (e.g. with live reference log-probs)."""
         return batch

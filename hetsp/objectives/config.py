@@ -41,6 +41,15 @@ class CoPGObjectiveConfig:
     # keeps its last max_prompt_tokens tokens ("truncate_left").
     max_prompt_tokens: int = 0
     long_prompt: Literal["drop", "truncate_left"] = "drop"
+    # Online CoPG (hetsp.objectives.online): every `online_every` steps (0: offline data), sample
+    # `samples_per_prompt` completions of each prompt of `data` from the current policy and score
+    # them with `reward_fn` ("module:function", called as fn(prompt, completion)).
+    online_every: int = 0
+    samples_per_prompt: int = 2
+    reward_fn: str = ""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
 
     def check(self) -> None:
         if len(self.reward_pair) != 2 or not self.reward_pair[0] > self.reward_pair[1]:
@@ -53,6 +62,18 @@ class CoPGObjectiveConfig:
             raise ValueError(f"objective.beta must be > 0, got {self.beta}")
         if not self.reward_scale > 0:
             raise ValueError(f"objective.reward_scale must be > 0, got {self.reward_scale}")
+        if self.online_every < 0:
+            raise ValueError(f"objective.online_every must be >= 0 (0: offline), got {self.online_every}")
+        if self.online_every:
+            if not self.reward_fn:
+                raise ValueError("objective.online_every > 0 samples completions: name objective.reward_fn (module:function)")
+            if self.reference != "live":
+                raise ValueError("online CoPG needs objective.reference = 'live' (precomputed log-probs cannot cover "
+                                 "completions sampled during training)")
+            if self.samples_per_prompt < 2:
+                raise ValueError(f"objective.samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+            if self.max_new_tokens < 1 or not self.temperature > 0 or not 0 < self.top_p <= 1:
+                raise ValueError("objective: max_new_tokens >= 1, temperature > 0 and top_p in (0, 1] for online sampling")
 
 
 OBJECTIVE_CONFIGS: dict[str, type] = {"lm": LMObjectiveConfig, "copg": CoPGObjectiveConfig}

@@ -161,6 +161,10 @@ class CoPG(Objective):
         from hetsp.data.preference import PreferenceDataModule, preference_examples, read_rows
         from hetsp.data.tokenizer import load_tokenizer
 
+        if self.cfg.online_every:
+            from hetsp.objectives.online import online_prompts
+
+            return online_prompts(cfg, self.cfg, seed)
         if not self.cfg.data:
             raise ValueError("objective.data: give a preference file (.jsonl/.json/.parquet) for offline CoPG")
         tok = load_tokenizer(cfg.data.tokenizer)
@@ -182,6 +186,20 @@ class CoPG(Objective):
         )
         ctx.data.examples = examples
         ctx.log(f"reference log-probs: {'read from the cache' if cached else 'computed'} for {len(examples)} completions")
+
+    def train_batch(self, ctx: Any, step: int) -> list | None:
+        """Online CoPG: the completions step `step` trains on, sampled every `online_every` steps
+        from the current policy (every rank takes part); offline: None (the data module's batch)."""
+        n = self.cfg.online_every
+        if not n:
+            return None
+        from hetsp.objectives.online import sample_round, step_examples
+
+        rnd = step // n
+        if getattr(self, "_round", None) != rnd:
+            self._samples = sample_round(self, ctx, rnd)
+            self._round = rnd
+        return step_examples(self._samples, step, n, self.cfg.bundles_per_batch)
 
     def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
         """The batch with reference log-probs (live mode: from the frozen copy under `plan`)."""
