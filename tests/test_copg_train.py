@@ -99,3 +99,38 @@ def test_online_copg_config_is_checked():
         config_from_dict(base)
     base["objective"]["reference"] = "live"
     config_from_dict(base)
+
+
+def test_online_prompts_from_the_finetuning_dataset():
+    from hetsp.config import config_from_dict
+    from hetsp.objectives.online import online_prompts
+
+    cfg = config_from_dict({
+        "data": {"dataset": "funcbody", "format": "prompt_completion", "max_documents": 30, "add_bos": True},
+        "train": {"objective": "copg"},
+        "objective": {"online_every": 2, "bundles_per_batch": 3, "reward_fn": "m:f", "reference": "live"},
+    })
+    data = online_prompts(cfg, cfg.objective, 0)
+    assert data.per_round == 6 and len(data.prompts) == len(data.texts) > 6
+    for ids, text in zip(data.prompts, data.texts):
+        assert ids[0] == data.tokenizer.bos_token_id and data.tokenizer.decode(ids[1:]) == text
+        assert text.lstrip().startswith(("def ", "async def ", "@"))
+    n = len(data.prompts)
+    seen = [p for rnd in range(-(-n // 6)) for p in data.round_prompts(rnd)][:n]
+    assert sorted(seen) == list(range(n))  # one pass covers every prompt once
+
+
+def test_online_copg_on_the_funcbody_task_with_its_reward(rank_pool, tmp_path):
+    """The path of configs/copg_stdlib.toml on a tiny random model: the task's prompts, the graded
+    standard-library reward, a live reference."""
+    cfg = copg_config(tmp_path, "funcbody", data="", online_every=1, samples_per_prompt=2, max_new_tokens=4,
+                      reward_fn="hetsp.rewards.funcbody:funcbody_reward", reference="live", bundles_per_batch=2,
+                      max_prompt_tokens=200)
+    cfg["data"] = {"dataset": "funcbody", "format": "prompt_completion", "max_documents": 30}
+    cfg["train"]["steps"] = 2
+    _, records = [r for r in rank_pool(2).run(train_fns.run_train, cfg) if r][0]
+    steps = [r for r in records if r.get("kind", "train") == "train" and "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert 0.0 <= r["reward_rejected"] <= r["reward_chosen"] <= 1.0  # the reward lies in [0, 1]
+        assert r["loss"] == pytest.approx(r["pair_loss"], rel=1e-9)

@@ -32,7 +32,9 @@ class CoPGObjectiveConfig:
     # Where the reference log-probs come from: "precomputed" (one pass before training,
     # cached in the run folder) or "live" (a frozen copy, or the base with LoRA adapters off).
     reference: Literal["precomputed", "live"] = "precomputed"
-    data: str = ""  # offline preference file (.jsonl/.json/.parquet) in TRL's formats
+    # Offline preference file (.jsonl/.json/.parquet) in TRL's formats; online: rows with a
+    # 'prompt' field, or "" for the prompts of the [data] fine-tuning dataset.
+    data: str = ""
     bundles_per_batch: int = 8  # prompts (bundles) per global batch
     # Offline pairs without score_chosen/score_rejected get these rewards. With the default
     # (+1/4, -1/4), CoPG's gradient is IPO's (tau = beta) divided by 2 beta (REFERENCE.md section 3).

@@ -52,18 +52,28 @@ class OnlinePrompts:
 
 
 def online_prompts(cfg: Any, section: Any, seed: int) -> OnlinePrompts:
-    """Prompts (the `prompt` field of every row of `objective.data`) tokenized with `data.tokenizer`,
-    limited by `objective.max_prompt_tokens` like offline prompts."""
+    """Prompts tokenized with `data.tokenizer` and limited by `objective.max_prompt_tokens` like
+    offline prompts: the `prompt` field of every row of `objective.data`, or, without it, the
+    training prompts of the `[data]` fine-tuning dataset (e.g. `funcbody`), encoded as
+    fine-tuning encodes them (bos first when `data.add_bos`)."""
     from hetsp.data.preference import _text, read_rows
     from hetsp.data.tokenizer import load_tokenizer
 
-    if not section.data:
-        raise ValueError("objective.data: give a file of rows with a 'prompt' field for online CoPG")
     tok = load_tokenizer(cfg.data.tokenizer)
+    if section.data:
+        rows, head = read_rows(section.data), []
+    elif cfg.data.format == "prompt_completion":
+        from hetsp.data.finetune import load_examples
+
+        rows = load_examples(cfg.data)[0]
+        head = [tok.bos_token_id] if cfg.data.add_bos else []
+    else:
+        raise ValueError("online CoPG needs prompts: objective.data (rows with a 'prompt' field) or a "
+                         "[data] fine-tuning dataset with data.format = 'prompt_completion'")
     prompts, texts = [], []
-    for k, row in enumerate(read_rows(section.data)):
+    for k, row in enumerate(rows):
         text = _text(row, "prompt", k)
-        ids = list(tok.encode(text))
+        ids = head + list(tok.encode(text))
         if not ids:
             raise ValueError(f"preference row {k}: the prompt has no tokens")
         limit = section.max_prompt_tokens
