@@ -55,6 +55,9 @@ def dry_run(cfg: Config, world_size: int) -> int:
           "(on GPU, the process terms are host memory and the rest device memory)")
     print(f"data         {', '.join(f'{k}={v}' for k, v in data.stats.items())}")
     planner = make_planner(cfg, data.vocab_size, on_gpu)
+    if not hasattr(data, "train_batch"):
+        print("\nbatches are sampled from the policy during training (online): no plans to show")
+        return 0
     for step in range(min(3, cfg.train.steps)):
         batch = data.train_batch(step)
         plan = planner.plan([len(s) for s in batch], world_size, objective.bundles(batch))
