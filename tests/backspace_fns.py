@@ -109,7 +109,7 @@ def per_context_reference(sequences, structures, family, model_kwargs, objective
     # transformers' eager attention takes its softmax in fp32; sdpa stays in fp64 (the hybrid's eager is fp64)
     model = _model(family, model_kwargs, "sdpa" if family == "llama" else "eager")
     lm = LanguageModeling()
-    units = lm.num_units([len(s) for s in sequences]) if objective is None else objective.num_units([], sequences)
+    units = lm.num_units([len(s) for s in sequences]) if objective is None else objective.num_units(sequences)
     total = 0.0
     for seq, s in zip(sequences, structures):
         rows = reference_outputs(lambda idx, seq=seq: model(input_ids=torch.tensor([[seq[i] for i in idx]]), use_cache=False).logits[0], s)

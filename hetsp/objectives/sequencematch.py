@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from hetsp.objectives.lm import IGNORE_INDEX
+from hetsp.objectives.base import IGNORE_INDEX, Objective
 
 # per-token inputs (the order of the columns of `tokens["coef"]`)
 COEFS = ("ce", "pos", "sq", "val", "cont")
@@ -141,14 +141,18 @@ def token_losses(logits_TV: torch.Tensor, labels_T: torch.Tensor, coef_TC: torch
     return torch.where(has, loss, torch.zeros_like(loss))
 
 
-class SequenceMatch:
+class SequenceMatch(Objective):
     """The objective `train.objective = "sequencematch"` (see the module docstring)."""
 
     name = "sequencematch"
     unit = "target tokens"
+    next_position_outputs = ("value",)  # V_{j+1}: exchanged by the executor (`NextIndex`)
+    # The per-token inputs of a token without an action (filler, placeholder).
+    token_fill = {"labels": IGNORE_INDEX, "coef": [0.0] * len(COEFS)}
 
     def __init__(self, config: SequenceMatchConfig | None = None, eos_token_id: int = -1, bkspc_token_id: int | None = None) -> None:
-        self.config = config or SequenceMatchConfig()
+        super().__init__(config or SequenceMatchConfig())
+        self.config = self.cfg
         self.eos_token_id = eos_token_id
         self.bkspc_token_id = bkspc_token_id
         self.step = 0
@@ -200,18 +204,13 @@ class SequenceMatch:
     def token_inputs(self, seq: Sequence[int]) -> dict[str, list]:
         return {"labels": self.labels(seq), "coef": self.token_coefs(seq)}
 
-    def token_fill(self) -> dict[str, Any]:
-        """The per-token inputs of a token without an action (filler, placeholder)."""
-        return {"labels": IGNORE_INDEX, "coef": [0.0] * len(COEFS)}
-
-    def num_units(self, lengths: Sequence[int], sequences: Sequence[Sequence[int]] | None = None) -> int:
-        """Positions with an action (target tokens), noise actions included (their value term trains)."""
-        if sequences is None:
-            return sum(max(0, n - 1) for n in lengths)
-        return sum(sum(a != IGNORE_INDEX for a in self.labels(s)) for s in sequences)
+    def num_units(self, examples: Sequence[Any]) -> int:
+        """Positions with an action (target tokens), noise actions included (their value term trains);
+        given sequences, or their lengths (every position but the last)."""
+        return sum(max(0, e - 1) if isinstance(e, int) else sum(a != IGNORE_INDEX for a in self.labels(e)) for e in examples)
 
     # ---- the loss on this rank's tokens
-    def loss_sum_tokens(self, logits_TV: torch.Tensor, inputs: Any) -> torch.Tensor:
+    def token_loss_exchanged(self, logits_TV: torch.Tensor, inputs: Any) -> torch.Tensor:
         """This rank's sum of token losses; V_{j+1} comes through one all-reduce per micro-batch."""
         logits = logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32))
         value = torch.logsumexp(logits, dim=-1)
