@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 PlannerName = Literal["static", "random", "greedy", "batch_adaptive", "milp"]
 CostModelName = Literal["ring", "profile", "flexsp"]
 AttentionKernelName = Literal["auto", "torch_cpu", "flash_attn", "triton", "torch_flash", "reference"]
-ObjectiveName = Literal["lm"]
+ObjectiveName = Literal["lm", "copg"]
 
 
 @dataclass
@@ -181,6 +181,9 @@ class Config:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # The typed section of the objective `train.objective` names (hetsp.objectives.config);
+    # filled in by `config_from_dict`.
+    objective: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -292,7 +295,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def config_from_dict(data: dict[str, Any], where: str = "<dict>") -> Config:
-    return _build(Config, data, "", where)
+    cfg = _build(Config, data, "", where)
+    cfg.objective = _objective_section(cfg.train.objective, cfg.objective, where)
+    return cfg
+
+
+def _objective_section(name: str, raw: Any, where: str) -> Any:
+    """The `[objective]` table typed by the dataclass of objective `name` (unknown keys rejected)."""
+    from hetsp.objectives.config import OBJECTIVE_CONFIGS
+
+    if name not in OBJECTIVE_CONFIGS:
+        raise ConfigError(f"{where}: train.objective {name!r} is unknown; known: {sorted(OBJECTIVE_CONFIGS)}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: objective must be a table, got {type(raw).__name__} {raw!r}")
+    section = _build(OBJECTIVE_CONFIGS[name], raw, "objective", where)
+    check = getattr(section, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return section
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

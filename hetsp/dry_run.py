@@ -14,8 +14,8 @@ GIB = 1024**3
 
 
 def dry_run(cfg: Config, world_size: int) -> int:
-    from hetsp.data import build_data
     from hetsp.model_registry import build_model
+    from hetsp.objectives import get_objective
     from hetsp.overhead import process_overhead
     from hetsp.planning import make_planner
 
@@ -25,7 +25,8 @@ def dry_run(cfg: Config, world_size: int) -> int:
 
     on_gpu = torch.cuda.is_available()
     dtype = run_dtype(cfg.train.dtype, on_gpu)
-    data = build_data(cfg.data, cfg.run.seed)
+    objective = get_objective(cfg.train.objective, cfg.objective)
+    data = objective.build_data(cfg, cfg.run.seed)
     model = build_model(cfg.model, data.vocab_size, device="meta")
     num_params = sum(p.numel() for p in model.parameters())
     # the planner's memory model (hetsp.memory), with the same inputs the planner gets
@@ -54,9 +55,12 @@ def dry_run(cfg: Config, world_size: int) -> int:
           "(on GPU, the process terms are host memory and the rest device memory)")
     print(f"data         {', '.join(f'{k}={v}' for k, v in data.stats.items())}")
     planner = make_planner(cfg, data.vocab_size, on_gpu)
+    if not hasattr(data, "train_batch"):
+        print("\nbatches are sampled from the policy during training (online): no plans to show")
+        return 0
     for step in range(min(3, cfg.train.steps)):
         batch = data.train_batch(step)
-        plan = planner.plan([len(s) for s in batch], world_size)
+        plan = planner.plan([len(s) for s in batch], world_size, objective.bundles(batch))
         print(f"\nstep {step}: {len(batch)} sequences, {sum(len(s) for s in batch):,} tokens, "
               f"{plan.num_micro_batches} micro-batches, groups {plan.group_sizes()}, "
               f"planner {plan.meta.get('planner')} {plan.meta.get('status', '')} in {plan.meta.get('solve_s', 0):.3f}s")

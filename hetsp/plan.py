@@ -76,9 +76,12 @@ class Plan:
     trains is part of the plan: with `source_index` set, plan sequence j is
     input sequence ``source_index[j]`` of an input batch of `num_inputs`
     sequences, and the others (`dropped`) are not trained; with both None,
-    plan sequence i is input sequence i and nothing is dropped. `meta`
-    carries free-form planner information (planner name, solve time,
-    optimality, estimated time); it never changes what is executed.
+    plan sequence i is input sequence i and nothing is dropped. `bundles`
+    lists sets of plan sequences that must share a micro-batch (the
+    completions of one prompt for CoPG); empty, or bundles of one, when every
+    sequence stands alone (language modelling). `meta` carries free-form
+    planner information (planner name, solve time, optimality, estimated
+    time); it never changes what is executed.
     """
 
     lengths: tuple[int, ...]
@@ -86,12 +89,14 @@ class Plan:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     source_index: tuple[int, ...] | None = None
     num_inputs: int | None = None
+    bundles: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(int(x) for x in self.lengths))
         object.__setattr__(self, "micro_batches", tuple(self.micro_batches))
         if (self.source_index is None) != (self.num_inputs is None):
             raise PlanError("a plan's source_index and num_inputs are given together (or neither)")
+        object.__setattr__(self, "bundles", tuple(tuple(int(s) for s in b) for b in self.bundles))
         if self.source_index is not None:
             object.__setattr__(self, "source_index", tuple(int(i) for i in self.source_index))
             object.__setattr__(self, "num_inputs", int(self.num_inputs))
@@ -170,7 +175,18 @@ class Plan:
                 raise PlanError(f"source_index has {len(src)} entries for {len(self.lengths)} plan sequences")
             if any(b <= a for a, b in zip(src, src[1:])) or (src and (src[0] < 0 or src[-1] >= self.num_inputs)):
                 raise PlanError(f"source_index must increase strictly inside [0, {self.num_inputs}): {list(src)[:10]}")
+        self.check_bundle_placement()
         return self
+
+    def check_bundle_placement(self, bundles: Sequence[Sequence[int]] | None = None) -> None:
+        """Every bundle (the plan's own, or `bundles`) lies in one micro-batch; PlanError if not."""
+        bundles = self.bundles if bundles is None else bundles
+        check_bundles(bundles, len(self.lengths))
+        mb_of = {s: m for m, mb in enumerate(self.micro_batches) for s in mb.seqs()}
+        for b in bundles:
+            where = sorted({mb_of.get(s, -1) for s in b})
+            if len(where) > 1:
+                raise PlanError(f"bundle {list(b)} is split over micro-batches {where}; a bundle must share one")
 
     # ---- JSON form (one object per plan; run folders store one per line) ----
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +195,8 @@ class Plan:
             "micro_batches": [[g.to_dict() for g in mb.groups] for mb in self.micro_batches],
             "meta": self.meta,
         }
+        if any(len(b) > 1 for b in self.bundles):
+            out["bundles"] = [list(b) for b in self.bundles]
         if self.source_index is not None:
             out["source_index"] = list(self.source_index)
             out["num_inputs"] = self.num_inputs
@@ -191,8 +209,32 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         mbs = tuple(MicroBatch(tuple(Group.from_dict(g) for g in mb)) for mb in d["micro_batches"])
         src = d.get("source_index")
-        return cls(tuple(d["lengths"]), mbs, dict(d.get("meta", {})), None if src is None else tuple(src), d.get("num_inputs"))
+        return cls(tuple(d["lengths"]), mbs, dict(d.get("meta", {})), None if src is None else tuple(src), d.get("num_inputs"),
+                   bundles=tuple(tuple(b) for b in d.get("bundles", ())))
 
     @classmethod
     def from_json(cls, s: str) -> "Plan":
         return cls.from_dict(json.loads(s))
+
+
+def check_bundles(bundles: Sequence[Sequence[int]], num_seqs: int) -> None:
+    """Bundles must be non-empty and disjoint, with indices in [0, num_seqs); sequences in none
+    stand alone. Raises PlanError naming the first fault."""
+    owner: dict[int, int] = {}
+    for k, b in enumerate(bundles):
+        if not b:
+            raise PlanError(f"bundle {k} is empty")
+        for s in b:
+            if not 0 <= s < num_seqs:
+                raise PlanError(f"bundle {k} names sequence {s}, outside the batch of {num_seqs}")
+            if s in owner:
+                raise PlanError(f"sequence {s} is in bundles {owner[s]} and {k}")
+            owner[s] = k
+
+
+def full_bundles(bundles: Sequence[Sequence[int]] | None, num_seqs: int) -> list[list[int]]:
+    """`bundles` completed with a bundle of one for every sequence they leave out (checked)."""
+    bundles = [list(b) for b in bundles or ()]
+    check_bundles(bundles, num_seqs)
+    listed = {s for b in bundles for s in b}
+    return bundles + [[i] for i in range(num_seqs) if i not in listed]

@@ -88,18 +88,21 @@ class Planning:
                             "--simulate %d CONFIG --profile OUT.json, then set planner.profile_path = OUT.json",
                             note, world_size)
 
-    def _plan_lengths(self, lengths: list[int]) -> Any:
+    def _plan_lengths(self, lengths: list[int], bundles: list[list[int]] | None = None) -> Any:
         t0 = time.perf_counter()
-        plan = self.planner.plan(lengths, self.world_size)
+        plan = self.planner.plan(lengths, self.world_size, bundles)
         plan.meta.setdefault("wall_s", time.perf_counter() - t0)
         return plan
 
     def prefetch(self, step: int) -> None:
         if self._pool is not None and step not in self._pending:
             lengths = self.data.train_batch_lengths(step)
-            self._pending[step] = self._pool.submit(self._plan_lengths, lengths)
+            # data whose sequences come in bundles (CoPG) says which must share a micro-batch
+            bundles_of = getattr(self.data, "train_batch_bundles", None)
+            bundles = bundles_of(step) if bundles_of is not None else None
+            self._pending[step] = self._pool.submit(self._plan_lengths, lengths, bundles)
 
-    def plan_for(self, step: int, sequences: list[list[int]] | None = None) -> Any:
+    def plan_for(self, step: int, sequences: list | None = None, bundles: list[list[int]] | None = None) -> Any:
         """The plan of training step `step` (or, with `sequences`, of that batch), on every rank."""
         import torch.distributed as dist
 
@@ -108,7 +111,7 @@ class Planning:
         if self.rank == 0:
             try:
                 if sequences is not None:
-                    plan = self._plan_lengths([len(s) for s in sequences])
+                    plan = self._plan_lengths([len(s) for s in sequences], bundles)
                 else:
                     self.prefetch(step)
                     plan = self._pending.pop(step).result()

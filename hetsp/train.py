@@ -79,7 +79,6 @@ def build_runtime(cfg: Config) -> Runtime:
     import torch.distributed as dist
 
     from hetsp.attention import register_attention, warm_up
-    from hetsp.data import build_data
     from hetsp.engine import build_engine
     from hetsp.metrics.flops import ModelFlops
     from hetsp.loading import build_training_model, num_parameters
@@ -89,8 +88,8 @@ def build_runtime(cfg: Config) -> Runtime:
     device = _device()
     warm_up(device)  # NCCL: one collective before any group's first point-to-point exchange
     torch.manual_seed(cfg.run.seed)
-    objective = get_objective(cfg.train.objective)
-    data = build_data(cfg.data, cfg.run.seed)
+    objective = get_objective(cfg.train.objective, cfg.objective)
+    data = objective.build_data(cfg, cfg.run.seed)
     model = build_training_model(cfg, data, world_size, device, register_attention())
     num_params = num_parameters(model)
     if dist.get_rank() == 0:
@@ -153,19 +152,24 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     # MFU uses the device's published peak only (cluster.peak_tflops is the planner's cost-model input).
     peak = peak_flops(device, dtype_name)
 
+    from hetsp.objectives.base import RunContext
+
+    planning = Planning(cfg, data, world_size, rank)
+    kernel = kernel_for_config(cfg.attention, device)
+    ctx = RunContext(engine, data, planning, run_dir, rank, world_size, device, kernel,
+                     lambda msg: log.info("%s", msg) if rank == 0 else None)
+    objective.prepare_run(ctx)  # before any checkpoint is loaded: the model is the starting policy
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if resume or cfg.run.resume or restarted:
         start = checkpoint.resume(engine, run_dir, rank == 0, log)
 
-    planning = Planning(cfg, data, world_size, rank)
     metrics = MetricsLogger(run_dir, rank == 0, cfg.train.steps, start_step=start, world_size=world_size,
                             peak_flops_per_rank=peak, print_every=cfg.train.log_every, report_to=cfg.run.report_to)
     ckpt_meta = {"vocab_size": engine.module.config.vocab_size if cfg.model.init_from else data.vocab_size,
                  "world_size": world_size, "family": cfg.model.family}
     val = data.val_batches(cfg.train.eval_batches) if cfg.train.eval_every > 0 else []
     stop = StopRequest().__enter__()  # SIGTERM from here on: checkpoint at the end of the step
-    kernel = kernel_for_config(cfg.attention, device)
     end = cfg.train.steps if cfg.train.stop_after <= 0 else min(cfg.train.steps, start + cfg.train.stop_after)
     skipped = []  # steps whose every sequence was too long to place (planner.long_policy = "drop")
 
@@ -184,11 +188,15 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
-            batch = data.train_batch(step)
+            made = objective.train_batch(ctx, step)  # online sampling; None: the data module's batch
+            batch = data.train_batch(step) if made is None else made
             t_data = time.perf_counter() - t0
-            plan = planning.plan_for(step)
+            if made is None:
+                plan = planning.plan_for(step)
+            else:
+                plan = planning.plan_for(step, sequences=batch, bundles=objective.bundles(batch))
             batch = planning.kept(plan, batch)
-            if step + 1 < end:
+            if step + 1 < end and made is None:
                 planning.prefetch(step + 1)
             t_plan = time.perf_counter() - t0 - t_data
             metrics.log_plan(step, plan)
@@ -201,6 +209,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
                     end = step + 1
                     break
                 continue
+            batch = objective.step_batch(ctx, plan, batch)
             res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel)
             engine.step()
             # one reduction: the loss sum, and each rank's data and exchange seconds (logged as the mean over ranks)
@@ -222,6 +231,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
                 "group_sizes": plan.group_sizes(),
                 "epoch": data.epoch_of(step),
             }
+            record.update(objective.finish_metrics(res.metrics))
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
@@ -253,7 +263,7 @@ def evaluate(engine: Any, planning: Any, val: list, rank: int, world_size: int, 
     engine.eval()
     loss, units = 0.0, 0
     for batch in val:
-        plan = planning.plan_for(-1, sequences=batch)
+        plan = planning.plan_for(-1, sequences=batch, bundles=objective.bundles(batch))
         batch = planning.kept(plan, batch)
         res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel, train=False)
         t = torch.tensor([res.loss_sum], dtype=torch.float64)

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--first-batch", type=int, default=0)
     p.add_argument("--round-to", type=int, default=1, help="round each length up to a multiple of this")
     p.add_argument("--max-length", type=int, default=0, help="drop (rounded) lengths above this before batching")
+    p.add_argument("--bundle-size", type=int, default=1,
+                   help="each K consecutive sequences of a batch are one bundle (the completions of a prompt), kept in one micro-batch")
     p.add_argument("--config", help="a hetsp TOML config (its cluster, planner and model sections are used)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--planner", help="planner name (default: the config's, else milp)")
@@ -177,9 +179,17 @@ def run(args) -> int:
     reports = []
     from hetsp.plan import Plan
 
+    if args.bundle_size < 1:
+        raise UsageError(f"--bundle-size must be >= 1, got {args.bundle_size}")
     for k, lengths, recorded in batches:
         rec = Plan.from_dict(recorded) if recorded is not None else None
-        reports.append(compare_batch(k, lengths, num_ranks, name, pl, cl, model, baselines, fill, rec))
+        if rec is not None and rec.bundles:
+            bundles = [list(b) for b in rec.bundles]
+        elif args.bundle_size > 1:
+            bundles = [list(range(i, min(i + args.bundle_size, len(lengths)))) for i in range(0, len(lengths), args.bundle_size)]
+        else:
+            bundles = None
+        reports.append(compare_batch(k, lengths, num_ranks, name, pl, cl, model, baselines, fill, rec, bundles))
     from . import get_planner
 
     cm = get_planner(name, pl, cl, model).cost_model(num_ranks)
@@ -210,7 +220,8 @@ def run(args) -> int:
     print(f"planner {name} on {num_ranks} ranks, cost model {json.dumps(cm.describe())}")
     for rep in reports:
         meta = rep.plan.meta
-        print(f"\n=== batch {rep.index}: {len(rep.lengths)} sequences, {sum(rep.lengths)} tokens")
+        print(f"\n=== batch {rep.index}: {len(rep.lengths)} sequences, {sum(rep.lengths)} tokens"
+              + (f", {len(rep.plan.bundles)} bundles (b<k> in the tables)" if rep.plan.bundles else ""))
         if rep.plan.dropped:
             print(f"dropped {len(rep.plan.dropped)} sequence(s) that fit no group: {list(rep.plan.dropped[:10])}")
         print(plan_table(rep, cm, num_ranks))

@@ -59,15 +59,18 @@ def compare_batch(
     baselines: Sequence[str] = BASELINES,
     static_fill: float = 1.0,
     recorded: Plan | None = None,
+    bundles: Sequence[Sequence[int]] | None = None,
 ) -> BatchReport:
     """Plan `lengths` with `planner_name` and each baseline; all costed by the planner's cost model.
 
     `recorded`: a plan a training run executed for these lengths, costed as the row "recorded".
+    `bundles`: sequences that must share a micro-batch (every planner gets them; the
+    bundle-blind static_max baseline is then left out).
     """
     from . import get_planner
 
     main = get_planner(planner_name, planner_cfg, cluster_cfg, model_cfg)
-    plan = main.plan(lengths, num_ranks)
+    plan = main.plan(lengths, num_ranks, bundles)
     cm = main.cost_model(num_ranks)
     kept = list(plan.lengths)
     degs = candidate_degrees(planner_cfg.allowed_group_sizes, num_ranks, 40, cluster_cfg.ranks_per_node)
@@ -86,7 +89,7 @@ def compare_batch(
         add("recorded", simulate(recorded, cm, num_ranks).total_s, float(recorded.meta.get("solve_s", 0.0)),
             str(recorded.meta.get("planner", "?")), recorded.num_micro_batches)
     table = CostTable(kept, degs, cm)
-    if "static" in baselines:
+    if "static" in baselines and not plan.bundles:
         sizes = static_sizes(table, num_ranks)
         if sizes:
             d = sizes[-1]
@@ -101,7 +104,7 @@ def compare_batch(
         cfg = copy.deepcopy(planner_cfg)
         if name == "batch_adaptive":
             cfg.options = {**cfg.options, "fill": static_fill}
-        p = get_planner(name, cfg, cluster_cfg, model_cfg).plan(kept, num_ranks)
+        p = get_planner(name, cfg, cluster_cfg, model_cfg).plan(kept, num_ranks, plan.bundles or None)
         extra = {"group_size": p.meta["group_size"]} if "group_size" in p.meta else None
         add(name, simulate(p, cm, num_ranks).total_s, p.meta["solve_s"], p.meta["status"], p.num_micro_batches, extra)
     bound = {

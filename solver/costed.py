@@ -6,7 +6,7 @@ from typing import Any
 
 from hetsp.plan import Plan
 
-from .base import Planner
+from .base import Planner, expand_bundles
 from .degrees import candidate_degrees
 from .layout import to_plan
 from .pack import MicroBatchLoad
@@ -31,11 +31,19 @@ class CostedPlanner(Planner):
     def table(self, lengths: list[int], num_ranks: int) -> CostTable:
         return CostTable(lengths, self.degrees(num_ranks), self.cost_model(num_ranks))
 
+    def _plan_bundled(self, lengths: list[int], bundles: list[list[int]], num_ranks: int):
+        """Each bundle is one item in one group, costing the sum of its sequences' times."""
+        totals = [sum(lengths[s] for s in b) for b in bundles]
+        plan, status, meta = self._plan(totals, num_ranks, [[lengths[s] for s in b] for b in bundles])
+        return expand_bundles(plan, lengths, bundles), status, meta
+
     def _solve(self, table: CostTable, num_ranks: int) -> tuple[list[MicroBatchLoad], str, dict[str, Any]]:
         raise NotImplementedError
 
-    def _plan(self, lengths: list[int], num_ranks: int) -> tuple[Plan, str, dict[str, Any]]:
-        table = self.table(lengths, num_ranks)
+    def _plan(
+        self, lengths: list[int], num_ranks: int, members: list[list[int]] | None = None
+    ) -> tuple[Plan, str, dict[str, Any]]:
+        table = CostTable(lengths, self.degrees(num_ranks), self.cost_model(num_ranks), members)
         mbs, status, meta = self._solve(table, num_ranks)
         plan = to_plan(lengths, mbs, num_ranks, self.cluster.ranks_per_node)
         meta.setdefault("cost_model", self.cfg.cost_model)

@@ -16,8 +16,11 @@ from hetsp.plan import Group, MicroBatch, Plan
 from .base import Planner
 
 
-def random_plan(lengths: list[int], num_ranks: int, seed: int) -> Plan:
-    """A random valid plan for `lengths` on `num_ranks` ranks, a pure function of its arguments."""
+def random_plan(lengths: list[int], num_ranks: int, seed: int, bundles: list[list[int]] | None = None) -> Plan:
+    """A random valid plan for `lengths` on `num_ranks` ranks, a pure function of its arguments.
+
+    With `bundles`, a bundle's first sequence picks a random group and the others random groups
+    of the same micro-batch (so bundles are split over groups as often as not)."""
     key = hashlib.sha256(f"{seed}:{','.join(map(str, lengths))}:{num_ranks}".encode()).digest()
     rng = random.Random(int.from_bytes(key[:8], "little"))
     n = len(lengths)
@@ -41,10 +44,14 @@ def random_plan(lengths: list[int], num_ranks: int, seed: int) -> Plan:
         mbs_groups[0] = [(start, size)]
         slots = [(0, 0)]
     seqs: dict[tuple[int, int], list[int]] = {s: [] for s in slots}
-    for i in range(n):
-        seqs[rng.choice(slots)].append(i)
+    for b in bundles if bundles is not None else [[i] for i in range(n)]:
+        first = rng.choice(slots)
+        seqs[first].append(b[0])
+        same_mb = [s for s in slots if s[0] == first[0]]
+        for i in b[1:]:
+            seqs[rng.choice(same_mb)].append(i)
     mbs = [
-        MicroBatch(tuple(Group(start, size, tuple(seqs[(m, j)])) for j, (start, size) in enumerate(gs)))
+        MicroBatch(tuple(Group(start, size, tuple(sorted(seqs[(m, j)]))) for j, (start, size) in enumerate(gs)))
         for m, gs in enumerate(mbs_groups)
     ]
     return Plan(tuple(lengths), tuple(mbs))
@@ -56,3 +63,6 @@ class RandomPlanner(Planner):
 
     def _plan(self, lengths: list[int], num_ranks: int) -> tuple[Plan, str, dict[str, Any]]:
         return random_plan(lengths, num_ranks, self.cfg.seed), "random", {}
+
+    def _plan_bundled(self, lengths: list[int], bundles: list[list[int]], num_ranks: int) -> tuple[Plan, str, dict[str, Any]]:
+        return random_plan(lengths, num_ranks, self.cfg.seed, bundles), "random", {}

@@ -18,6 +18,7 @@ def plan_table(rep: BatchReport, cm, num_ranks: int) -> str:
     """One block per micro-batch: its groups with ranks, size, sequences, tokens, time and memory."""
     plan = rep.plan
     sim = simulate(plan, cm, num_ranks)
+    bundle_of = {s: k for k, b in enumerate(plan.bundles) for s in b}
     out = []
     for m, (mb, cost) in enumerate(zip(plan.micro_batches, sim.micro_batches)):
         rows = []
@@ -35,10 +36,19 @@ def plan_table(rep: BatchReport, cm, num_ranks: int) -> str:
                     f"{100 * sum(ls) / cm.capacity(g.size):.0f}%",
                     "-" if mem is None else f"{mem:.1f}",
                 ]
+                + ([_bundle_list(g.seqs, bundle_of)] if plan.bundles else [])
             )
         out.append(f"micro-batch {m}: {cost.time_s:.3f} s (fixed {cost.fixed_s:.3f} s, {len(mb.groups)} groups)")
-        out.append(_table(["ranks", "size", "seqs", "tokens", "longest", "time_s", "memory", "GB/rank"], rows))
+        header = ["ranks", "size", "seqs", "tokens", "longest", "time_s", "memory", "GB/rank"]
+        out.append(_table(header + (["bundles"] if plan.bundles else []), rows))
     return "\n".join(out)
+
+
+def _bundle_list(seqs: Sequence[int], bundle_of: dict[int, int], limit: int = 8) -> str:
+    """The bundles a group holds sequences of (b<k>), a few then a count."""
+    ks = sorted({bundle_of[s] for s in seqs if s in bundle_of})
+    text = ",".join(f"b{k}" for k in ks[:limit])
+    return text + (f",+{len(ks) - limit}" if len(ks) > limit else "") if ks else "-"
 
 
 def comparison_table(rep: BatchReport) -> str:

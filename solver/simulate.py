@@ -67,7 +67,9 @@ def simulate(plan: Plan, cm: CostModel, num_ranks: int | None = None) -> SimResu
     """Step time of `plan` under `cm`, with a per-micro-batch breakdown.
 
     `num_ranks` (default: the highest rank any group uses) sizes the idle count.
+    A plan that splits one of its bundles over micro-batches is refused (PlanError).
     """
+    plan.check_bundle_placement()
     world = num_ranks or max((g.stop for g in plan.groups()), default=1)
     out = SimResult(0.0)
     for mb in plan.micro_batches:

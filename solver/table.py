@@ -7,7 +7,7 @@ length and allowed degree. For a length that no allowed degree can hold,
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from .costs.base import CostModel
 
@@ -20,7 +20,15 @@ class CostTable:
     ``fixed`` per-micro-batch seconds, ``overhead[d]`` per-group seconds.
     """
 
-    def __init__(self, lengths: Sequence[int], degrees: Sequence[int], cm: CostModel) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        degrees: Sequence[int],
+        cm: CostModel,
+        members: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """`members[i]`, when given, are the lengths of the sequences that item i stands for (a
+        bundle kept in one group): the item holds their total tokens and costs the sum of their times."""
         self.lengths = list(lengths)
         self.degrees = sorted(set(int(d) for d in degrees))
         self.cm = cm
@@ -29,15 +37,28 @@ class CostTable:
         self.overhead = {d: cm.group_overhead_s(d) for d in self.degrees}
         inf = float("inf")
         cache: dict[int, dict[int, float]] = {}
+        bundle_rows: dict[tuple[int, ...], dict[int, float]] = {}
         self.time: list[dict[int, float]] = []
-        for s in self.lengths:
-            row = cache.get(s)
-            if row is None:
-                row = {d: (cm.seq_time(s, d) if s <= self.cap[d] else inf) for d in self.degrees}
-                cache[s] = row
+        self._keys: list[Any] = []
+        for i, s in enumerate(self.lengths):
+            parts = tuple(sorted(members[i])) if members is not None else (s,)
+            if len(parts) > 1:
+                if sum(parts) != s:
+                    raise ValueError(f"item {i}: members {list(parts)} do not add up to its {s} tokens")
+                row = bundle_rows.get(parts)
+                if row is None:
+                    row = {d: (sum(cm.seq_time(x, d) for x in parts) if s <= self.cap[d] else inf) for d in self.degrees}
+                    bundle_rows[parts] = row
+                self._keys.append(parts)
+            else:
+                row = cache.get(s)
+                if row is None:
+                    row = {d: (cm.seq_time(s, d) if s <= self.cap[d] else inf) for d in self.degrees}
+                    cache[s] = row
+                self._keys.append(s)
             self.time.append(row)
         self._rows = cache
-        self._min_cache: dict[int, tuple[float, float]] = {}
+        self._min_cache: dict[Any, tuple[float, float]] = {}
 
     def row(self, s: int) -> dict[int, float]:
         """Times of a length `s` (computed on demand for lengths outside the batch)."""
@@ -64,10 +85,10 @@ class CostTable:
         return self._mins(i)[1]
 
     def _mins(self, i: int) -> tuple[float, float]:
-        s = self.lengths[i]
-        m = self._min_cache.get(s)
+        key = self._keys[i]
+        m = self._min_cache.get(key)
         if m is None:
             row = self.time[i]
             m = (min(self.overhead[d] + t for d, t in row.items()), min(d * t for d, t in row.items()))
-            self._min_cache[s] = m
+            self._min_cache[key] = m
         return m

@@ -60,9 +60,10 @@ def _model(family, model_kwargs, attn):
     return model
 
 
-def plan_steps(cases, family, model_kwargs, kernel):
+def plan_steps(cases, family, model_kwargs, kernel, objective=None):
     """For each (sequences, structures, plan_json): (local loss sum, num units, local grads) through
-    `run_plan` with ring attention and the SSM layers parallelised."""
+    `run_plan` with ring attention and the SSM layers parallelised (`objective`: language modelling
+    when None)."""
     import torch
     import torch.distributed as dist
 
@@ -77,14 +78,29 @@ def plan_steps(cases, family, model_kwargs, kernel):
     for sequences, structures, plan_json in cases:
         model = parallelize(_model(family, model_kwargs, register_attention()))
         plan = Plan.from_json(plan_json).validate(world)
-        res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), kernel, structures=structures)
+        obj = LanguageModeling() if objective is None else objective
+        res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), obj, kernel, structures=structures)
         grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
         out.append((res.loss_sum, res.num_units, grads))
     return out
 
 
-def per_context_reference(sequences, structures, family, model_kwargs):
-    """The semantics, slowly: position j's logits are the last logits of the model on ctx(j) (positions 0..); mean token loss over the batch and its gradients, one process."""
+def assert_plans_match(results, num_plans, ref_loss, ref_grads, tol):
+    """Every plan's loss (sum over ranks / units) and gradients (mean over ranks: run_plan scales by
+    world / num_units) against the one-process reference."""
+    import torch
+
+    for c in range(num_plans):
+        loss = sum(r[c][0] for r in results) / results[0][c][1]
+        torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), **tol)
+        for name, ref in ref_grads.items():
+            total = sum(r[c][2][name] for r in results) / len(results)
+            torch.testing.assert_close(total, ref, **tol, msg=lambda m: f"{name} plan {c}: {m}")
+
+
+def per_context_reference(sequences, structures, family, model_kwargs, objective=None):
+    """The semantics, slowly: position j's logits are the last logits of the model on ctx(j) (positions 0..); mean token loss over the batch and its gradients, one process.
+    With a SequenceMatch `objective`: its per-position reference formula instead of token cross-entropy."""
     import torch
 
     from hetsp.backspace import reference_outputs
@@ -93,11 +109,16 @@ def per_context_reference(sequences, structures, family, model_kwargs):
     # transformers' eager attention takes its softmax in fp32; sdpa stays in fp64 (the hybrid's eager is fp64)
     model = _model(family, model_kwargs, "sdpa" if family == "llama" else "eager")
     lm = LanguageModeling()
-    units = lm.num_units([len(s) for s in sequences])
+    units = lm.num_units([len(s) for s in sequences]) if objective is None else objective.num_units(sequences)
     total = 0.0
     for seq, s in zip(sequences, structures):
         rows = reference_outputs(lambda idx, seq=seq: model(input_ids=torch.tensor([[seq[i] for i in idx]]), use_cache=False).logits[0], s)
-        loss = lm.loss_sum(torch.stack(rows), torch.tensor(lm.labels(seq))) / units
+        if objective is None:
+            loss = lm.loss_sum(torch.stack(rows), torch.tensor(lm.labels(seq))) / units
+        else:
+            from hetsp.objectives.sequencematch import reference_loss
+
+            loss = reference_loss([torch.stack(rows)], [seq], objective) / units
         loss.backward()
         total += loss.item()
     return total, {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}

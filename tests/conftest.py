@@ -18,6 +18,17 @@ def rank_pool():
     return get_pool
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: intra-op threads only add overhead (and contention on a shared machine)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -35,8 +35,9 @@ def tiny_model(attn: str, dtype=torch.float32, model_cfg: ModelConfig = TINY):
     return model
 
 
-def plan_step(cases, kernel="auto", dtype=torch.float64, checkpointing=False, model_cfg: ModelConfig = TINY):
-    """For each (sequences, plan_json): global loss and data-parallel-averaged grads (rank 0 returns them)."""
+def plan_step(cases, kernel="auto", dtype=torch.float64, checkpointing=False, model_cfg: ModelConfig = TINY, objective=None):
+    """For each (sequences, plan_json): global loss and data-parallel-averaged grads (rank 0 returns them).
+    `objective`: language modelling when None."""
     from hetsp.attention import register_attention
     from hetsp.executor import PlainEngine, run_plan
     from hetsp.objectives.lm import LanguageModeling
@@ -49,7 +50,7 @@ def plan_step(cases, kernel="auto", dtype=torch.float64, checkpointing=False, mo
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         plan = Plan.from_json(plan_json).validate(world)
-        res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), LanguageModeling(), kernel)
+        res = run_plan(PlainEngine(model), plan, sequences, rank, world, torch.device("cpu"), objective or LanguageModeling(), kernel)
         loss = torch.tensor([res.loss_sum], dtype=torch.float64)
         dist.all_reduce(loss)
         grads = {}
@@ -61,7 +62,7 @@ def plan_step(cases, kernel="auto", dtype=torch.float64, checkpointing=False, mo
     return out
 
 
-def deepspeed_step(sequences, plan_json, zero_stage, steps=1):
+def deepspeed_step(sequences, plan_json, zero_stage, steps=1, objective=None, checkpointing=False):
     """Parameters after `steps` DeepSpeed steps of the same batch under `plan_json` (gathered, on rank 0)."""
     import deepspeed
 
@@ -74,11 +75,14 @@ def deepspeed_step(sequences, plan_json, zero_stage, steps=1):
     rank, world = dist.get_rank(), dist.get_world_size()
     os.environ.setdefault("LOCAL_RANK", str(rank))
     train = TrainConfig(steps=steps, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, zero_stage=zero_stage, dtype="fp32", adam_eps=1e-2)
-    engine = build_engine(tiny_model(register_attention(), torch.float32), train, world, torch.device("cpu"))
+    model = tiny_model(register_attention(), torch.float32)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    engine = build_engine(model, train, world, torch.device("cpu"))
     plan = Plan.from_json(plan_json)
     losses = []
     for _ in range(steps):
-        res = run_plan(engine, plan, sequences, rank, world, torch.device("cpu"), LanguageModeling())
+        res = run_plan(engine, plan, sequences, rank, world, torch.device("cpu"), objective or LanguageModeling())
         engine.step()
         t = torch.tensor([res.loss_sum], dtype=torch.float64)
         dist.all_reduce(t)

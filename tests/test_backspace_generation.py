@@ -14,12 +14,7 @@ from .test_models import ALL_KINDS, tiny_model
 BK = 40  # the last id of the tests' vocabulary of 41
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("pattern", [ALL_KINDS, "attention", "s4d", "ema", "mamba2", "seqboat"])

@@ -16,12 +16,7 @@ from .test_models import ALL_KINDS, tiny_model
 KINDS = ["attention", "s4d", "ema", "mamba2", "seqboat", ALL_KINDS]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sample_docs(seed, lengths=(13, 9)):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from hetsp.backspace import stack_structure
 from hetsp.plan import Group, MicroBatch, Plan
@@ -52,10 +51,4 @@ def test_plans_match_per_context_reference(rank_pool, family, model_kwargs):
     cases = [(seqs, structures, p.to_json()) for p in plans]
     results = rank_pool(4).run(backspace_fns.plan_steps, cases, family, model_kwargs, "torch_cpu")
     ref_loss, ref_grads = backspace_fns.per_context_reference(seqs, structures, family, model_kwargs)
-    for c, plan in enumerate(plans):
-        num_units = results[0][c][1]
-        loss = sum(r[c][0] for r in results) / num_units
-        torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), **TOL)
-        for name, ref in ref_grads.items():
-            total = sum(r[c][2][name] for r in results) / len(results)  # run_plan scales by world / num_units
-            torch.testing.assert_close(total, ref, **TOL, msg=lambda m: f"{name} plan {c}: {m}")
+    backspace_fns.assert_plans_match(results, len(plans), ref_loss, ref_grads, TOL)

@@ -12,13 +12,7 @@ from .test_models import ALL_KINDS, tiny_model
 SPLITS = [(0, 5), (5, 6), (6, 7), (7, 13), (13, 14)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add overhead (and contention on a shared machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("pattern", [ALL_KINDS, "attention", "s4d", "ema", "mamba2", "seqboat"])

@@ -11,13 +11,7 @@ from models.kernels import REFERENCE_KERNELS
 ALL_KINDS = "attention,s4d,ema,mamba2,seqboat"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: intra-op threads only add overhead (and contention on a shared machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(layer_pattern=ALL_KINDS, num_layers=None, **overrides) -> HybridConfig:

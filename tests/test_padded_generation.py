@@ -16,7 +16,7 @@ import torch
 
 from models import HybridCache
 
-from .test_models import _one_thread  # noqa: F401  (autouse fixture: one intra-op thread for tiny shapes)
+pytestmark = pytest.mark.usefixtures("one_thread")
 from .test_models import ALL_KINDS, tiny_model
 
 TOL = dict(rtol=1e-10, atol=1e-10)  # fp64, different chunk layouts: round-off only (see module docstring)

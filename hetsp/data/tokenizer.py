@@ -3,6 +3,9 @@
 Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``encode_batch(texts)``
 (a list of 1-D integer numpy arrays, the fast path used to tokenize a corpus),
 ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` and ``vocab_size``.
+
+A `<bkspc>` action (SequenceMatch, REFERENCE.md section 4) is one extra id appended after
+every existing id: ``add_bkspc(tokenizer)`` sets ``bkspc_token_id`` (None when absent).
 """
 
 from __future__ import annotations
@@ -30,15 +33,21 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, then bos=256, eos=257, pad=258 (vocab_size 259)."""
+    """UTF-8 bytes as ids 0..255, then bos=256, eos=257, pad=258 (vocab_size 259); with
+    `bkspc`, `<bkspc>` = 259 (vocab_size 260)."""
 
     name = "bytes"
+    BKSPC = "<bkspc>"
 
-    def __init__(self) -> None:
+    def __init__(self, bkspc: bool = False) -> None:
         self.bos_token_id = 256
         self.eos_token_id = 257
         self.pad_token_id = 258
         self.vocab_size = 259
+        self.bkspc_token_id: int | None = None
+        if bkspc:
+            self.bkspc_token_id = 259
+            self.vocab_size = 260
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -50,7 +59,7 @@ class ByteTokenizer:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def __repr__(self) -> str:
-        return "ByteTokenizer(vocab_size=259)"
+        return f"ByteTokenizer(vocab_size={self.vocab_size})"
 
 
 class HFTokenizer:
@@ -76,6 +85,16 @@ class HFTokenizer:
             self.pad_token_id = self.eos_token_id
             log.info("tokenizer %s has no pad token: padding with eos (id %d)", path, self.eos_token_id)
         self.vocab_size = len(hf)
+        ids = hf.convert_tokens_to_ids(BKSPC_TOKEN) if BKSPC_TOKEN in hf.get_vocab() else None
+        self.bkspc_token_id: int | None = None if ids is None else int(ids)
+
+    def add_bkspc(self) -> None:
+        """Append `<bkspc>` as a special token with the next free id (kept when saved with `hf`)."""
+        if self.bkspc_token_id is not None:
+            return
+        self.hf.add_tokens([BKSPC_TOKEN], special_tokens=True)
+        self.bkspc_token_id = int(self.hf.convert_tokens_to_ids(BKSPC_TOKEN))
+        self.vocab_size = len(self.hf)
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
@@ -89,6 +108,38 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+BKSPC_TOKEN = "<bkspc>"
+
+
+def add_bkspc(tokenizer: Any) -> Any:
+    """`tokenizer` with a `<bkspc>` id (the next free id); the byte tokenizer gets id 259."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer if tokenizer.bkspc_token_id is not None else ByteTokenizer(bkspc=True)
+    tokenizer.add_bkspc()
+    check_bkspc_id(tokenizer, tokenizer.bkspc_token_id)
+    return tokenizer
+
+
+def check_bkspc_id(tokenizer: Any, bkspc_id: int | None) -> int:
+    """`bkspc_id` if it is a `<bkspc>` id of `tokenizer` that no real token uses; ValueError otherwise."""
+    if bkspc_id is None:
+        raise ValueError("the tokenizer has no <bkspc> token; add it with hetsp.data.tokenizer.add_bkspc")
+    specials = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    for what, i in specials.items():
+        if i == bkspc_id:
+            raise ValueError(f"<bkspc> id {bkspc_id} collides with the {what} token; <bkspc> needs an id of its own")
+    if isinstance(tokenizer, ByteTokenizer):
+        if bkspc_id < 256:
+            raise ValueError(f"<bkspc> id {bkspc_id} collides with byte {bkspc_id}; the byte tokenizer's <bkspc> is 259")
+    else:
+        token = tokenizer.hf.convert_ids_to_tokens(int(bkspc_id))
+        if token != BKSPC_TOKEN:
+            raise ValueError(f"<bkspc> id {bkspc_id} is the tokenizer's token {token!r}; add <bkspc> with add_bkspc")
+    if not 0 <= bkspc_id < tokenizer.vocab_size:
+        raise ValueError(f"<bkspc> id {bkspc_id} is outside the vocabulary [0, {tokenizer.vocab_size})")
+    return int(bkspc_id)
 
 
 def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:

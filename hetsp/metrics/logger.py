@@ -180,6 +180,11 @@ class MetricsLogger:
             parts.append(f"plan {1000 * out['plan_time_s']:.1f} ms")
         if out.get("mfu") is not None:
             parts.append(f"MFU {100 * out['mfu']:.1f}%")
+        if out.get("reward_chosen") is not None:  # sequence-level objectives (CoPG)
+            parts.append(f"reward {out['reward_chosen']:.3f}/{out['reward_rejected']:.3f}")
+            parts.append(f"margin {out['margin']:.3f} | KL {out['kl']:.3f}")
+            if out.get("order_acc") is not None:
+                parts.append(f"order {100 * out['order_acc']:.0f}%")
         if self._bar is not None:
             self._bar.set_postfix_str(" | ".join(parts), refresh=False)
             self._bar.update(1)

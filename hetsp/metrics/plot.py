@@ -3,8 +3,9 @@
 Writes ``loss.png`` (train loss per step, validation loss per evaluation),
 ``throughput.png`` (tokens/s in total and per rank, and MFU when it was
 recorded), ``lengths.png`` (the batches' length histogram by the group size the
-planner chose) and ``predicted.png`` (predicted against measured step time) into
---out (default: RUN_DIR/plots); see `hetsp.metrics.plot_plans`.
+planner chose), ``predicted.png`` (predicted against measured step time) and, for
+runs that record rewards (CoPG), ``alignment.png`` into --out (default: RUN_DIR/plots);
+see `hetsp.metrics.plot_plans`.
 """
 
 from __future__ import annotations
@@ -91,8 +92,33 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     plt.close(fig)
     from hetsp.metrics.plot_plans import plot_lengths, plot_predicted
 
-    extra = [plot_lengths(run_dir, out_dir, plt), plot_predicted(records, name, out_dir, plt)]
-    return [loss_png, throughput_png] + [p for p in extra if p is not None]
+    out = [loss_png, throughput_png]
+    out += [p for p in (plot_lengths(run_dir, out_dir, plt), plot_predicted(records, name, out_dir, plt)) if p is not None]
+    if _series(records, "train", "reward_chosen")[0]:
+        out.append(_plot_alignment(records, name, out_dir, plt))
+    return out
+
+
+def _plot_alignment(records: list[dict[str, Any]], name: str, out_dir: Path, plt: Any) -> Path:
+    """``alignment.png``: rewards of the best and worst completion per bundle, the log-ratio margin,
+    the KL estimate and the ordering accuracy (CoPG runs)."""
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    for key, label in (("reward_chosen", "best of bundle"), ("reward_rejected", "worst of bundle")):
+        axes[0].plot(*_series(records, "train", key), label=label, linewidth=1)
+    axes[0].set(ylabel="reward", title=f"{name}: alignment")
+    axes[0].legend()
+    for key, label in (("margin", "log-ratio margin"), ("kl", "KL estimate")):
+        axes[1].plot(*_series(records, "train", key), label=label, linewidth=1)
+    axes[1].legend()
+    axes[2].plot(*_series(records, "train", "order_acc"), linewidth=1)
+    axes[2].set(ylabel="ordering accuracy", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    path = out_dir / "alignment.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

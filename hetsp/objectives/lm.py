@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from hetsp.objectives.base import IGNORE_INDEX, Objective
+
+__all__ = ["IGNORE_INDEX", "LanguageModeling"]
 
 
-class LanguageModeling:
+class LanguageModeling(Objective):
     name = "lm"
+    unit = "target token"
 
     @staticmethod
     def labels(seq: Sequence[int]) -> list[int]:
@@ -27,13 +30,22 @@ class LanguageModeling:
             return list(seq[1:]) + [IGNORE_INDEX]
         return [t if m else IGNORE_INDEX for t, m in zip(seq[1:], trainable[1:])] + [IGNORE_INDEX]
 
+    def token_inputs(self, example: Sequence[int]) -> dict[str, list]:
+        return {"labels": self.labels(example)}
+
     @staticmethod
-    def num_units(lengths: Sequence[int], sequences: Sequence[Sequence[int]] | None = None) -> int:
-        """Target tokens of a batch; with `sequences`, their ``trainable`` masks are honoured."""
-        if sequences is None:
-            return sum(max(0, n - 1) for n in lengths)
-        return sum(max(0, len(s) - 1) if getattr(s, "trainable", None) is None else int(sum(s.trainable[1:]))
-                   for s in sequences)
+    def num_units(examples: Sequence[Any]) -> int:
+        """Target tokens of a batch, given its sequences or their lengths; a sequence's
+        ``trainable`` mask is honoured."""
+        total = 0
+        for e in examples:
+            if isinstance(e, int):
+                total += max(0, e - 1)
+            elif getattr(e, "trainable", None) is None:
+                total += max(0, len(e) - 1)
+            else:
+                total += int(sum(e.trainable[1:]))
+        return total
 
     @staticmethod
     def loss_sum(logits_TV: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
@@ -42,3 +54,6 @@ class LanguageModeling:
         if logits_TV.shape[0] == 0:
             return logits_TV.sum() * 0.0
         return F.cross_entropy(logits_TV, labels_T, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def token_loss(self, logits_TV: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_sum(logits_TV, inputs["labels"])

@@ -1,0 +1,81 @@
+"""Typed `[objective]` sections, one dataclass per objective (no torch: `hetsp.config` reads them).
+
+The section applies to the objective named by `train.objective`; its keys are
+checked like every other section (unknown keys are errors naming the key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class LMObjectiveConfig:
+    """Next-token language modelling has no options."""
+
+
+@dataclass
+class CoPGObjectiveConfig:
+    """CoPG (REFERENCE.md section 3).
+
+    `logprob = "sum"` (default) sums completion-token log-probabilities: that is
+    the log-probability of the whole completion, for which the optimum of the
+    loss is pi* proportional to pi_ref exp(R / beta). `"mean"` divides each
+    completion's log-ratio by its token count (a length-normalised variant
+    with a different optimum).
+    """
+
+    beta: float = 0.1
+    logprob: Literal["sum", "mean"] = "sum"
+    reward_scale: float = 1.0
+    # Where the reference log-probs come from: "precomputed" (one pass before training,
+    # cached in the run folder) or "live" (a frozen copy, or the base with LoRA adapters off).
+    reference: Literal["precomputed", "live"] = "precomputed"
+    # Offline preference file (.jsonl/.json/.parquet) in TRL's formats; online: rows with a
+    # 'prompt' field, or "" for the prompts of the [data] fine-tuning dataset.
+    data: str = ""
+    bundles_per_batch: int = 8  # prompts (bundles) per global batch
+    # Offline pairs without score_chosen/score_rejected get these rewards. With the default
+    # (+1/4, -1/4), CoPG's gradient is IPO's (tau = beta) divided by 2 beta (REFERENCE.md section 3).
+    reward_pair: list[float] = field(default_factory=lambda: [0.25, -0.25])
+    # A prompt longer than this many tokens (0: no limit) is dropped with a count ("drop") or
+    # keeps its last max_prompt_tokens tokens ("truncate_left").
+    max_prompt_tokens: int = 0
+    long_prompt: Literal["drop", "truncate_left"] = "drop"
+    # Online CoPG (hetsp.objectives.online): every `online_every` steps (0: offline data), sample
+    # `samples_per_prompt` completions of each prompt of `data` from the current policy and score
+    # them with `reward_fn` ("module:function", called as fn(prompt, completion)).
+    online_every: int = 0
+    samples_per_prompt: int = 2
+    reward_fn: str = ""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+    def check(self) -> None:
+        if len(self.reward_pair) != 2 or not self.reward_pair[0] > self.reward_pair[1]:
+            raise ValueError(f"objective.reward_pair must be [chosen, rejected] with chosen > rejected, got {self.reward_pair}")
+        if self.bundles_per_batch < 1:
+            raise ValueError(f"objective.bundles_per_batch must be >= 1, got {self.bundles_per_batch}")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"objective.max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
+        if not self.beta > 0:
+            raise ValueError(f"objective.beta must be > 0, got {self.beta}")
+        if not self.reward_scale > 0:
+            raise ValueError(f"objective.reward_scale must be > 0, got {self.reward_scale}")
+        if self.online_every < 0:
+            raise ValueError(f"objective.online_every must be >= 0 (0: offline), got {self.online_every}")
+        if self.online_every:
+            if not self.reward_fn:
+                raise ValueError("objective.online_every > 0 samples completions: name objective.reward_fn (module:function)")
+            if self.reference != "live":
+                raise ValueError("online CoPG needs objective.reference = 'live' (precomputed log-probs cannot cover "
+                                 "completions sampled during training)")
+            if self.samples_per_prompt < 2:
+                raise ValueError(f"objective.samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+            if self.max_new_tokens < 1 or not self.temperature > 0 or not 0 < self.top_p <= 1:
+                raise ValueError("objective: max_new_tokens >= 1, temperature > 0 and top_p in (0, 1] for online sampling")
+
+
+OBJECTIVE_CONFIGS: dict[str, type] = {"lm": LMObjectiveConfig, "copg": CoPGObjectiveConfig}

@@ -1,0 +1,128 @@
+"""Online CoPG: every `objective.online_every` steps, k completions per prompt sampled from the
+current policy and scored by `objective.reward_fn`, then trained on for the next steps.
+
+A sampling round covers `online_every * bundles_per_batch` prompts (taken in turn from the
+prompt file, reshuffled every pass from the run seed); rank r samples prompts r, r + world, ...
+of the round with `hetsp.generation.sampling.sample_in_lockstep` (every rank stays in the
+model's collectives until all have finished), scores its own completions, and the scored
+completions are gathered on every rank. Step s trains on bundles
+`(s mod online_every) * bundles_per_batch ...` of its round. Reference log-probs are live
+(a frozen copy, or the LoRA base): precomputed ones cannot cover samples that do not exist yet.
+A resumed run samples its current round again from the restored policy.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from hetsp.objectives.copg import ScoredCompletion
+
+
+class OnlinePrompts:
+    """The prompts of online CoPG: the slice of `DataModule`'s interface the training loop uses
+    (batches come from sampling, `CoPG.train_batch`)."""
+
+    def __init__(self, prompts: list[list[int]], texts: list[str], per_round: int, seed: int, tokenizer: Any) -> None:
+        if not prompts:
+            raise ValueError("online CoPG: the prompt file has no usable prompt")
+        self.prompts, self.texts = prompts, texts
+        self.per_round = per_round
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.stats = {"prompts": len(prompts), "prompts_per_round": per_round}
+
+    def round_prompts(self, rnd: int) -> list[int]:
+        """Prompt indices of sampling round `rnd` (consecutive, reshuffled every pass)."""
+        out = []
+        n = len(self.prompts)
+        for j in range(rnd * self.per_round, (rnd + 1) * self.per_round):
+            epoch, k = divmod(j, n)
+            order = list(range(n))
+            random.Random(f"{self.seed}:prompts:{epoch}").shuffle(order)
+            out.append(order[k])
+        return out
+
+    def epoch_of(self, step: int) -> int:
+        return 0
+
+    def val_batches(self, num: int) -> list:
+        return []
+
+
+def online_prompts(cfg: Any, section: Any, seed: int) -> OnlinePrompts:
+    """Prompts tokenized with `data.tokenizer` and limited by `objective.max_prompt_tokens` like
+    offline prompts: the `prompt` field of every row of `objective.data`, or, without it, the
+    training prompts of the `[data]` fine-tuning dataset (e.g. `funcbody`), encoded as
+    fine-tuning encodes them (bos first when `data.add_bos`)."""
+    from hetsp.data.preference import _text, read_rows
+    from hetsp.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if section.data:
+        rows, head = read_rows(section.data), []
+    elif cfg.data.format == "prompt_completion":
+        from hetsp.data.finetune import load_examples
+
+        rows = load_examples(cfg.data)[0]
+        head = [tok.bos_token_id] if cfg.data.add_bos else []
+    else:
+        raise ValueError("online CoPG needs prompts: objective.data (rows with a 'prompt' field) or a "
+                         "[data] fine-tuning dataset with data.format = 'prompt_completion'")
+    prompts, texts = [], []
+    for k, row in enumerate(rows):
+        text = _text(row, "prompt", k)
+        ids = head + list(tok.encode(text))
+        if not ids:
+            raise ValueError(f"preference row {k}: the prompt has no tokens")
+        limit = section.max_prompt_tokens
+        if limit and len(ids) > limit:
+            if section.long_prompt == "drop":
+                continue
+            ids = ids[-limit:]
+        prompts.append(ids)
+        texts.append(text)
+    return OnlinePrompts(prompts, texts, section.online_every * section.bundles_per_batch, seed, tok)
+
+
+def sample_round(objective: Any, ctx: Any, rnd: int) -> list[ScoredCompletion]:
+    """The scored completions of round `rnd`, the same list on every rank (bundle id = position
+    of the prompt in the round)."""
+    import torch
+    import torch.distributed as dist
+
+    from hetsp.generation.sampling import load_reward_fn, sample_in_lockstep, score_completions
+
+    cfg, data = objective.cfg, ctx.data
+    chosen = data.round_prompts(rnd)
+    mine = list(range(ctx.rank, len(chosen), ctx.world_size))
+    gen = torch.Generator().manual_seed(hash((data.seed, rnd, ctx.rank)) % (2**63))
+    model = ctx.engine.module
+    was_training = model.training
+    model.eval()
+    try:
+        comps = sample_in_lockstep(model, [data.prompts[chosen[b]] for b in mine], cfg.samples_per_prompt,
+                                   cfg.max_new_tokens, gen, ctx.rank, ctx.device, cfg.temperature, cfg.top_p,
+                                   data.tokenizer.eos_token_id, ctx.kernel)
+    finally:
+        model.train(was_training)
+    fn = load_reward_fn(cfg.reward_fn)
+    scored = []
+    for b, cs in zip(mine, comps):
+        p = chosen[b]
+        texts = [data.tokenizer.decode([t for t in c if t != data.tokenizer.eos_token_id]) for c in cs]
+        rewards = score_completions(fn, cfg.reward_fn, data.texts[p], texts, f"prompt {p}")
+        scored += [ScoredCompletion(tuple(data.prompts[p] + c), len(data.prompts[p]), r, b) for c, r in zip(cs, rewards)]
+    parts: list[Any] = [None] * ctx.world_size
+    if dist.is_available() and dist.is_initialized() and ctx.world_size > 1:
+        dist.all_gather_object(parts, scored)
+    else:
+        parts = [scored]
+    return sorted((e for part in parts for e in part), key=lambda e: e.bundle)
+
+
+def step_examples(examples: Sequence[ScoredCompletion], step: int, online_every: int, per_batch: int) -> list[ScoredCompletion]:
+    """The completions step `step` trains on: its `per_batch` bundles of the round."""
+    lo = (step % online_every) * per_batch
+    return [e for e in examples if lo <= e.bundle < lo + per_batch]

@@ -1,0 +1,1 @@
+"""Reward functions usable as `module:function` in CoPG configs (called as fn(prompt, completion))."""

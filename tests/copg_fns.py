@@ -1,0 +1,61 @@
+"""Rank functions for the CoPG tests (importable by reference from the rank pool)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from hetsp.plan import Plan
+
+from . import step_fns
+
+
+def reference_paths(examples, batches, plan_seed, live_plan_json, run_dir):
+    """Reference log-probs precomputed (twice: the second must come from the cache) and live."""
+    from hetsp.attention import register_attention
+    from hetsp.config import ClusterConfig, PlannerConfig
+    from hetsp.objectives.copg import CoPG
+    from hetsp.objectives.reference import live_reference, precompute_reference
+    from solver import get_planner
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = step_fns.tiny_model(register_attention(), torch.float64)
+    obj = CoPG()
+    planner = get_planner("random", PlannerConfig(seed=plan_seed), ClusterConfig())
+
+    def plan_for(batch):
+        return planner.plan([len(e.tokens) for e in batch], world, obj.bundles(batch))
+
+    dev = torch.device("cpu")
+    pre, cached1 = precompute_reference(model, examples, batches, plan_for, run_dir, rank, world, dev, obj, "reference")
+    again, cached2 = precompute_reference(model, examples, batches, plan_for, run_dir, rank, world, dev, obj, "reference")
+    live = live_reference(model, Plan.from_json(live_plan_json), examples, rank, world, dev, obj, "reference")
+    if rank:
+        return None
+    return [e.ref_logp for e in pre], cached1, cached2, [e.ref_logp for e in again], [e.ref_logp for e in live]
+
+
+def lockstep_sampling(prompts_by_rank, k, max_new, zero_stage):
+    """Each rank samples for its own prompts inside a DeepSpeed engine (ZeRO-`zero_stage`)."""
+    import os
+
+    from hetsp.attention import register_attention
+    from hetsp.config import TrainConfig
+    from hetsp.engine import build_engine
+    from hetsp.generation.sampling import sample_in_lockstep
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    train = TrainConfig(steps=1, zero_stage=zero_stage, dtype="fp32")
+    engine = build_engine(step_fns.tiny_model(register_attention(), torch.float32), train, world, torch.device("cpu"))
+    engine.eval()
+    gen = torch.Generator().manual_seed(100 + rank)
+    out = sample_in_lockstep(engine.module, prompts_by_rank[rank], k, max_new, gen, rank, torch.device("cpu"),
+                             temperature=0.9, top_p=0.9, eos_token_id=3, kernel="reference")
+    engine.destroy()
+    return out
+
+
+def length_reward(prompt, completion):
+    """A reward for online CoPG tests: longer completions score higher."""
+    return len(completion) / 10

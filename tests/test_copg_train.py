@@ -1,0 +1,136 @@
+"""Offline CoPG through the training loop: bundles planned together, reference cached and reused
+on resume, alignment metrics in metrics.jsonl."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from hetsp.plan import Plan
+
+from . import train_fns
+
+
+def copg_config(tmp_path: Path, name: str, **objective):
+    pairs = tmp_path / "pairs.jsonl"
+    if not pairs.exists():
+        rng = random.Random(0)
+        words = ["def", "return", "x", "y", "(", ")", ":", "if", "else", "for"]
+        with pairs.open("w") as f:
+            for i in range(12):
+                prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+                if i % 3:
+                    row = {"prompt": prompt, "chosen": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))),
+                           "rejected": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}
+                else:
+                    comps = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(3)]
+                    row = {"prompt": prompt, "completions": comps, "rewards": [rng.uniform(-1, 1) for _ in comps]}
+                f.write(json.dumps(row) + "\n")
+    return {
+        "run": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 3},
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 64,
+                  "max_position_embeddings": 512},
+        "cluster": {"tokens_per_rank": 256},
+        "planner": {"name": "random"},
+        "train": {"steps": 4, "lr": 1e-3, "warmup_steps": 0, "eval_every": 0, "checkpoint_every": 0,
+                  "zero_stage": 2, "objective": "copg"},
+        "objective": {"data": str(pairs), "bundles_per_batch": 3, "beta": 0.2, **objective},
+    }
+
+
+def test_offline_copg_trains_with_bundles_and_reuses_the_reference_on_resume(rank_pool, tmp_path):
+    pool = rank_pool(2)
+    straight = copg_config(tmp_path, "straight")
+    _, full = [r for r in pool.run(train_fns.run_train, straight) if r][0]
+    steps = [r for r in full if r.get("kind", "train") == "train" and "loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        for key in ("reward_chosen", "reward_rejected", "margin", "pair_loss", "kl", "order_acc"):
+            assert key in r, key
+        assert r["loss"] == pytest.approx(r["pair_loss"], rel=1e-9)  # the step loss is the mean bundle loss
+    # step 0: the policy is the reference, so every log-ratio is 0 up to rounding
+    assert abs(steps[0]["kl"]) < 1e-5 and abs(steps[0]["margin"]) < 1e-5
+    run = tmp_path / "runs" / "straight"
+    plans = [Plan.from_dict(json.loads(line)["plan"]) for line in (run / "plans.jsonl").read_text().splitlines()]
+    assert all(p.bundles for p in plans)
+    for p in plans:
+        p.validate(2)
+    assert len(list((run / "reference").glob("*.json"))) == 1
+
+    first = copg_config(tmp_path, "resumed")
+    first["train"]["stop_after"] = 2
+    pool.run(train_fns.run_train, first)
+    ref_file = next((tmp_path / "runs" / "resumed" / "reference").glob("*.json"))
+    stamp = ref_file.stat().st_mtime_ns
+    second = copg_config(tmp_path, "resumed")
+    start, resumed = [r for r in pool.run(train_fns.run_train, second, True) if r][0]
+    assert start == 2
+    assert ref_file.stat().st_mtime_ns == stamp  # read from the cache, not recomputed
+    losses = [r["loss"] for r in resumed if "loss" in r]
+    assert losses == pytest.approx([r["loss"] for r in steps], rel=1e-6, abs=1e-7)
+
+
+def test_online_copg_samples_from_the_policy_every_n_steps(rank_pool, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f(x):", "def g(a, b):", "x = 1", "if y:"]))
+    cfg = copg_config(tmp_path, "online", data=str(prompts), online_every=2, samples_per_prompt=2, max_new_tokens=5,
+                      reward_fn="tests.copg_fns:length_reward", reference="live", bundles_per_batch=2)
+    _, records = [r for r in rank_pool(2).run(train_fns.run_train, cfg) if r][0]
+    steps = [r for r in records if r.get("kind", "train") == "train" and "loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["pair_loss"], rel=1e-9)
+        assert 0.0 <= r["reward_rejected"] <= r["reward_chosen"] <= 0.5  # at most 5 sampled bytes, scored by length
+    # step 0 samples from the starting policy, which is the reference: every log-ratio is 0
+    assert abs(steps[0]["kl"]) < 1e-5 and abs(steps[0]["margin"]) < 1e-5
+    plans = [Plan.from_dict(json.loads(line)["plan"]) for line in (tmp_path / "runs" / "online" / "plans.jsonl").read_text().splitlines()]
+    assert len(plans) == 4 and all(len(p.bundles) == 2 and all(len(b) == 2 for b in p.bundles) for p in plans)
+
+
+def test_online_copg_config_is_checked():
+    from hetsp.config import ConfigError, config_from_dict
+
+    base = {"train": {"objective": "copg"}, "objective": {"data": "p.jsonl", "online_every": 2}}
+    with pytest.raises(ConfigError, match="reward_fn"):
+        config_from_dict(base)
+    base["objective"]["reward_fn"] = "m:f"
+    with pytest.raises(ConfigError, match="reference = 'live'"):
+        config_from_dict(base)
+    base["objective"]["reference"] = "live"
+    config_from_dict(base)
+
+
+def test_online_prompts_from_the_finetuning_dataset():
+    from hetsp.config import config_from_dict
+    from hetsp.objectives.online import online_prompts
+
+    cfg = config_from_dict({
+        "data": {"dataset": "funcbody", "format": "prompt_completion", "max_documents": 30, "add_bos": True},
+        "train": {"objective": "copg"},
+        "objective": {"online_every": 2, "bundles_per_batch": 3, "reward_fn": "m:f", "reference": "live"},
+    })
+    data = online_prompts(cfg, cfg.objective, 0)
+    assert data.per_round == 6 and len(data.prompts) == len(data.texts) > 6
+    for ids, text in zip(data.prompts, data.texts):
+        assert ids[0] == data.tokenizer.bos_token_id and data.tokenizer.decode(ids[1:]) == text
+        assert text.lstrip().startswith(("def ", "async def ", "@"))
+    n = len(data.prompts)
+    seen = [p for rnd in range(-(-n // 6)) for p in data.round_prompts(rnd)][:n]
+    assert sorted(seen) == list(range(n))  # one pass covers every prompt once
+
+
+def test_online_copg_on_the_funcbody_task_with_its_reward(rank_pool, tmp_path):
+    """The path of configs/copg_stdlib.toml on a tiny random model: the task's prompts, the graded
+    standard-library reward, a live reference."""
+    cfg = copg_config(tmp_path, "funcbody", data="", online_every=1, samples_per_prompt=2, max_new_tokens=4,
+                      reward_fn="hetsp.rewards.funcbody:funcbody_reward", reference="live", bundles_per_batch=2,
+                      max_prompt_tokens=200)
+    cfg["data"] = {"dataset": "funcbody", "format": "prompt_completion", "max_documents": 30}
+    cfg["train"]["steps"] = 2
+    _, records = [r for r in rank_pool(2).run(train_fns.run_train, cfg) if r][0]
+    steps = [r for r in records if r.get("kind", "train") == "train" and "loss" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert 0.0 <= r["reward_rejected"] <= r["reward_chosen"] <= 1.0  # the reward lies in [0, 1]
+        assert r["loss"] == pytest.approx(r["pair_loss"], rel=1e-9)
