@@ -343,6 +343,8 @@ def config_to_toml(cfg: Config) -> str:
     """The whole tree as TOML text (written into every run folder)."""
     lines: list[str] = []
     for sec_name, sec in cfg.to_dict().items():
+        if sec is None:  # a section not typed yet (`objective` of a Config built in code)
+            continue
         lines.append(f"[{sec_name}]")
         nested = []
         for k, v in sec.items():
