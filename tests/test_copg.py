@@ -237,3 +237,18 @@ def test_reference_precomputed_equals_live_equals_one_process(rank_pool, tmp_pat
     torch.testing.assert_close(torch.tensor(pre, dtype=torch.float64), want, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(torch.tensor(live, dtype=torch.float64), want, rtol=1e-9, atol=1e-11)
     assert again == pre  # read back from the cache exactly
+
+
+def test_live_frozen_copy_of_a_recurrent_model_is_refused():
+    """A deep copy of a parallelized hybrid model keeps state-passing kernels bound to the original
+    layers: its log-probs under a group of several ranks would be wrong, so the copy is refused."""
+    from types import SimpleNamespace
+
+    from hetsp.objectives.copg import frozen_reference
+    from hetsp.ssm_parallel import parallelize
+
+    from .test_models import tiny_model
+
+    model = parallelize(tiny_model("attention,s4d"))
+    with pytest.raises(NotImplementedError, match="reference = 'precomputed'"):
+        frozen_reference(SimpleNamespace(module=model))

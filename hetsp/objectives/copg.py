@@ -239,6 +239,16 @@ def frozen_reference(engine: Any) -> Any:
     if any(hasattr(p, "ds_id") for p in module.parameters()):
         raise NotImplementedError("objective.reference = 'live' without LoRA under ZeRO-3 would hold a second full "
                                   "copy per rank; use reference = 'precomputed'")
+    from hetsp.ssm_parallel.detect import recurrent_modules
+
+    found = recurrent_modules(module)
+    if found:
+        # the copy's sequence-parallel SSM kernels would stay bound to the policy's layers, so on
+        # groups of more than one rank its log-probs would be wrong without an error
+        raise NotImplementedError(
+            f"objective.reference = 'live' copies the policy, which hetsp cannot do exactly for a model with "
+            f"recurrent layers ({type(found[0][1]).__name__}); use reference = 'precomputed' (offline data), "
+            "or LoRA (the reference is the base model with adapters disabled)")
     frozen = copy.deepcopy(module).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
