@@ -186,3 +186,18 @@ def get_pool(world_size: int) -> RankPool:
     if pool is None:
         pool = _POOLS[world_size] = RankPool(world_size)
     return pool
+
+
+def deepspeed_env_for_pool_rank(master_port: int) -> None:
+    """DeepSpeed reads RANK, LOCAL_RANK, WORLD_SIZE and MASTER_* even when torch.distributed is
+    already initialised (a `RankPool` worker): set them from the process group."""
+    import os
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    os.environ["LOCAL_RANK"] = str(rank)
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(dist.get_world_size())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(master_port))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -45,12 +44,9 @@ def save_tiny_tokenizer(folder: str | Path) -> Path:
 
 
 def _ds_env() -> None:
-    rank = dist.get_rank()
-    os.environ["LOCAL_RANK"] = str(rank)
-    os.environ["RANK"] = str(rank)
-    os.environ["WORLD_SIZE"] = str(dist.get_world_size())
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29581")
+    from hetsp.testing import deepspeed_env_for_pool_rank
+
+    deepspeed_env_for_pool_rank(29581)
 
 
 def loaded_parameters(folder: str, zero_stage: int):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -29,13 +28,10 @@ def train_step_and_save(run_dir: str, zero_stage: int, tie_word_embeddings: bool
 
     from hetsp.model_registry import build_model
 
+    from hetsp.testing import deepspeed_env_for_pool_rank
+
     rank = dist.get_rank()
-    # DeepSpeed reads these even when torch.distributed is already initialised.
-    os.environ["LOCAL_RANK"] = str(rank)
-    os.environ["RANK"] = str(rank)
-    os.environ["WORLD_SIZE"] = str(dist.get_world_size())
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29571")
+    deepspeed_env_for_pool_rank(29571)
     torch.manual_seed(0)
     model = build_model(tiny_model_config(tie_word_embeddings), VOCAB_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
