@@ -110,3 +110,13 @@ def test_a_profile_from_other_hardware_is_named(tmp_path):
     assert "measured on other hardware" in note and "'Another CPU' there" in note and "cores 96 there" in note
     save_profile(tmp_path / "p.json", pts, 128, hardware=hardware_here())
     assert profile_hardware_note(make_planner(config_from_dict(cfg), 259, on_gpu=False), 2) is None
+
+
+def test_lora_settings_without_lora_rank_are_refused():
+    """[lora] options with lora.r = 0 (no adapters) would be ignored: an error names the key."""
+    from hetsp.checks import check_values
+    from hetsp.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="lora.alpha is set but lora.r = 0"):
+        check_values(config_from_dict({"lora": {"alpha": 8.0}}, "test"))
+    check_values(config_from_dict({"lora": {"r": 4, "alpha": 8.0}}, "test"))
