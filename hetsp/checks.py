@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from hetsp.config import Config, ConfigError, _coerce, explicit_keys
+from hetsp.config import Config, ConfigError, _coerce
 
 
 # ----------------------------------------------------------------------------- planner.options
@@ -116,9 +116,11 @@ def check_values(cfg: Config) -> None:
         _at_least(getattr(t, key), 0, f"train.{key}")
     _at_least(t.log_every, 1, "train.log_every")
     _at_least(cfg.lora.r, 0, "lora.r")
-    set_without_r = sorted(explicit_keys(cfg.lora) - {"r"})
-    if cfg.lora.r == 0 and set_without_r:
-        raise ConfigError(f"lora.{set_without_r[0]} is set but lora.r = 0 (no LoRA): set lora.r > 0 to train adapters, "
+    # a run folder's config.toml writes every field, so compare with the defaults, not with what was written
+    changed = [f.name for f in dataclasses.fields(cfg.lora)
+               if f.name != "r" and getattr(cfg.lora, f.name) != getattr(type(cfg.lora)(), f.name)]
+    if cfg.lora.r == 0 and changed:
+        raise ConfigError(f"lora.{changed[0]} is set but lora.r = 0 (no LoRA): set lora.r > 0 to train adapters, "
                           "or remove the [lora] settings")
     if t.zero_stage not in (1, 2, 3):
         raise ConfigError(f"train.zero_stage = {t.zero_stage}: must be 1, 2 or 3")
