@@ -72,10 +72,11 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0) -> str:
+             seed: int = 0, top_p: float = 1.0) -> str:
     """The text the model appends to `prompt` (transformers' `generate` with its cache; stops at eos).
 
-    Temperature 0 is greedy; otherwise plain sampling from softmax(logits / T) (no top-k, no top-p).
+    Temperature 0 is greedy; otherwise sampling from softmax(logits / T) (no top-k), restricted to
+    the smallest set of tokens of probability >= `top_p` (1: no restriction).
     """
     import torch
 
@@ -87,7 +88,9 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     limit = getattr(model.config, "max_position_embeddings", None) or len(ids) + max_new_tokens
     max_new_tokens = min(max_new_tokens, max(0, limit - len(ids)))
     rows = model.config.vocab_size
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p {top_p}: must be in (0, 1]")
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(

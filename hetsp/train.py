@@ -185,7 +185,14 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
                         done, checkpoint.checkpoint_dir(run_dir))
         return preempted
 
+    def heldout(updates: int) -> None:
+        found = objective.heldout_metrics(ctx)  # e.g. CoPG's reward on held-out prompts
+        if found:
+            metrics.log_heldout(updates, found)
+
     try:
+        if start == 0:
+            heldout(0)
         for step in range(start, end):
             t0 = time.perf_counter()
             made = objective.train_batch(ctx, step)  # online sampling; None: the data module's batch
@@ -244,6 +251,8 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
             if end_of_step(done):
                 end = done
                 break
+        if end == cfg.train.steps:
+            heldout(end)
     finally:
         stop.__exit__()
         planning.close()

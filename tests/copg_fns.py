@@ -59,3 +59,38 @@ def lockstep_sampling(prompts_by_rank, k, max_new, zero_stage):
 def length_reward(prompt, completion):
     """A reward for online CoPG tests: longer completions score higher."""
     return len(completion) / 10
+
+
+def hybrid_live_reference(examples, batches, plan_seed, live_plan_json, run_dir, model_kwargs):
+    """On the hybrid model (fp64, sequence-parallel SSM layers): reference log-probs precomputed
+    from the policy and live from its frozen copy, and the step-0 KL estimate of the policy
+    against the live reference (both under the live plan)."""
+    from types import SimpleNamespace
+
+    from hetsp.attention import register_attention
+    from hetsp.config import ClusterConfig, PlannerConfig
+    from hetsp.executor import PlainEngine, run_plan
+    from hetsp.objectives.copg import CoPG, frozen_reference
+    from hetsp.objectives.reference import live_reference, precompute_reference
+    from hetsp.ssm_parallel import parallelize
+    from solver import get_planner
+
+    from . import ssm_fns
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = parallelize(ssm_fns._build("hybrid", model_kwargs, register_attention(), 1234).to(torch.float64))
+    obj = CoPG()
+    planner = get_planner("random", PlannerConfig(seed=plan_seed), ClusterConfig())
+
+    def plan_for(batch):
+        return planner.plan([len(e.tokens) for e in batch], world, obj.bundles(batch))
+
+    dev = torch.device("cpu")
+    frozen = frozen_reference(SimpleNamespace(module=model))
+    pre, _ = precompute_reference(model, examples, batches, plan_for, run_dir, rank, world, dev, obj, "reference")
+    plan = Plan.from_json(live_plan_json)
+    live = live_reference(frozen, plan, examples, rank, world, dev, obj, "reference")
+    model.train()
+    res = run_plan(PlainEngine(model), plan, live, rank, world, dev, obj, "reference")
+    kl = CoPG.finish_metrics(res.metrics)["kl"]
+    return [e.ref_logp for e in pre], [e.ref_logp for e in live], kl

@@ -134,3 +134,34 @@ def test_online_copg_on_the_funcbody_task_with_its_reward(rank_pool, tmp_path):
     for r in steps:
         assert 0.0 <= r["reward_rejected"] <= r["reward_chosen"] <= 1.0  # the reward lies in [0, 1]
         assert r["loss"] == pytest.approx(r["pair_loss"], rel=1e-9)
+
+
+def test_heldout_evaluation_of_online_copg_on_the_hybrid_model(rank_pool, tmp_path):
+    """configs/copg_stdlib.toml's path on a tiny hybrid model (all five mixer kinds, live frozen
+    copy as reference): held-out prompts are sampled before the first update and after the last;
+    before, the policy is its reference, so the KL estimate is exactly 0 (groups of 2 ranks: a copy
+    whose SSM kernels acted on the policy's layers would differ)."""
+    cfg = copg_config(tmp_path, "heldout", data="", online_every=1, samples_per_prompt=2, max_new_tokens=4,
+                      reward_fn="hetsp.rewards.funcbody:funcbody_reward", reference="live", bundles_per_batch=2,
+                      max_prompt_tokens=200, eval_prompts=2)
+    cfg["data"] = {"dataset": "funcbody", "format": "prompt_completion", "max_documents": 40,
+                   "validation_fraction": 0.25}
+    cfg["model"] = {"family": "hybrid", "hidden_size": 32, "num_layers": 5, "num_heads": 4, "num_kv_heads": 2,
+                    "intermediate_size": 48, "max_position_embeddings": 512,
+                    "extra": {"layer_pattern": "attention,s4d,ema,mamba2,seqboat", "s4d_state_size": 8, "ema_dim": 4,
+                              "mamba_d_state": 8, "mamba_head_dim": 16, "mamba_chunk_size": 4, "seqboat_window": 3,
+                              "seqboat_z_dim": 8, "seqboat_v_dim": 16}}
+    cfg["planner"] = {"name": "static", "group_size": 2}  # every sequence spread over both ranks
+    cfg["train"]["steps"] = 2
+    _, records = [r for r in rank_pool(2).run(train_fns.run_train, cfg) if r][0]
+    held = [r for r in records if r.get("kind") == "heldout"]
+    assert [r["step"] for r in held] == [0, 2]  # before any update, after the last
+    for r in held:
+        assert r["heldout_completions"] == 4  # 2 prompts x 2 samples
+        assert 0.0 <= r["heldout_reward"] <= 1.0
+    assert held[0]["heldout_kl"] == 0.0  # the same parameters, the same plan: bit for bit
+    assert held[1]["heldout_kl"] != 0.0  # two updates at lr 1e-3 moved the policy
+    summary = json.loads((tmp_path / "runs" / "heldout" / "summary.json").read_text())
+    assert summary["heldout_reward_before"] == held[0]["heldout_reward"]
+    assert summary["heldout_reward_after"] == held[1]["heldout_reward"]
+    assert summary["heldout_kl_after"] == held[1]["heldout_kl"]

@@ -165,6 +165,19 @@ class MetricsLogger:
         elif self.progress == "lines":
             print(message, flush=True)
 
+    def log_heldout(self, updates: int, values: dict[str, float]) -> None:
+        """A held-out evaluation after `updates` optimizer steps (0: the starting policy)."""
+        if not self.is_rank0:
+            return
+        out = {"kind": "heldout", "step": int(updates), "time": time.time(), **values}
+        self._write(self._metrics, out)
+        self.records.append(out)
+        message = f"after {updates} step(s): held-out " + ", ".join(f"{k.removeprefix('heldout_')} {v:.4f}" for k, v in values.items())
+        if self._bar is not None:
+            self._bar.write(message)
+        elif self.progress == "lines":
+            print(message, flush=True)
+
     def _write(self, handle: Any, record: dict[str, Any]) -> None:
         handle.write(dumps(record))
         handle.flush()

@@ -32,6 +32,8 @@ def summarize(records: Iterable[dict[str, Any]], world_size: int) -> dict[str, A
     mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
     tokens_per_s = tokens / step_time if step_time > 0 else None
     errors = prediction_errors(train) or {}
+    heldout = [r for r in records if r.get("kind") == "heldout"]
+    first = next((r for r in heldout if r.get("step") == 0), None)  # before any update
     return {
         "steps": len(train),
         "last_step": max((r["step"] for r in train), default=None),
@@ -51,6 +53,10 @@ def summarize(records: Iterable[dict[str, Any]], world_size: int) -> dict[str, A
         "peak_mem_bytes": max(mems) if mems else None,
         "est_median_rel_error": errors.get("median_rel_error"),
         "est_worst_rel_error": errors.get("worst_rel_error"),
+        # held-out evaluations of a sequence-level objective (CoPG's `objective.eval_prompts`)
+        "heldout_reward_before": first.get("heldout_reward") if first else None,
+        "heldout_reward_after": heldout[-1].get("heldout_reward") if heldout and heldout[-1] is not first else None,
+        "heldout_kl_after": heldout[-1].get("heldout_kl") if heldout and heldout[-1] is not first else None,
     }
 
 
@@ -88,9 +94,13 @@ ROWS = (
     ("peak_mem_bytes", "peak memory (rank 0)", "bytes"),
     ("est_median_rel_error", "step time predicted: median error", "pct"),
     ("est_worst_rel_error", "step time predicted: worst error", "pct"),
+    ("heldout_reward_before", "held-out reward before", "loss"),
+    ("heldout_reward_after", "held-out reward after", "loss"),
+    ("heldout_kl_after", "held-out KL to reference after", "loss"),
 )
 
-OPTIONAL_ROWS = {"comm_time_share", "data_time_share", "mean_mfu", "est_median_rel_error", "est_worst_rel_error"}
+OPTIONAL_ROWS = {"comm_time_share", "data_time_share", "mean_mfu", "est_median_rel_error", "est_worst_rel_error",
+                 "heldout_reward_before", "heldout_reward_after", "heldout_kl_after"}
 
 
 def format_table(summary: dict[str, Any]) -> str:

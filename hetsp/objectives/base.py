@@ -91,6 +91,11 @@ class Objective:
         """Per-step metrics from the step's sums of `metrics_from_stats`."""
         return {}
 
+    def heldout_metrics(self, ctx: Any) -> dict[str, float] | None:
+        """Metrics on held-out data of the current policy, measured before the first update and
+        after the last (every rank takes part); None: the objective has none."""
+        return None
+
     # ---- data, before the layout ---------------------------------------------
     def tokens(self, example: Any) -> Sequence[int]:
         return example

@@ -52,6 +52,11 @@ class CoPGObjectiveConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    # Held-out evaluation (0: none): before the first update and after the last, sample
+    # `samples_per_prompt` completions of each of the first `eval_prompts` validation prompts of
+    # the [data] fine-tuning dataset (same sampling options, same random stream each time), and
+    # log their mean `reward_fn` reward and, with a live reference, the KL estimate to it.
+    eval_prompts: int = 0
 
     def check(self) -> None:
         if len(self.reward_pair) != 2 or not self.reward_pair[0] > self.reward_pair[1]:
@@ -64,6 +69,11 @@ class CoPGObjectiveConfig:
             raise ValueError(f"objective.beta must be > 0, got {self.beta}")
         if not self.reward_scale > 0:
             raise ValueError(f"objective.reward_scale must be > 0, got {self.reward_scale}")
+        if self.eval_prompts < 0:
+            raise ValueError(f"objective.eval_prompts must be >= 0 (0: no held-out evaluation), got {self.eval_prompts}")
+        if self.eval_prompts and (not self.reward_fn or self.samples_per_prompt < 2):
+            raise ValueError("objective.eval_prompts > 0 scores sampled completions: name objective.reward_fn "
+                             "(module:function) and set samples_per_prompt >= 2")
         if self.online_every < 0:
             raise ValueError(f"objective.online_every must be >= 0 (0: offline), got {self.online_every}")
         if self.online_every:
@@ -74,6 +84,7 @@ class CoPGObjectiveConfig:
                                  "completions sampled during training)")
             if self.samples_per_prompt < 2:
                 raise ValueError(f"objective.samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        if self.online_every or self.eval_prompts:
             if self.max_new_tokens < 1 or not self.temperature > 0 or not 0 < self.top_p <= 1:
                 raise ValueError("objective: max_new_tokens >= 1, temperature > 0 and top_p in (0, 1] for online sampling")
 

@@ -161,6 +161,10 @@ class CoPG(Objective):
         from hetsp.data.preference import PreferenceDataModule, preference_examples, read_rows
         from hetsp.data.tokenizer import load_tokenizer
 
+        if self.cfg.eval_prompts:
+            from hetsp.objectives.online import heldout_prompts
+
+            self._heldout = heldout_prompts(cfg, self.cfg)
         if self.cfg.online_every:
             from hetsp.objectives.online import online_prompts
 
@@ -186,6 +190,15 @@ class CoPG(Objective):
         )
         ctx.data.examples = examples
         ctx.log(f"reference log-probs: {'read from the cache' if cached else 'computed'} for {len(examples)} completions")
+
+    def heldout_metrics(self, ctx: Any) -> dict[str, float] | None:
+        """With `eval_prompts`: mean reward of completions sampled on held-out prompts, and the KL
+        estimate to the live reference (`hetsp.objectives.online.heldout_metrics`)."""
+        if not self.cfg.eval_prompts:
+            return None
+        from hetsp.objectives.online import heldout_metrics
+
+        return heldout_metrics(self, ctx, *self._heldout, getattr(self, "_frozen", None))
 
     def train_batch(self, ctx: Any, step: int) -> list | None:
         """Online CoPG: the completions step `step` trains on, sampled every `online_every` steps
@@ -230,7 +243,9 @@ class CoPG(Objective):
 def frozen_reference(engine: Any) -> Any:
     """The frozen starting policy for live reference log-probs: the policy itself when it is a
     peft model (adapters disabled at use), else a frozen copy taken before any checkpoint is
-    loaded (so a resumed run gets the same starting policy)."""
+    loaded (so a resumed run gets the same starting policy). The copy's sequence-parallel SSM
+    kernels are bound to the copy's own layers (`hetsp.ssm_parallel.hybrid.GroupKernel`); the
+    Mamba-2 hybrids of transformers read the shard from each call, so they need nothing."""
     import copy
 
     module = engine.module
@@ -239,16 +254,6 @@ def frozen_reference(engine: Any) -> Any:
     if any(hasattr(p, "ds_id") for p in module.parameters()):
         raise NotImplementedError("objective.reference = 'live' without LoRA under ZeRO-3 would hold a second full "
                                   "copy per rank; use reference = 'precomputed'")
-    from hetsp.ssm_parallel.detect import recurrent_modules
-
-    found = recurrent_modules(module)
-    if found:
-        # the copy's sequence-parallel SSM kernels would stay bound to the policy's layers, so on
-        # groups of more than one rank its log-probs would be wrong without an error
-        raise NotImplementedError(
-            f"objective.reference = 'live' copies the policy, which hetsp cannot do exactly for a model with "
-            f"recurrent layers ({type(found[0][1]).__name__}); use reference = 'precomputed' (offline data), "
-            "or LoRA (the reference is the base model with adapters disabled)")
     frozen = copy.deepcopy(module).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

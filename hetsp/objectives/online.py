@@ -56,20 +56,37 @@ def online_prompts(cfg: Any, section: Any, seed: int) -> OnlinePrompts:
     offline prompts: the `prompt` field of every row of `objective.data`, or, without it, the
     training prompts of the `[data]` fine-tuning dataset (e.g. `funcbody`), encoded as
     fine-tuning encodes them (bos first when `data.add_bos`)."""
-    from hetsp.data.preference import _text, read_rows
+    from hetsp.data.preference import read_rows
     from hetsp.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.data.tokenizer)
     if section.data:
         rows, head = read_rows(section.data), []
-    elif cfg.data.format == "prompt_completion":
-        from hetsp.data.finetune import load_examples
-
-        rows = load_examples(cfg.data)[0]
-        head = [tok.bos_token_id] if cfg.data.add_bos else []
     else:
-        raise ValueError("online CoPG needs prompts: objective.data (rows with a 'prompt' field) or a "
-                         "[data] fine-tuning dataset with data.format = 'prompt_completion'")
+        rows, head = finetune_rows(cfg, "online CoPG needs prompts: objective.data (rows with a 'prompt' field) or")[0], \
+            bos_head(cfg, tok)
+    prompts, texts = encode_prompts(rows, tok, head, section)
+    return OnlinePrompts(prompts, texts, section.online_every * section.bundles_per_batch, seed, tok)
+
+
+def finetune_rows(cfg: Any, need: str) -> tuple[list[dict], list[dict]]:
+    """(train rows, validation rows) of the `[data]` fine-tuning dataset; `need` starts the error."""
+    if cfg.data.format != "prompt_completion":
+        raise ValueError(f"{need} a [data] fine-tuning dataset with data.format = 'prompt_completion'")
+    from hetsp.data.finetune import load_examples
+
+    return load_examples(cfg.data)
+
+
+def bos_head(cfg: Any, tok: Any) -> list[int]:
+    """What fine-tuning puts before a prompt: the bos token when `data.add_bos`."""
+    return [tok.bos_token_id] if cfg.data.add_bos else []
+
+
+def encode_prompts(rows: Sequence[dict], tok: Any, head: list[int], section: Any) -> tuple[list[list[int]], list[str]]:
+    """Token ids and texts of the rows' `prompt` fields, limited by `max_prompt_tokens`."""
+    from hetsp.data.preference import _text
+
     prompts, texts = [], []
     for k, row in enumerate(rows):
         text = _text(row, "prompt", k)
@@ -83,43 +100,92 @@ def online_prompts(cfg: Any, section: Any, seed: int) -> OnlinePrompts:
             ids = ids[-limit:]
         prompts.append(ids)
         texts.append(text)
-    return OnlinePrompts(prompts, texts, section.online_every * section.bundles_per_batch, seed, tok)
+    return prompts, texts
 
 
-def sample_round(objective: Any, ctx: Any, rnd: int) -> list[ScoredCompletion]:
-    """The scored completions of round `rnd`, the same list on every rank (bundle id = position
-    of the prompt in the round)."""
+def heldout_prompts(cfg: Any, section: Any) -> tuple[list[list[int]], list[str]]:
+    """The first `objective.eval_prompts` validation prompts of the `[data]` fine-tuning dataset
+    (files the training prompts do not come from), encoded like online prompts."""
+    from hetsp.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    rows = finetune_rows(cfg, "objective.eval_prompts samples held-out prompts: it needs")[1]
+    prompts, texts = encode_prompts(rows, tok, bos_head(cfg, tok), section)
+    if len(prompts) < section.eval_prompts:
+        raise ValueError(f"objective.eval_prompts = {section.eval_prompts}, but the validation split has "
+                         f"{len(prompts)} usable prompt(s); lower it or raise data.validation_fraction")
+    return prompts[: section.eval_prompts], texts[: section.eval_prompts]
+
+
+def sample_scored(objective: Any, ctx: Any, prompts: Sequence[Sequence[int]], texts: Sequence[str], seed: Any,
+                  names: Sequence[Any] | None = None) -> list[ScoredCompletion]:
+    """`samples_per_prompt` completions of each prompt from the current policy, scored by
+    `reward_fn`, the same list on every rank (bundle id = position of the prompt). Rank r samples
+    prompts r, r + world, ...; `names[b]` names prompt b in errors (default its position)."""
     import torch
     import torch.distributed as dist
 
     from hetsp.generation.sampling import load_reward_fn, sample_in_lockstep, score_completions
 
-    cfg, data = objective.cfg, ctx.data
-    chosen = data.round_prompts(rnd)
-    mine = list(range(ctx.rank, len(chosen), ctx.world_size))
-    gen = torch.Generator().manual_seed(hash((data.seed, rnd, ctx.rank)) % (2**63))
+    cfg, tok = objective.cfg, ctx.data.tokenizer
+    mine = list(range(ctx.rank, len(prompts), ctx.world_size))
+    gen = torch.Generator().manual_seed(random.Random(f"{seed}:{ctx.rank}").getrandbits(63))
     model = ctx.engine.module
     was_training = model.training
     model.eval()
     try:
-        comps = sample_in_lockstep(model, [data.prompts[chosen[b]] for b in mine], cfg.samples_per_prompt,
+        comps = sample_in_lockstep(model, [prompts[b] for b in mine], cfg.samples_per_prompt,
                                    cfg.max_new_tokens, gen, ctx.rank, ctx.device, cfg.temperature, cfg.top_p,
-                                   data.tokenizer.eos_token_id, ctx.kernel)
+                                   tok.eos_token_id, ctx.kernel)
     finally:
         model.train(was_training)
     fn = load_reward_fn(cfg.reward_fn)
     scored = []
     for b, cs in zip(mine, comps):
-        p = chosen[b]
-        texts = [data.tokenizer.decode([t for t in c if t != data.tokenizer.eos_token_id]) for c in cs]
-        rewards = score_completions(fn, cfg.reward_fn, data.texts[p], texts, f"prompt {p}")
-        scored += [ScoredCompletion(tuple(data.prompts[p] + c), len(data.prompts[p]), r, b) for c, r in zip(cs, rewards)]
+        decoded = [tok.decode([t for t in c if t != tok.eos_token_id]) for c in cs]
+        rewards = score_completions(fn, cfg.reward_fn, texts[b], decoded, f"prompt {names[b] if names else b}")
+        scored += [ScoredCompletion(tuple(list(prompts[b]) + c), len(prompts[b]), r, b) for c, r in zip(cs, rewards)]
     parts: list[Any] = [None] * ctx.world_size
     if dist.is_available() and dist.is_initialized() and ctx.world_size > 1:
         dist.all_gather_object(parts, scored)
     else:
         parts = [scored]
     return sorted((e for part in parts for e in part), key=lambda e: e.bundle)
+
+
+def sample_round(objective: Any, ctx: Any, rnd: int) -> list[ScoredCompletion]:
+    """The scored completions of round `rnd`, the same list on every rank (bundle id = position
+    of the prompt in the round)."""
+    data = ctx.data
+    chosen = data.round_prompts(rnd)
+    return sample_scored(objective, ctx, [data.prompts[p] for p in chosen], [data.texts[p] for p in chosen],
+                         (data.seed, rnd), names=chosen)
+
+
+def heldout_metrics(objective: Any, ctx: Any, prompts: Sequence[Sequence[int]], texts: Sequence[str],
+                    reference: Any | None) -> dict[str, float]:
+    """Completions of the held-out prompts sampled from the current policy (the same random
+    stream at every evaluation): their mean reward, and, given the frozen `reference`, the KL
+    estimate mean(log pi(y|x) - log pi_ref(y|x)) over them (y sampled from pi; sums over
+    completion tokens, both under one hetsp plan)."""
+    from hetsp.objectives.reference import reference_logps, sequence_logps
+
+    scored = sample_scored(objective, ctx, prompts, texts, ("heldout", ctx.data.seed))
+    out = {"heldout_reward": sum(e.reward for e in scored) / len(scored), "heldout_completions": float(len(scored))}
+    if reference is not None:
+        plan = ctx.planning.plan_for(-1, sequences=scored, bundles=objective.bundles(scored))
+        kept = ctx.planning.kept(plan, scored)
+        args = (plan, kept, ctx.rank, ctx.world_size, ctx.device, objective, ctx.kernel)
+        model = ctx.engine.module
+        was_training = model.training
+        model.eval()
+        try:
+            logp = sequence_logps(model, *args)
+        finally:
+            model.train(was_training)
+        ref = reference_logps(reference, *args)
+        out["heldout_kl"] = sum(a - b for a, b in zip(logp, ref)) / len(kept)
+    return out
 
 
 def step_examples(examples: Sequence[ScoredCompletion], step: int, online_every: int, per_batch: int) -> list[ScoredCompletion]:

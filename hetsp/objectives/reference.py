@@ -7,7 +7,7 @@ Two sources, the same numbers:
   the per-example sums are cached in the run folder under a key made of the
   model's and the data's fingerprints, and reused on resume;
 - live: `live_reference` runs the frozen reference under the step's plan
-  (a frozen copy, partitioned like the policy under ZeRO-3; with a peft LoRA
+  (a frozen copy, refused under ZeRO-3 without LoRA; with a peft LoRA
   model, the policy itself inside `disable_adapter()`, so no second copy).
 
 Either way the statistic is the objective's own (the completion-token
@@ -38,14 +38,22 @@ def adapters_disabled(model: Any) -> contextlib.AbstractContextManager:
     return disable() if callable(disable) else contextlib.nullcontext()
 
 
+def sequence_logps(
+    model: Any, plan: Plan, examples: Sequence[ScoredCompletion], rank: int, world_size: int, device: Any,
+    objective: Any, kernel: str = "auto",
+) -> list[float]:
+    """log pi(completion | prompt) of every example under `model`, under `plan` (every rank takes part)."""
+    res = run_plan(model, plan, examples, rank, world_size, device, objective, kernel, stats_only=True)
+    return [res.seq_stats[i][0] for i in range(len(examples))]
+
+
 def reference_logps(
     model: Any, plan: Plan, examples: Sequence[ScoredCompletion], rank: int, world_size: int, device: Any,
     objective: Any, kernel: str = "auto",
 ) -> list[float]:
     """log pi_ref(completion | prompt) of every example, under `plan` (every rank takes part)."""
     with adapters_disabled(model):
-        res = run_plan(model, plan, examples, rank, world_size, device, objective, kernel, stats_only=True)
-    return [res.seq_stats[i][0] for i in range(len(examples))]
+        return sequence_logps(model, plan, examples, rank, world_size, device, objective, kernel)
 
 
 def with_reference(examples: Sequence[ScoredCompletion], logps: Sequence[float]) -> list[ScoredCompletion]:

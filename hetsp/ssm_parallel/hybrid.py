@@ -149,7 +149,41 @@ _FACTORIES = {
 }
 
 
-def group_kernel(name: str, inner, mixer):
+class GroupKernel:
+    """The group version of kernel `name` around `inner`, acting while `mixer` is activated.
+
+    A callable object rather than a closure so that a deep copy of the model (the frozen
+    reference of CoPG) gets kernels bound to the copy's own mixer: `copy.deepcopy` maps
+    `mixer` (and `inner`, when it is a `_SharedKernel`) to their copies.
+    """
+
+    _hetsp_sp = True
+
+    def __init__(self, name: str, inner, mixer) -> None:
+        self.name, self.inner, self.mixer = name, inner, mixer
+        self._fn = _FACTORIES[name](inner, mixer)
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return GroupKernel(self.name, copy.deepcopy(self.inner, memo), copy.deepcopy(self.mixer, memo))
+
+
+class _SharedKernel:
+    """Kernel `name` of the model-wide table of `mixer`, looked up at call time, so later swaps
+    of that table still apply (a deep copy looks it up in the copy's table)."""
+
+    def __init__(self, mixer, name: str) -> None:
+        self.mixer, self.name = mixer, name
+
+    def __call__(self, *args, **kwargs):
+        return _shared_kernel(self.mixer, self.name)(*args, **kwargs)
+
+
+def group_kernel(name: str, inner, mixer) -> GroupKernel:
     """The group version of kernel `name` around `inner`; it acts while `mixer` is activated.
 
     `mixer` is any object: `activate(mixer, segments, group)` switches the group path on, and
@@ -157,9 +191,7 @@ def group_kernel(name: str, inner, mixer):
     """
     if name not in _FACTORIES:
         raise ValueError(f"no group version of kernel {name!r}; known: {sorted(_FACTORIES)}")
-    wrapped = _FACTORIES[name](inner, mixer)
-    wrapped._hetsp_sp = True
-    return wrapped
+    return GroupKernel(name, inner, mixer)
 
 
 def activate(mixer, segments: Segments | None, group: GroupSpec | None = None) -> None:
@@ -203,13 +235,7 @@ def parallelize_mixer(mixer) -> None:
         return
     overrides = mixer.kernels.maps[0]
     for name in _KERNELS_BY_KIND[mixer.kind]:
-        if name in overrides:
-            inner = overrides[name]
-        else:
-            # Look the shared kernel up at call time, so later swaps of the model-wide table still apply.
-            def inner(*a, _name=name, **kw):
-                return _shared_kernel(mixer, _name)(*a, **kw)
-
+        inner = overrides[name] if name in overrides else _SharedKernel(mixer, name)
         overrides[name] = group_kernel(name, inner, mixer)
     setattr(mixer, _ACTIVE, None)
     mixer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
