@@ -13,6 +13,10 @@ from typing import Any
 import torch
 
 
+# Entries holding segment ids (>= 0; -1 at empty slots), which in unpacked rows are row indices.
+_ROW_SEGMENT_ENTRIES = ("prefix_seg",)
+
+
 class HybridCache:
     def __init__(self, num_layers: int):
         self.layers: list[dict[str, Any]] = [{} for _ in range(num_layers)]
@@ -34,10 +38,16 @@ class HybridCache:
         return key, value
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row i becomes old row beam_idx[i] (rows may be dropped or repeated)."""
         for entry in self.layers:
             for name, value in entry.items():
                 if isinstance(value, torch.Tensor):
-                    entry[name] = value.index_select(0, beam_idx.to(value.device))
+                    value = value.index_select(0, beam_idx.to(value.device))
+                    if name in _ROW_SEGMENT_ENTRIES:
+                        # Unpacked rows are their own segments (segment id = row index): renumber.
+                        rows = torch.arange(value.shape[0], device=value.device).view(-1, *([1] * (value.ndim - 1)))
+                        value = torch.where(value >= 0, rows.to(value.dtype), value)
+                    entry[name] = value
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -19,15 +19,18 @@ class TinyVocab(torch.nn.Module):
     def __init__(self, attn):
         super().__init__()
         self.inner = step_fns.tiny_model(attn, torch.float64)
+        self.config = self.inner.config
 
     def forward(self, **kwargs):
-        return (self.inner(**kwargs).logits[..., :V],)
+        out = self.inner(**kwargs)
+        out.logits = out.logits[..., :V]
+        return out
 
 
 @torch.no_grad()
 def seq_logps(model, prompt, seq):
     """Per-step log p of `seq` after `prompt`, from one stock forward."""
-    logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + list(seq)]))[0][0].double(), -1)
+    logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + list(seq)])).logits[0].double(), -1)
     return [float(logp[len(prompt) + t - 1, seq[t]]) for t in range(len(seq))]
 
 
@@ -43,11 +46,12 @@ def stock():
     return TinyVocab("sdpa").eval()
 
 
-def test_each_group_is_the_brute_force_top_of_its_augmented_score(model, stock):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_each_group_is_the_brute_force_top_of_its_augmented_score(model, stock, use_cache):
     """Beam width V^(L-1) holds every prefix, so each group's beams are exactly the top B' of all
     V^L sequences by sum_t [log p + lambda * (-count of earlier groups' step-t tokens equal to y_t)]."""
     prompt, lam, G, width = [5, 7], 0.7, 3, V ** (L - 1)
-    groups = diverse_beam_search(model, prompt, G * width, G, lam, L, kernel="reference")
+    groups = diverse_beam_search(model, prompt, G * width, G, lam, L, kernel="reference", use_cache=use_cache)
     all_seqs = list(itertools.product(range(V), repeat=L))
     logps = {s: seq_logps(stock, prompt, s) for s in all_seqs}
     earlier_tokens = [[] for _ in range(L)]  # per step: the tokens earlier groups' beams hold there

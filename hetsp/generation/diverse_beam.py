@@ -9,9 +9,8 @@ groups advance in order; group g ranks a candidate token v for one of its beams 
 score is the running sum of these augmented step scores (so group 1, with no
 earlier group, is plain beam search on log-probabilities). A beam that emitted
 `eos_token_id` is finished: it stays in its group with its score and is not
-extended. No length normalisation. Every forward is a whole-prefix forward
-(no cache) through hetsp's packed layout, so any model hetsp runs works unchanged.
-It runs on one rank by itself (no collective).
+extended. No length normalisation. Decoding uses the model's cache, reordered by
+beam (`hetsp.generation.decoding`). It runs on one rank by itself (no collective).
 """
 
 from __future__ import annotations
@@ -21,20 +20,12 @@ from typing import Any, Sequence
 
 import torch
 
-from hetsp.generation.sampling import packed_last_logits
-
 
 @dataclass
 class Beam:
     tokens: list[int]  # generated tokens only (the prompt excluded)
     score: float
     finished: bool = False
-
-
-def _next_log_probs(model: Any, prompt: Sequence[int], beams: list[Beam], device: Any, kernel: str) -> torch.Tensor:
-    """log p(next token) for each beam, (n, V) in fp64, from one packed forward (a group of one)."""
-    logits = packed_last_logits(model, [list(prompt) + b.tokens for b in beams], 0, device, kernel, local=True)
-    return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
 
 @torch.no_grad()
@@ -48,8 +39,16 @@ def diverse_beam_search(
     eos_token_id: int | None = None,
     device: Any = "cpu",
     kernel: str = "auto",
+    use_cache: bool = True,
 ) -> list[list[Beam]]:
-    """The beams of every group after `max_new_tokens` steps (or when all finished), best first."""
+    """The beams of every group after `max_new_tokens` steps (or when all finished), best first.
+
+    All groups' unfinished beams run as the rows of one decoder (`decoding.make_decoder`: the
+    model's cache, reordered by each new beam's parent, or packed full forwards with
+    `use_cache=False`), one forward per step: a step's log-probabilities depend only on the
+    beams' prefixes, so the groups' sequential choices need no extra forward."""
+    from hetsp.generation.decoding import make_decoder
+
     if num_groups < 1 or num_beams < num_groups or num_beams % num_groups:
         raise ValueError(f"num_beams ({num_beams}) must be a positive multiple of num_groups ({num_groups})")
     if diversity < 0:
@@ -58,32 +57,43 @@ def diverse_beam_search(
         raise ValueError("diverse_beam_search needs a prompt of at least one token")
     width = num_beams // num_groups
     groups: list[list[Beam]] = [[Beam([], 0.0)] for _ in range(num_groups)]
-    for _ in range(max_new_tokens):
-        if all(b.finished for g in groups for b in g):
-            break
-        chosen_count: torch.Tensor | None = None  # (V,) tokens chosen at this step by earlier groups
-        for g in range(num_groups):
-            beams = groups[g]
-            active = [b for b in beams if not b.finished]
-            cands: list[tuple[float, Beam, int | None]] = [(b.score, b, None) for b in beams if b.finished]
-            if active:
-                logp = _next_log_probs(model, prompt, active, device, kernel)
-                if chosen_count is None:
-                    chosen_count = torch.zeros(logp.shape[1], dtype=torch.float64, device=logp.device)
-                step = logp - diversity * chosen_count
-                total = step + torch.tensor([b.score for b in active], dtype=torch.float64, device=logp.device)[:, None]
-                k = min(width, total.numel())
-                top = torch.topk(total.flatten(), k)
-                V = logp.shape[1]
-                for val, idx in zip(top.values.tolist(), top.indices.tolist()):
-                    cands.append((val, active[idx // V], idx % V))
-            cands.sort(key=lambda c: -c[0])
-            new: list[Beam] = []
-            for score, beam, tok in cands[:width]:
-                if tok is None:
-                    new.append(beam)
-                else:
-                    new.append(Beam(beam.tokens + [tok], score, eos_token_id is not None and tok == eos_token_id))
+    with make_decoder(model, device, kernel, local=True, use_cache=use_cache) as dec:
+        logp = torch.log_softmax(dec.start([list(prompt)]).to(torch.float64), dim=-1)
+        rows = {id(groups[0][0]): 0}  # decoder row of each unfinished beam; every group starts from row 0
+        for g in groups[1:]:
+            rows[id(g[0])] = 0
+        for t in range(max_new_tokens):
+            chosen_count = torch.zeros(logp.shape[1], dtype=torch.float64, device=logp.device)  # this step's earlier-group tokens
+            parents: list[int] = []
+            tokens: list[int] = []
+            new_rows: dict[int, int] = {}
+            for g in range(num_groups):
+                beams = groups[g]
+                active = [b for b in beams if not b.finished]
+                cands: list[tuple[float, Beam, int | None]] = [(b.score, b, None) for b in beams if b.finished]
+                if active:
+                    step = logp[[rows[id(b)] for b in active]] - diversity * chosen_count
+                    total = step + torch.tensor([b.score for b in active], dtype=torch.float64, device=logp.device)[:, None]
+                    top = torch.topk(total.flatten(), min(width, total.numel()))
+                    V = logp.shape[1]
+                    for val, idx in zip(top.values.tolist(), top.indices.tolist()):
+                        cands.append((val, active[idx // V], idx % V))
+                cands.sort(key=lambda c: -c[0])
+                new: list[Beam] = []
+                for score, beam, tok in cands[:width]:
+                    if tok is None:
+                        new.append(beam)
+                        continue
+                    child = Beam(beam.tokens + [tok], score, eos_token_id is not None and tok == eos_token_id)
+                    new.append(child)
                     chosen_count[tok] += 1
-            groups[g] = new
+                    if not child.finished:
+                        new_rows[id(child)] = len(parents)
+                        parents.append(rows[id(beam)])
+                        tokens.append(tok)
+                groups[g] = new
+            if not parents or t == max_new_tokens - 1:
+                break
+            logp = torch.log_softmax(dec.advance(parents, tokens).to(torch.float64), dim=-1)
+            rows = new_rows
     return [sorted(g, key=lambda b: -b.score) for g in groups]

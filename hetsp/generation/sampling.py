@@ -6,8 +6,8 @@ the model until every rank has: `sample_in_lockstep` runs one forward per
 round on every rank (a one-token dummy when a rank has nothing left) and
 stops only when an all-reduce says no rank has work.
 
-Forwards go through hetsp's packed layout (the k samples of one prompt as k
-documents of a group of one), so any model hetsp trains can sample.
+Decoding uses the model's cache (`hetsp.generation.decoding`): the prompts run once, then one
+token per row per step; families without an exact cache recompute packed full forwards.
 """
 
 from __future__ import annotations
@@ -85,28 +85,47 @@ def sample_in_lockstep(
     eos_token_id: int | None = None,
     kernel: str = "auto",
     placeholder_token: int = 0,
+    use_cache: bool = True,
 ) -> list[list[list[int]]]:
     """k sampled completions (token lists, eos included when emitted) for each of this rank's
-    `prompts`. Every rank of the world must call it (with its own prompts, possibly none)."""
+    `prompts`. Every rank of the world must call it (with its own prompts, possibly none).
+
+    All k * len(prompts) rows advance together, one token per row per step; a row leaves when it
+    emits eos or reaches `max_new_tokens`. Each step draws the live rows' tokens with one call on
+    `generator` (row order), so the cached and the full-forward decoder (`use_cache=False`, or a
+    model family without an exact cache: `decoding.make_decoder`) draw the same tokens."""
+    from hetsp.generation.decoding import make_decoder
+
     if k < 1 or max_new_tokens < 1:
         raise ValueError(f"k ({k}) and max_new_tokens ({max_new_tokens}) must be >= 1")
     if not temperature > 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature}, {top_p}")
-    out = [[[] for _ in range(k)] for _ in prompts]
-    p = 0  # prompts one after the other, the k samples of one prompt as one packed batch
-    while _any_rank(p < len(prompts), device):
-        if p >= len(prompts):
-            packed_last_logits(model, [[placeholder_token]], rank, device, kernel)  # keep the gathers in step
-            continue
-        live = [j for j in range(k) if len(out[p][j]) < max_new_tokens and not (out[p][j] and out[p][j][-1] == eos_token_id)]
-        if not live:
-            p += 1
-            packed_last_logits(model, [[placeholder_token]], rank, device, kernel)
-            continue
-        logits = packed_last_logits(model, [list(prompts[p]) + out[p][j] for j in live], rank, device, kernel)
-        for j, tok in zip(live, sample_next(logits, temperature, top_p, generator).tolist()):
-            out[p][j].append(int(tok))
-    return out
+    rows = [list(p) for p in prompts for _ in range(k)]  # row p * k + j: sample j of prompt p
+    out: list[list[int]] = [[] for _ in rows]
+    live = list(range(len(rows)))
+    with make_decoder(model, device, kernel, rank, use_cache=use_cache) as dec:
+        # Exactly one forward per rank before the loop and one per round, so that ZeRO-3's
+        # parameter gathers stay matched across ranks until the all-reduce says all are done.
+        if rows:
+            logits = dec.start(rows)
+        else:
+            dec.idle(placeholder_token)
+        while _any_rank(bool(live), device):
+            if not live:
+                dec.idle(placeholder_token)
+                continue
+            tokens = sample_next(logits, temperature, top_p, generator).tolist()
+            keep = []
+            for i, (j, tok) in enumerate(zip(live, tokens)):
+                out[j].append(int(tok))
+                if len(out[j]) < max_new_tokens and not (eos_token_id is not None and tok == eos_token_id):
+                    keep.append(i)
+            live = [live[i] for i in keep]
+            if live:
+                logits = dec.advance(keep, [tokens[i] for i in keep])
+            else:
+                dec.idle(placeholder_token)
+    return [out[p * k : (p + 1) * k] for p in range(len(prompts))]
 
 
 def load_reward_fn(spec: str) -> Callable[..., Any]:
