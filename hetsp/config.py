@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 PlannerName = Literal["static", "random", "greedy", "batch_adaptive", "milp"]
 CostModelName = Literal["ring", "profile", "flexsp"]
 AttentionKernelName = Literal["auto", "torch_cpu", "flash_attn", "triton", "torch_flash", "reference"]
-ObjectiveName = Literal["lm", "copg"]
+ObjectiveName = Literal["lm", "copg", "sequencematch"]
 
 
 @dataclass
@@ -310,7 +310,12 @@ def _objective_section(name: str, raw: Any, where: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: objective must be a table, got {type(raw).__name__} {raw!r}")
-    section = _build(OBJECTIVE_CONFIGS[name], raw, "objective", where)
+    try:
+        section = _build(OBJECTIVE_CONFIGS[name], raw, "objective", where)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section that checks its values when built (SequenceMatchConfig)
+        raise ConfigError(f"{where}: {e}") from None
     check = getattr(section, "check", None)
     if check is not None:
         try:

@@ -351,6 +351,10 @@ def build_training_model(cfg: Config, data: Any, world_size: int, device: Any, a
 
     if cfg.model.init_from:
         net = load_pretrained(cfg.model, cfg.train, world_size, device, attn_implementation)
+        if getattr(data.tokenizer, "bkspc_token_id", None) is not None:  # SequenceMatch: the <bkspc> row
+            from hetsp.objectives.sequencematch import ensure_bkspc_rows
+
+            ensure_bkspc_rows(net, data.tokenizer, zero3=cfg.train.zero_stage == 3)
         check_vocab(net, data.vocab_size, cfg.data.tokenizer)
     else:
         net = build_model(cfg.model, data.vocab_size, attn_implementation=attn_implementation)

@@ -195,6 +195,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
             heldout(0)
         for step in range(start, end):
             t0 = time.perf_counter()
+            objective.set_step(step)
             made = objective.train_batch(ctx, step)  # online sampling; None: the data module's batch
             batch = data.train_batch(step) if made is None else made
             t_data = time.perf_counter() - t0
@@ -217,7 +218,8 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
                     break
                 continue
             batch = objective.step_batch(ctx, plan, batch)
-            res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel)
+            res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel,
+                           structures=objective.structures(batch))
             engine.step()
             # one reduction: the loss sum, and each rank's data and exchange seconds (logged as the mean over ranks)
             sums = torch.tensor([res.loss_sum, t_data + res.data_s, res.comm_s], dtype=torch.float64)
@@ -274,7 +276,8 @@ def evaluate(engine: Any, planning: Any, val: list, rank: int, world_size: int, 
     for batch in val:
         plan = planning.plan_for(-1, sequences=batch, bundles=objective.bundles(batch))
         batch = planning.kept(plan, batch)
-        res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel, train=False)
+        res = run_plan(engine, plan, batch, rank, world_size, device, objective, kernel, train=False,
+                       structures=objective.structures(batch))
         t = torch.tensor([res.loss_sum], dtype=torch.float64)
         dist.all_reduce(t)
         loss += t.item()

@@ -77,3 +77,52 @@ def _wrong_token(target: int, rng: random.Random, num_real: int, bkspc_id: int, 
         if u < acc:
             return t
     return int(probs.argmax())
+
+
+def as_trajectory(seq: Sequence[int]) -> Trajectory:
+    """A training sequence as a clean `Trajectory`: a prompt/completion example (a per-token
+    `trainable` mask: False on the prompt, then True) keeps its prompt as `prompt_length`; a mask
+    with gaps (several assistant turns) is refused."""
+    if isinstance(seq, Trajectory):
+        return seq
+    trainable = getattr(seq, "trainable", None)
+    if trainable is None:
+        return Trajectory(list(seq))
+    first = next((t for t in range(1, len(trainable)) if trainable[t]), len(trainable))
+    if not all(trainable[first:]):
+        raise NotImplementedError(
+            "sequencematch trains a prompt and one completion per sequence; this example has several trainable "
+            "spans (a conversation with several assistant turns): use data.format = 'prompt_completion' or 'text'")
+    return Trajectory(list(seq), prompt_length=first if first > 1 else 0)
+
+
+class NoisyData:
+    """The data module of a SequenceMatch run: the wrapped module's global batches as `Trajectory`
+    objects with (wrong token, `<bkspc>`) pairs injected, drawn from (seed, step) alone, so every rank
+    builds the same batch and a resumed run gets the same noise. The planner sees the noisy lengths
+    (`train_batch_lengths`). Held-out batches stay clean. Every other attribute is the wrapped
+    module's (tokenizer, vocab_size, stats, epoch_of...)."""
+
+    def __init__(self, inner, p: float, bkspc_id: int, num_real: int) -> None:
+        self.inner = inner
+        self.p = p
+        self.bkspc_id = bkspc_id
+        self.num_real = num_real
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def train_batch(self, step: int) -> list[Trajectory]:
+        clean = [as_trajectory(s) for s in self.inner.train_batch(step)]
+        if self.p == 0.0:
+            return clean
+        rng = random.Random(f"{self.inner.seed}:noise:{step}")
+        return [inject_noise(s, self.p, rng, self.bkspc_id, self.num_real, s.prompt_length) for s in clean]
+
+    def train_batch_lengths(self, step: int) -> list[int]:
+        if self.p == 0.0:
+            return self.inner.train_batch_lengths(step)
+        return [len(s) for s in self.train_batch(step)]
+
+    def val_batches(self, num: int) -> list[list[Trajectory]]:
+        return [[as_trajectory(s) for s in batch] for batch in self.inner.val_batches(num)]

@@ -198,6 +198,9 @@ class MetricsLogger:
             parts.append(f"margin {out['margin']:.3f} | KL {out['kl']:.3f}")
             if out.get("order_acc") is not None:
                 parts.append(f"order {100 * out['order_acc']:.0f}%")
+        if out.get("sm_weight") is not None:  # SequenceMatch: its weight, injected noise, sampled trajectories
+            parts.append(f"SM {out['sm_weight']:g} | noise {100 * out['noise_frac']:.1f}% | V {out['sm_value_data']:.3f}"
+                         + (f" | sampled {out['model_trajectories']:.0f}" if out.get("model_trajectories") else ""))
         if self._bar is not None:
             self._bar.set_postfix_str(" | ".join(parts), refresh=False)
             self._bar.update(1)

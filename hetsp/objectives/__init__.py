@@ -11,7 +11,8 @@ from typing import Any
 
 from hetsp.objectives.config import OBJECTIVE_CONFIGS
 
-OBJECTIVES = {"lm": "hetsp.objectives.lm:LanguageModeling", "copg": "hetsp.objectives.copg:CoPG"}
+OBJECTIVES = {"lm": "hetsp.objectives.lm:LanguageModeling", "copg": "hetsp.objectives.copg:CoPG",
+              "sequencematch": "hetsp.objectives.sequencematch:SequenceMatch"}
 
 
 def objective_names() -> list[str]:

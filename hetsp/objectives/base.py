@@ -23,8 +23,8 @@ one rank's tokens. Its pieces, in the order the executor uses them:
    sum(detached d loss / d stats * its local partial stats).
 4. `next_position_outputs`: names of model outputs a token needs from the
    NEXT position (SequenceMatch's value V_{t+1}), which may sit on another
-   rank. The hook is declared here; the executor refuses an objective that
-   sets it until the exchange is implemented.
+   rank. The executor gives such an objective a `NextIndex` (one all-reduce per
+   micro-batch) and calls `token_loss_exchanged(logits_TV, inputs)` instead.
 
 The step loss is the sum of unit losses over the global batch divided by
 `num_units(examples)`, whatever the plan.
@@ -85,6 +85,14 @@ class Objective:
     def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
         """The batch as `run_plan` gets it (e.g. with live reference log-probs)."""
         return batch
+
+    def set_step(self, step: int) -> None:
+        """The training step about to run (objectives with a schedule over steps use it)."""
+
+    def structures(self, batch: Sequence[Any]) -> list | None:
+        """Per sequence of `batch`, its `<bkspc>` stack structure (hetsp.backspace) or None; None:
+        plain sequences. Passed to `run_plan(..., structures=...)`."""
+        return None
 
     @staticmethod
     def finish_metrics(sums: dict[str, float]) -> dict[str, float]:

@@ -89,4 +89,65 @@ class CoPGObjectiveConfig:
                 raise ValueError("objective: max_new_tokens >= 1, temperature > 0 and top_p in (0, 1] for online sampling")
 
 
-OBJECTIVE_CONFIGS: dict[str, type] = {"lm": LMObjectiveConfig, "copg": CoPGObjectiveConfig}
+@dataclass(frozen=True)
+class SequenceMatchConfig:
+    """The typed [objective] section of `train.objective = "sequencematch"` (REFERENCE.md section 4;
+    hetsp/objectives/sequencematch.py). Values are checked when the section is built."""
+
+    gamma: float = 0.998  # discount, in (0, 1]
+    chi2: float = 0.5  # c, the coefficient of r^2 (0: no chi^2 term)
+    w_data: float = 1.0  # weight of the value term on data; 1/2 for the chi^2-mixture
+    alpha: float = 0.01  # SequenceMatch weight after behaviour cloning: (1 - alpha) ML + alpha SM
+    bc_steps: int = 0  # K: behaviour cloning (maximum likelihood) for the first K steps
+    noise_p: float = 0.0  # probability of an injected (wrong token, <bkspc>) before each target
+    noise_source: Literal["uniform", "model"] = "uniform"
+    # Model-generated trajectories (the mixture's other half, hetsp.objectives.sm_sampling): every
+    # `sample_every` steps once behaviour cloning is over (0: never), `samples_per_round` trajectories
+    # sampled from the current policy with <bkspc> enabled, each continuing the first
+    # `sample_prompt_tokens` tokens of a training sequence of the step for `sample_max_new_tokens`
+    # actions at `sample_temperature`; they join that step's batch.
+    sample_every: int = 0
+    samples_per_round: int = 8
+    sample_prompt_tokens: int = 32
+    sample_max_new_tokens: int = 32
+    sample_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"objective.gamma = {self.gamma}: the discount must lie in (0, 1]")
+        if self.chi2 < 0:
+            raise ValueError(f"objective.chi2 = {self.chi2}: the chi^2 coefficient must be >= 0")
+        if not 0.0 <= self.w_data <= 1.0:
+            raise ValueError(f"objective.w_data = {self.w_data}: must lie in [0, 1] (1: value term on data only)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"objective.alpha = {self.alpha}: the mixing weight must lie in [0, 1]")
+        if self.bc_steps < 0:
+            raise ValueError(f"objective.bc_steps = {self.bc_steps}: must be >= 0")
+        if not 0.0 <= self.noise_p < 1.0:
+            raise ValueError(f"objective.noise_p = {self.noise_p}: the noise probability must lie in [0, 1)")
+        if self.noise_source not in ("uniform", "model"):
+            raise ValueError(f"objective.noise_source = {self.noise_source!r}: 'uniform' or 'model'")
+        if self.sample_every < 0:
+            raise ValueError(f"objective.sample_every = {self.sample_every}: must be >= 0 (0: no model-generated trajectories)")
+        if self.sample_every:
+            if self.samples_per_round < 1 or self.sample_prompt_tokens < 1 or self.sample_max_new_tokens < 1:
+                raise ValueError("objective: samples_per_round, sample_prompt_tokens and sample_max_new_tokens must be >= 1 "
+                                 "when sample_every > 0")
+            if not self.sample_temperature > 0:
+                raise ValueError(f"objective.sample_temperature = {self.sample_temperature}: must be > 0")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SequenceMatchConfig":
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"[objective] for sequencematch: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+OBJECTIVE_CONFIGS: dict[str, type] = {"lm": LMObjectiveConfig, "copg": CoPGObjectiveConfig,
+                                      "sequencematch": SequenceMatchConfig}

@@ -30,15 +30,18 @@ backward all-reduces the gradients), one collective per micro-batch, exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from hetsp.objectives.base import IGNORE_INDEX, Objective
+from hetsp.objectives.config import SequenceMatchConfig
 
-# per-token inputs (the order of the columns of `tokens["coef"]`)
-COEFS = ("ce", "pos", "sq", "val", "cont")
+# per-token inputs (the order of the columns of `tokens["coef"]`); "model": 1 on an action of a
+# model-generated trajectory (used only to split the metrics)
+COEFS = ("ce", "pos", "sq", "val", "cont", "model")
+# per-step metrics: the loss split into its terms (sums of token losses)
+PARTS = ("sm_ml", "sm_reward", "sm_chi2", "sm_value_data", "sm_value_model")
 
 
 class Trajectory(list):
@@ -58,44 +61,6 @@ class Trajectory(list):
             raise ValueError(f"trajectory source must be 'data' or 'model', got {source!r}")
         self.prompt_length = int(prompt_length)
         self.source = source
-
-
-@dataclass(frozen=True)
-class SequenceMatchConfig:
-    """The typed [objective] section of `train.objective = "sequencematch"`."""
-
-    gamma: float = 0.998  # discount, in (0, 1]
-    chi2: float = 0.5  # c, the coefficient of r^2 (0: no chi^2 term)
-    w_data: float = 1.0  # weight of the value term on data; 1/2 for the chi^2-mixture
-    alpha: float = 0.01  # SequenceMatch weight after behaviour cloning: (1 - alpha) ML + alpha SM
-    bc_steps: int = 0  # K: behaviour cloning (maximum likelihood) for the first K steps
-    noise_p: float = 0.0  # probability of an injected (wrong token, <bkspc>) before each target
-    noise_source: str = "uniform"  # "uniform" or "model"
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"objective.gamma = {self.gamma}: the discount must lie in (0, 1]")
-        if self.chi2 < 0:
-            raise ValueError(f"objective.chi2 = {self.chi2}: the chi^2 coefficient must be >= 0")
-        if not 0.0 <= self.w_data <= 1.0:
-            raise ValueError(f"objective.w_data = {self.w_data}: must lie in [0, 1] (1: value term on data only)")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"objective.alpha = {self.alpha}: the mixing weight must lie in [0, 1]")
-        if self.bc_steps < 0:
-            raise ValueError(f"objective.bc_steps = {self.bc_steps}: must be >= 0")
-        if not 0.0 <= self.noise_p < 1.0:
-            raise ValueError(f"objective.noise_p = {self.noise_p}: the noise probability must lie in [0, 1)")
-        if self.noise_source not in ("uniform", "model"):
-            raise ValueError(f"objective.noise_source = {self.noise_source!r}: 'uniform' or 'model'")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "SequenceMatchConfig":
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"[objective] for sequencematch: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 class ExchangeValues(torch.autograd.Function):
@@ -134,11 +99,25 @@ def token_losses(logits_TV: torch.Tensor, labels_T: torch.Tensor, coef_TC: torch
     has = labels_T != IGNORE_INDEX
     value = torch.logsumexp(logits_TV, dim=-1) if value_T is None else value_T
     chosen = logits_TV.gather(1, labels_T.clamp(min=0)[:, None])[:, 0]
-    ce, pos, sq, val, cont = coef_TC.unbind(1)
+    ce, pos, sq, val, cont = coef_TC[:, :5].unbind(1)
     nxt = cont * next_value_T
     r = chosen - nxt
     loss = ce * (value - chosen) - pos * r + sq * r * r + val * (value - nxt)
     return torch.where(has, loss, torch.zeros_like(loss))
+
+
+@torch.no_grad()
+def loss_parts(logits_TV: torch.Tensor, labels_T: torch.Tensor, coef_TC: torch.Tensor, next_value_T: torch.Tensor,
+               value_T: torch.Tensor) -> torch.Tensor:
+    """The sums over tokens of the terms of `token_losses`, in the order of PARTS. Shape (len(PARTS),)."""
+    has = (labels_T != IGNORE_INDEX).to(logits_TV.dtype)
+    chosen = logits_TV.gather(1, labels_T.clamp(min=0)[:, None])[:, 0]
+    ce, pos, sq, val, cont, model = coef_TC.unbind(1)
+    nxt = cont * next_value_T
+    r = chosen - nxt
+    vterm = val * (value_T - nxt)
+    terms = torch.stack([ce * (value_T - chosen), -pos * r, sq * r * r, vterm * (1 - model), vterm * model])
+    return torch.where(has > 0, terms, torch.zeros_like(terms)).sum(1).to(torch.float64)
 
 
 class SequenceMatch(Objective):
@@ -195,9 +174,9 @@ class SequenceMatch(Objective):
             done = a == self.eos_token_id
             cont = 0.0 if done else cfg.gamma
             if model:
-                out.append([0.0, 0.0, s * cfg.chi2 * g, s * (1 - cfg.w_data) * g, cont])
+                out.append([0.0, 0.0, s * cfg.chi2 * g, s * (1 - cfg.w_data) * g, cont, 1.0])
             else:
-                out.append([(1 - s) * m, s * g * m, s * cfg.chi2 * g * m, s * cfg.w_data * g, cont])
+                out.append([(1 - s) * m, s * g * m, s * cfg.chi2 * g * m, s * cfg.w_data * g, cont, 0.0])
             i = 0 if done else i + 1
         return out
 
@@ -219,7 +198,84 @@ class SequenceMatch(Objective):
         next_value = full[ex.next_index]
         coef = inputs.tokens["coef"].to(logits.dtype)
         loss = token_losses(logits, inputs.labels, coef, next_value, value).sum()
+        if torch.is_grad_enabled() and getattr(self, "_sums", None) is not None:  # training steps only
+            self._sums += loss_parts(logits.detach(), inputs.labels, coef, next_value.detach(), value.detach()).cpu()
         return loss + full.sum() * 0.0  # every rank's backward joins the exchange's all-reduce
+
+    # ---- the training loop's hooks (hetsp.train)
+    def build_data(self, cfg: Any, seed: int) -> Any:
+        """The configured corpus with `<bkspc>` added to its tokenizer, served with injected noise
+        (`hetsp.data.noise.NoisyData`); sets the objective's EOS and `<bkspc>` ids."""
+        from hetsp.data import build_data
+        from hetsp.data.noise import NoisyData
+        from hetsp.data.tokenizer import ByteTokenizer, add_bkspc
+
+        c = self.config
+        if c.noise_source == "model" and c.noise_p > 0:
+            raise NotImplementedError("objective.noise_source = 'model' is not implemented in the training loop (it needs the "
+                                      "policy's logits on every clean batch); use noise_source = 'uniform'")
+        if c.w_data < 1 and not c.sample_every:
+            raise ValueError(f"objective.w_data = {c.w_data} puts {1 - c.w_data:g} of the value term on model-generated "
+                             "trajectories, but objective.sample_every = 0 samples none; set sample_every > 0, or w_data = 1")
+        data = build_data(cfg.data, seed)
+        tok = add_bkspc(data.tokenizer)
+        data.tokenizer, data.vocab_size = tok, tok.vocab_size
+        self.eos_token_id, self.bkspc_token_id, self.vocab_size = tok.eos_token_id, tok.bkspc_token_id, tok.vocab_size
+        num_real = 256 if isinstance(tok, ByteTokenizer) else tok.bkspc_token_id  # wrong tokens: bytes / the real vocabulary
+        return NoisyData(data, c.noise_p, tok.bkspc_token_id, num_real)
+
+    def sampling_step(self, step: int) -> bool:
+        """Whether step `step` samples model-generated trajectories (every `sample_every` steps from
+        the end of behaviour cloning, whose loss would give them no weight)."""
+        c = self.config
+        return bool(c.sample_every) and step >= c.bc_steps and (step - c.bc_steps) % c.sample_every == 0
+
+    def train_batch(self, ctx: Any, step: int) -> list | None:
+        """On a sampling step, the step's (noisy) data batch plus trajectories sampled from the current
+        policy (`hetsp.objectives.sm_sampling`, every rank taking part); else None (the data module's
+        batch, planned ahead)."""
+        if not self.sampling_step(step):
+            return None
+        from hetsp.objectives.sm_sampling import sample_round
+
+        batch = ctx.data.train_batch(step)
+        return batch + sample_round(self, ctx, step, batch)
+
+    def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
+        """Starts the step's metric sums (`finish_metrics`)."""
+        self._sums = torch.zeros(len(PARTS), dtype=torch.float64)
+        data = [s for s in batch if getattr(s, "source", "data") == "data"]
+        model = [s for s in batch if getattr(s, "source", "data") == "model"]
+        noise = sum(sum(getattr(s, "noise", ())) for s in data)
+        self._info = {"units": float(self.num_units(batch)), "noise_frac": noise / max(1, self.num_units(data)),
+                      "model_trajectories": float(len(model)),
+                      "model_pops": float(sum(t == self.bkspc_token_id for s in model for t in s[s.prompt_length:]))}
+        return batch
+
+    def finish_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """The step's loss split into its terms per unit (they add up to the loss; one all-reduce, every
+        rank calls it), the SequenceMatch weight, the fraction of data actions that are injected noise,
+        and how many model-generated trajectories (and pops in them) the step trained on."""
+        if getattr(self, "_sums", None) is None:
+            return {}
+        total = self._sums.clone()
+        _all_reduce(total)
+        self._sums = None
+        out = {name: float(v) / max(1.0, self._info["units"]) for name, v in zip(PARTS, total.tolist())}
+        out.update(sm_weight=self.sm_weight(), noise_frac=self._info["noise_frac"],
+                   model_trajectories=self._info["model_trajectories"], model_pops=self._info["model_pops"])
+        return out
+
+    def structures(self, batch: Sequence[Any]) -> list | None:
+        """The stack structure of every sequence holding a `<bkspc>` (None for the others)."""
+        from hetsp.backspace import stack_structure
+
+        bk = self.bkspc_token_id
+        if bk is None:
+            return None
+        vocab = getattr(self, "vocab_size", bk + 1)
+        out = [stack_structure(s, bk, vocab, getattr(s, "prompt_length", 0)) if bk in s else None for s in batch]
+        return out if any(o is not None for o in out) else None
 
 
 def reference_loss(logits_list: Sequence[torch.Tensor], sequences: Sequence[Sequence[int]], objective: SequenceMatch) -> torch.Tensor:
@@ -279,6 +335,22 @@ def add_bkspc_rows(model: Any, vocab_size: int) -> Any:
             new_out.bias[old:] = bias_mean
     model.config.vocab_size = vocab_size
     return model
+
+
+def ensure_bkspc_rows(model: Any, tokenizer: Any, zero3: bool = False) -> Any:
+    """A checkpoint loaded for a run whose tokenizer has `<bkspc>`: add the model's `<bkspc>` row
+    (`add_bkspc_rows`) when the checkpoint lacks it (the id is the first one past its rows). A
+    checkpoint that has the row (an exported SequenceMatch model) is returned as it is."""
+    bk = getattr(tokenizer, "bkspc_token_id", None)
+    rows = model.config.vocab_size
+    if bk is None or bk != rows:
+        return model  # nothing to add, or ids the model lacks anyway (hetsp.loading.check_vocab names them)
+    if zero3:
+        raise NotImplementedError(
+            "model.init_from has no <bkspc> row and growing a ZeRO-3 partitioned embedding is not implemented: "
+            "use train.zero_stage = 1 or 2, or start from a checkpoint that has the row (hetsp-export of a "
+            "SequenceMatch run)")
+    return add_bkspc_rows(model, rows + 1)
 
 
 @torch.no_grad()
