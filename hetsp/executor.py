@@ -80,6 +80,10 @@ class StepResult:
     # sequence (the same on every rank), and the sums of `metrics_from_stats`.
     seq_stats: dict[int, list[float]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # per micro-batch on this rank: (start, end) in seconds from the start of `run_plan`, and the CPU
+    # seconds its thread spent (what `bench/cost_model.py` compares with the cost model)
+    micro_batch_s: list[tuple[float, float]] = field(default_factory=list)
+    micro_batch_cpu_s: list[float] = field(default_factory=list)
 
 
 class PlainEngine:
@@ -335,8 +339,12 @@ def run_plan(
     num_mb = plan.num_micro_batches
     data_s = 0.0
     comm_start = COMM_WAIT.total()
+    start = time.perf_counter()
+    spans: list[tuple[float, float]] = []
+    cpu: list[float] = []
     for m in range(num_mb):
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         inputs = micro_batch_inputs(plan, m, sequences, rank, device, objective, kernel, structures=structures)
         data_s += time.perf_counter() - t0
         n_tok = inputs.input_ids.shape[1] if inputs.weight else 0
@@ -352,10 +360,13 @@ def run_plan(
             with torch.no_grad():
                 res = micro_batch_loss(engine, inputs, objective, examples, rank, stats_only)
         total += res.reported
+        spans.append((t0 - start, time.perf_counter() - start))
+        cpu.append(time.thread_time() - c0)
         if res.stats_SK is not None:
             for j, s in enumerate(mb_seqs):
                 seq_stats[s] = res.stats_SK[j].tolist()
         if res.stats_SK is not None and not stats_only:
             for k, v in objective.metrics_from_stats(res.stats_SK, examples).items():
                 metrics[k] = metrics.get(k, 0.0) + v
-    return StepResult(total, num_units, local_tokens, per_mb, data_s, COMM_WAIT.total() - comm_start, seq_stats, metrics)
+    return StepResult(total, num_units, local_tokens, per_mb, data_s, COMM_WAIT.total() - comm_start, seq_stats, metrics,
+                      micro_batch_s=spans, micro_batch_cpu_s=cpu)

@@ -104,7 +104,7 @@ def profile(cfg: Config, out: Path) -> None:
     import torch.distributed as dist
 
     from hetsp.metrics.device import device_name
-    from hetsp.profiler import measure
+    from hetsp.profiler import measure, train_first_steps
     from solver.costs.profile import hardware_here, save_profile
 
     from hetsp.loading import resolve_config
@@ -112,13 +112,16 @@ def profile(cfg: Config, out: Path) -> None:
     rt = build_runtime(resolve_config(cfg))
     world = dist.get_world_size()
     degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
+    # the model as training runs it: after the job's first updates (hetsp.profiler)
+    trained = train_first_steps(rt.engine, rt.data, rt.objective, rt.device, cfg.attention.kernel, cfg.cluster.tokens_per_rank)
     points, fixed_s, overhead, step_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel,
                                         degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank)
     if dist.get_rank() == 0:
         hardware = hardware_here(device_name(rt.device) or "cpu")
         where = f"{hardware['cpu']} ({hardware['cores']} cores), {world} ranks, {cfg.model.family} model"
         save_profile(out, points, cfg.cluster.tokens_per_rank, fixed_s, device=where, group_overhead_s=overhead,
-                     max_seq_len=cfg.data.max_seq_len, hardware=hardware, step_s=step_s)
+                     max_seq_len=cfg.data.max_seq_len, hardware=hardware, step_s=step_s, world=world,
+                     trained_steps=trained)
         log.info("profile with %d points (fixed %.1f ms per step, %.1f ms per micro-batch; per group %s ms) written to %s",
                  len(points), step_s * 1e3, fixed_s * 1e3, ", ".join(f"{d}: {t * 1e3:.0f}" for d, t in overhead.items()), out)
 

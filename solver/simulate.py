@@ -1,8 +1,9 @@
 """Cost a whole `Plan` with a cost model: step time and where it goes.
 
-A micro-batch lasts ``fixed_s + max over non-empty groups of group_time``;
-the step lasts the sum over micro-batches. Idle rank-seconds count every
-rank that waits in a micro-batch: ranks in no group, in an empty group, or
+A micro-batch lasts ``cm.micro_batch_time`` (``fixed_s + max over non-empty
+groups of group_time``, unless the model knows that its ranks share cores);
+the step lasts the sum over micro-batches. Idle rank-seconds count every rank
+that waits in a micro-batch: ranks in no group, in an empty group, or
 in a group that finishes before the slowest one.
 """
 
@@ -59,8 +60,7 @@ class SimResult:
 
 def micro_batch_time(groups: list[tuple[int, list[int]]], cm: CostModel) -> float:
     """Time of one micro-batch given ``(group size, lengths)`` pairs (empty groups cost nothing)."""
-    loads = [cm.group_time(ls, d) for d, ls in groups if ls]
-    return cm.fixed_s + max(loads, default=0.0)
+    return cm.micro_batch_time(groups)
 
 
 def simulate(plan: Plan, cm: CostModel, num_ranks: int | None = None) -> SimResult:
@@ -73,11 +73,12 @@ def simulate(plan: Plan, cm: CostModel, num_ranks: int | None = None) -> SimResu
     world = num_ranks or max((g.stop for g in plan.groups()), default=1)
     out = SimResult(0.0)
     for mb in plan.micro_batches:
-        times, parts, mem = [], [], 0.0
+        times, parts, mem, loads = [], [], 0.0, []
         for g in mb.groups:
             ls = [plan.lengths[s] for s in g.seqs]
             if not ls:
                 continue
+            loads.append((g.size, ls))
             b = cm.group_breakdown(ls, g.size)
             times.append(b["compute_s"] + b["comm_s"])
             parts.append(b)
@@ -89,7 +90,7 @@ def simulate(plan: Plan, cm: CostModel, num_ranks: int | None = None) -> SimResu
             comp, comm = parts[k]["compute_s"], parts[k]["comm_s"]
         else:
             span, busy, comp, comm = 0.0, 0.0, 0.0, 0.0
-        t = cm.fixed_s + span
+        t = cm.micro_batch_time(loads) if loads else cm.fixed_s
         out.micro_batches.append(
             MicroBatchCost(t, times, comp, comm, cm.fixed_s, world * span - busy, mem)
         )

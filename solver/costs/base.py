@@ -1,8 +1,8 @@
 """The cost model interface shared by the planners, the bounds and the simulator.
 
 Units: seconds and tokens. A micro-batch's time is
-``fixed_s + max over its non-empty groups of group_time(lengths, d)``,
-and a batch's time is the sum over its micro-batches. A group of `d` ranks
+``fixed_s + max over its non-empty groups of group_time(lengths, d)``
+(`micro_batch_time`; a model whose ranks share cores refines it), and a batch's time is the sum over its micro-batches. A group of `d` ranks
 may hold at most ``capacity(d)`` tokens in total (activation memory).
 """
 
@@ -48,6 +48,11 @@ class CostModel(ABC):
         """Seconds a group of `d` ranks needs for sequences of these `lengths` (0 when empty)."""
         b = self.group_breakdown(lengths, d)
         return b["compute_s"] + b["comm_s"]
+
+    def micro_batch_time(self, groups: Sequence[tuple[int, Sequence[int]]]) -> float:
+        """Seconds of one micro-batch whose groups are ``(size, lengths)`` pairs (empty groups cost nothing):
+        ``fixed_s`` + the slowest group. What the planners minimise; the predicted step time sums it."""
+        return self.fixed_s + max((self.group_time(ls, d) for d, ls in groups if ls), default=0.0)
 
     def group_breakdown(self, lengths: Sequence[int], d: int) -> dict[str, float]:
         """``{"compute_s", "comm_s"}`` (exposed communication) of one group; additive default."""

@@ -12,8 +12,23 @@ group of `degree` ranks, beyond the group's own fixed cost. Optional keys:
 per micro-batch whatever it holds, its exchanges' latency; paid once per group, not
 per sequence), ``step_s`` (what a step costs once, whatever its plan: gradient
 reduction, optimizer step), ``max_seq_len`` (the longest length the profiler was asked to cover)
-and ``hardware`` (``{"cpu", "cores", "torch", "device"}``: where it was measured; a run
-on other hardware is told so, `hardware_mismatch`).
+``hardware`` (``{"cpu", "cores", "torch", "device"}``: where it was measured; a run
+on other hardware is told so, `hardware_mismatch`) and ``world`` (the ranks it was
+measured with), ``trained_steps`` (the training steps the model had taken when it
+was measured: `hetsp.profiler` measures it as training runs it).
+
+Ranks that share cores: the profiler measures a group size d with world // d
+groups side by side (``d * (world // d)`` busy ranks); on a CPU host with fewer
+cores than ranks each busy rank then gets ``cores / busy`` of a core. A plan's
+micro-batch keeps a different number of ranks busy (groups of other sizes, groups
+that finish early, idle ranks), so when ``world`` and the CPU's ``cores`` are
+recorded and the ranks outnumber the cores, `micro_batch_time` shares the cores
+among the ranks of the groups still running (each busy rank gets ``min(1, cores /
+busy ranks)`` of a core) instead of taking the slowest group's table time: a
+micro-batch whose other ranks are idle runs faster than the table says, one with
+more busy ranks than the table's measurement slower. The planners' tables keep the
+additive times (the slowest group as measured side by side); the predicted step
+time (`solver.simulate`) uses the shared cores.
 
 A rank's token budget is ``cluster.tokens_per_rank`` (one truth): the profile's own
 ``tokens_per_rank`` only says what it was measured with, and is used when no cluster is
@@ -84,6 +99,10 @@ class ProfileCostModel(CostModel):
         except (TypeError, ValueError, AttributeError):
             raise ValueError(f"{where}: 'group_overhead_s' must map group sizes to seconds, got {overhead!r}") from None
         self.hardware = data.get("hardware") or {}
+        world = data.get("world")
+        if world is not None and (not isinstance(world, int) or world < 1):
+            raise ValueError(f"{where}: 'world' must be a positive integer (the ranks measured with), got {world!r}")
+        self.world = world
         self.meta = {k: data.get(k) for k in ("device", "host", "measured_at")}
         self.where = where
         self.extrapolate = bool(extrapolate)
@@ -176,6 +195,38 @@ class ProfileCostModel(CostModel):
     def capacity(self, d: int) -> int:
         return self.tokens_per_rank * d
 
+    @property
+    def shared_cores(self) -> int | None:
+        """The cores the profile's ranks shared (None: one rank per core or device, or not recorded)."""
+        cores = self.hardware.get("cores")
+        if not self.world or not isinstance(cores, int) or cores < 1 or self.hardware.get("device", "cpu") != "cpu":
+            return None
+        return cores if self.world > cores else None
+
+    def core_share(self, d: int) -> float:
+        """The share of a core each busy rank had while groups of `d` ranks were measured (1: no sharing)."""
+        cores = self.shared_cores
+        if cores is None:
+            return 1.0
+        busy = min(self.world, d * max(1, self.world // d))
+        return min(1.0, cores / busy)
+
+    def micro_batch_time(self, groups) -> float:
+        """`fixed_s` + the time until the last group finishes when the busy ranks share the cores (module
+        docstring); without shared cores, the slowest group's time."""
+        cores = self.shared_cores
+        if cores is None:
+            return super().micro_batch_time(groups)
+        # each group's time with a core per rank, and its ranks
+        left = [[self.group_time(ls, d) * self.core_share(d), d] for d, ls in groups if ls]
+        t = 0.0
+        while left:
+            rate = min(1.0, cores / sum(d for _, d in left))
+            step = min(w for w, _ in left)
+            t += step / rate
+            left = [[w - step, d] for w, d in left if w - step > 1e-12]
+        return self.fixed_s + t
+
     def longest_measured(self, d: int) -> int | None:
         """The longest length measured on groups of `d` ranks (None: that size was not measured)."""
         pts = self.points.get(d)
@@ -207,7 +258,7 @@ class ProfileCostModel(CostModel):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "file": self.where, "degrees": self.measured_degrees, **self.meta,
-                "hardware": self.hardware, "tokens_per_rank": self.tokens_per_rank}
+                "hardware": self.hardware, "world": self.world, "tokens_per_rank": self.tokens_per_rank}
 
 
 def save_profile(
@@ -221,12 +272,15 @@ def save_profile(
     max_seq_len: int | None = None,
     hardware: dict[str, Any] | None = None,
     step_s: float = 0.0,
+    world: int | None = None,
+    trained_steps: int | None = None,
 ) -> dict[str, Any]:
     """Write a profile (for the runtime's measurements): points are ``{"degree", "tokens", "time_s"}``.
 
     Stamps the time of writing as ``measured_at`` (UTC) and checks the result loads; returns the data.
     `group_overhead_s`: per group size, its fixed cost per micro-batch; `hardware`: where it was measured
-    (`hardware_here`).
+    (`hardware_here`); `world`: the ranks it was measured with; `trained_steps`: the training steps the
+    model had taken when it was measured.
     """
     import datetime
     import socket
@@ -248,6 +302,10 @@ def save_profile(
         data["step_s"] = float(step_s)
     if hardware:
         data["hardware"] = dict(hardware)
+    if world:
+        data["world"] = int(world)
+    if trained_steps is not None:
+        data["trained_steps"] = int(trained_steps)
     ProfileCostModel(data, str(path))  # refuse to write what could not be read back
     Path(path).write_text(json.dumps(data, indent=1))
     return data

@@ -182,6 +182,37 @@ def test_profile_records_and_compares_hardware(tmp_path):
     assert "does not record the hardware" in ProfileCostModel.load(_profile_file(tmp_path)).hardware_mismatch(here)
 
 
+def test_profile_shares_the_cores_among_the_busy_ranks(tmp_path):
+    """A profile measured with 4 ranks on 2 cores: each size was measured with every rank busy (half a
+    core each), so a micro-batch with fewer busy ranks runs faster than the table's time."""
+    pts = [{"degree": d, "tokens": 100, "time_s": 1.0} for d in (1, 2, 4)]  # 1 s per 100 tokens, half a core
+    cpu = {"cpu": "X", "cores": 2, "torch": "2", "device": "cpu"}
+    save_profile(tmp_path / "p.json", pts, 1000, 0.1, hardware=cpu, world=4)
+    cm = ProfileCostModel.load(tmp_path / "p.json")
+    assert cm.world == 4 and cm.shared_cores == 2 and cm.core_share(1) == cm.core_share(4) == 0.5
+    # hand-computed: time with a core per rank = table time x 0.5; busy ranks share 2 cores
+    one = [(1, [100])]  # one busy rank: a whole core, 0.5 s
+    assert cm.micro_batch_time(one) == pytest.approx(0.1 + 0.5)
+    four = [(1, [100])] * 4  # as measured: 4 busy ranks, half a core each
+    assert cm.micro_batch_time(four) == pytest.approx(0.1 + 1.0)
+    # 3 busy ranks (2/3 of a core each) until the group of 1 is done (0.25 / (2/3) = 0.375 s), then the
+    # group of 2 alone (0.25 s of work left at a whole core)
+    mixed = [(2, [100]), (1, [50])]
+    assert cm.micro_batch_time(mixed) == pytest.approx(0.1 + 0.375 + 0.25)
+    plan = Plan((100, 50), (MicroBatch((Group(0, 2, (0,)), Group(2, 1, (1,)))),))
+    assert simulate(plan, cm).total_s == pytest.approx(0.1 + 0.375 + 0.25)  # the predicted step time
+    # the planners' table keeps the slowest group's time as measured
+    assert cm.group_time([100], 2) == pytest.approx(1.0)
+    # one rank per core or device, or no world recorded: the slowest group, as before
+    for hardware, world in ((cpu, None), (dict(cpu, device="NVIDIA H100"), 4), (dict(cpu, cores=4), 4)):
+        save_profile(tmp_path / "q.json", pts, 1000, 0.1, hardware=hardware, world=world)
+        other = ProfileCostModel.load(tmp_path / "q.json")
+        assert other.shared_cores is None and other.micro_batch_time(one) == pytest.approx(0.1 + 1.0)
+        assert other.micro_batch_time(mixed) == pytest.approx(0.1 + 1.0)
+    with pytest.raises(ValueError, match="'world' must be a positive integer"):
+        ProfileCostModel(dict(json.loads((tmp_path / "p.json").read_text()), world=0))
+
+
 def test_bucketize_is_optimal():
     rng = random.Random(1)
     for _ in range(20):
