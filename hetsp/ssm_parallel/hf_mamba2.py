@@ -11,6 +11,8 @@ the shard's zigzag segments, and refuse the fused kernel so that the unfused
 path runs. Without ``hetsp_shard`` the original functions run unchanged, so
 patching a module affects no other use of the model. Packed documents are
 separated at their boundaries in both the group-of-one and the group case.
+Sequences with a `<bkspc>` action (``hetsp_shard.tree``) take the tree versions with
+state passing across shards (`tree_kernels.py`), on groups of any size.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from hetsp.ssm_parallel.comm import GroupSpec
 from hetsp.ssm_parallel.conv import causal_conv1d_sp
 from hetsp.ssm_parallel.segments import segments_of
 from hetsp.ssm_parallel.ssd import ssd_scan_sp
+from hetsp.ssm_parallel.tree_kernels import conv_tree, ssd_scan_tree
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +54,24 @@ def _packed(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: with hetsp_shard the sequences are packed into batch size 1, got batch {t.shape[0]}")
 
 
-def _no_tree(name: str, shard) -> None:
-    if getattr(shard, "tree", None) is not None:
-        raise NotImplementedError(
-            f"{name}: transformers' Mamba-2 hybrids (Bamba, GraniteMoeHybrid) do not run sequences with a <bkspc> "
-            "action; use models.HybridForCausalLM (mixer 'mamba2') or drop the <bkspc> tokens"
-        )
+def _has_tree(shard) -> bool:
+    """Sequences with a `<bkspc>` action: the tree versions with state passing (tree_kernels.py)."""
+    return getattr(shard, "tree", None) is not None
 
 
 def _make_conv(original):
     def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
         shard = kwargs.get("hetsp_shard")
-        if shard is not None:
-            _no_tree("Mamba-2 convolution", shard)
         if shard is None:
             return original(hidden_states, weight, bias, activation=activation, **kwargs)
         _packed("causal_conv1d_fn", hidden_states)
         from transformers.activations import ACT2FN
 
-        y_TC = causal_conv1d_sp(hidden_states[0].t(), weight, bias, segments_of(shard), GroupSpec.of(shard))
+        x_TC, group = hidden_states[0].t(), GroupSpec.of(shard)
+        if _has_tree(shard):
+            y_TC = conv_tree(x_TC, weight, bias, shard, group)
+        else:
+            y_TC = causal_conv1d_sp(x_TC, weight, bias, segments_of(shard), group)
         out = y_TC.t().unsqueeze(0)
         if activation is not None:
             out = ACT2FN[activation](out)
@@ -95,8 +97,6 @@ def _make_scan(original):
         **kwargs,
     ):
         shard = kwargs.get("hetsp_shard")
-        if shard is not None:
-            _no_tree("Mamba-2 convolution", shard)
         if shard is None:
             return original(
                 hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
@@ -113,6 +113,13 @@ def _make_scan(original):
         if dt_softplus:
             dt = F.softplus(dt)
         dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1])
+        out_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        if _has_tree(shard):
+            x = hidden_states[0].to(out_dtype)
+            y = ssd_scan_tree(x, dt[0], A, B[0], C[0], shard, GroupSpec.of(shard))
+            if D is not None:
+                y = y + D.to(y.dtype)[:, None] * x
+            return y.unsqueeze(0).to(out_dtype)
 
         def local(x, dt_, b, c):
             # The result does not depend on the chunk size; a short segment is not padded to a full chunk.
@@ -123,7 +130,7 @@ def _make_scan(original):
             return y[0], end[0]
 
         y = ssd_scan_sp(local, hidden_states[0], dt[0], A, B[0], C[0], segments_of(shard), GroupSpec.of(shard))
-        return y.unsqueeze(0).to(torch.promote_types(hidden_states.dtype, torch.float32))
+        return y.unsqueeze(0).to(out_dtype)
 
     return mamba2_chunk_scan
 
@@ -131,7 +138,6 @@ def _make_scan(original):
 def _make_fused(original):
     def mamba2_split_conv1d_scan_combined(*args, **kwargs):
         if kwargs.get("hetsp_shard") is not None:
-            _no_tree("Mamba-2 fused scan", kwargs["hetsp_shard"])
             return None  # the unfused path, whose conv and scan are swapped, runs instead
         return original(*args, **kwargs)
 

@@ -21,17 +21,21 @@ Groups of one rank, and forwards without ``hetsp_shard``, run the model's own
 kernels untouched.
 
 Sequences with a `<bkspc>` action (``hetsp_shard.tree``) on a group of more than one
-rank take a simple exact path (`tree_gather.py`): the mixer's input is gathered
-over the group, the mixer runs on the group's whole packed sequences with the
-tree, and each rank keeps its own rows (gradients go back by reduce-scatter).
-Its cost is that of one process per rank; sequences without `<bkspc>` never take it.
+rank: the s4d, ema and mamba2 mixers pass states across shards on the tree
+(`tree_state.py`, `tree_kernels.py`): each segment is scanned from zero as a tree, the
+(decay, state) of the tokens other segments branch from are exchanged, and each token
+adds its anchor's state; the convolution reads its K-1 ancestors from other segments'
+exported rows. SeqBoat gathers the group's rows and runs whole (`tree_gather.py`): its GAU
+window counts activated ancestors, which depends on the router's data, so no fixed-size
+summary bounds what a later shard reads. Sequences without `<bkspc>` never take these paths.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hetsp.ssm_parallel import tree_gather
+from hetsp.ssm_parallel import tree_gather, tree_kernels
+from hetsp.ssm_parallel.tree_state import local_tree
 from hetsp.ssm_parallel.comm import GroupSpec, halo_exchange
 from hetsp.ssm_parallel.lti import lti_state_response
 from hetsp.ssm_parallel.seqboat import local_attention_group
@@ -47,10 +51,17 @@ _KERNELS_BY_KIND = {
     "seqboat": ("ema_scan", "local_attention"),
 }
 _ACTIVE = "_hetsp_sp_active"  # (Segments, GroupSpec) during a sequence-parallel forward of the mixer
+_TREE = "_hetsp_sp_tree"  # (ShardContext, GroupSpec) during a forward on <bkspc> sequences with state passing
+# Mixers that pass states across shards on <bkspc> sequences; the others gather (tree_gather.py).
+TREE_STATE_KINDS = ("s4d", "ema", "mamba2")
 
 
 def _active(mixer):
     return getattr(mixer, _ACTIVE, None)
+
+
+def _tree_active(mixer):
+    return getattr(mixer, _TREE, None)
 
 
 def _no_cache(name: str, state) -> None:
@@ -83,6 +94,13 @@ def _lti_scan(name, inner, mixer):
     """s4d_scan / ema_scan: (u, A, B, C, cu_seqlens, initial_state) with a time-invariant diagonal A."""
 
     def scan(u, A, B, C, cu_seqlens=None, initial_state=None, **kw):
+        tree_act = _tree_active(mixer)
+        if tree_act is not None:
+            _no_cache(name, initial_state)
+            y = tree_kernels.lti_scan_tree(u[0], A, B, C, *tree_act)
+            # The kernels' readouts: S4D sums conjugate pairs (2 Re), the EMA is real.
+            y = 2 * y.real if name == "s4d_scan" else y
+            return y.to(u.dtype)[None], None
         act = _active(mixer)
         if act is None:
             return inner(u, A, B, C, cu_seqlens=cu_seqlens, initial_state=initial_state, **kw)
@@ -106,6 +124,10 @@ def _lti_scan(name, inner, mixer):
 
 def _ssd_scan(inner, mixer):
     def ssd_scan(x, dt, A, B, C, chunk_size=64, cu_seqlens=None, initial_states=None, **kw):
+        tree_act = _tree_active(mixer)
+        if tree_act is not None:
+            _no_cache("ssd_scan", initial_states)
+            return tree_kernels.ssd_scan_tree(x[0], dt[0], A, B[0], C[0], *tree_act)[None], None
         act = _active(mixer)
         if act is None:
             return inner(x, dt, A, B, C, chunk_size, cu_seqlens=cu_seqlens, initial_states=initial_states, **kw)
@@ -128,6 +150,10 @@ def _ssd_scan(inner, mixer):
 
 def _conv(inner, mixer):
     def causal_conv1d(x, weight, bias=None, cu_seqlens=None, halo=None, **kw):
+        tree_act = _tree_active(mixer)
+        if tree_act is not None:
+            _no_cache("causal_conv1d", halo)
+            return tree_kernels.conv_tree(x[0], weight, bias, *tree_act).to(x.dtype)[None]
         act = _active(mixer)
         if act is None:
             return inner(x, weight, bias, cu_seqlens=cu_seqlens, halo=halo, **kw)
@@ -200,12 +226,13 @@ def activate(mixer, segments: Segments | None, group: GroupSpec | None = None) -
 
 
 def _pre_hook(mixer, args, kwargs):
+    setattr(mixer, _ACTIVE, None)
+    setattr(mixer, _TREE, None)
     shard = kwargs.get("hetsp_shard")
     if shard is None or int(shard.group_size) == 1:
-        setattr(mixer, _ACTIVE, None)
         return None
-    if getattr(shard, "tree", None) is not None:
-        setattr(mixer, _ACTIVE, None)
+    tree = getattr(shard, "tree", None) is not None
+    if tree and mixer.kind not in TREE_STATE_KINDS:
         return tree_gather.pre_hook(mixer, args, kwargs, shard)
     for name in _KERNELS_BY_KIND[mixer.kind]:
         if not getattr(mixer.kernels.get(name), "_hetsp_sp", False):
@@ -214,14 +241,19 @@ def _pre_hook(mixer, args, kwargs):
                 "hetsp.ssm_parallel.parallelize(model); call set_kernels before parallelize"
             )
     segments = segments_of(shard)
-    setattr(mixer, _ACTIVE, (segments, GroupSpec.of(shard)))
     device = args[0].device if args else kwargs["hidden_states"].device
     kwargs = dict(kwargs, cu_seqlens=torch.tensor(segments.cu_seqlens(), dtype=torch.int32, device=device))
+    if tree:
+        setattr(mixer, _TREE, (shard, GroupSpec.of(shard)))
+        kwargs["stack_tree"] = local_tree(shard, device)
+    else:
+        setattr(mixer, _ACTIVE, (segments, GroupSpec.of(shard)))
     return args, kwargs
 
 
 def _post_hook(mixer, args, kwargs, output):
     setattr(mixer, _ACTIVE, None)
+    setattr(mixer, _TREE, None)
     return tree_gather.post_hook(mixer, output)
 
 
@@ -238,6 +270,7 @@ def parallelize_mixer(mixer) -> None:
         inner = overrides[name] if name in overrides else _SharedKernel(mixer, name)
         overrides[name] = group_kernel(name, inner, mixer)
     setattr(mixer, _ACTIVE, None)
+    setattr(mixer, _TREE, None)
     mixer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     mixer.register_forward_hook(_post_hook, with_kwargs=True)
     mixer._hetsp_sp_installed = True
