@@ -153,8 +153,9 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
         if lora_output == "adapter":
             out_dir.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(out_dir, safe_serialization=True)
-            _export_tokenizer(cfg.data.tokenizer, out_dir)
-            _write_info(out_dir, root, tag, meta, dtype, cfg.data.tokenizer, lora_output)
+            bkspc = bkspc_id_of(cfg, meta["vocab_size"])
+            _export_tokenizer(cfg.data.tokenizer, out_dir, bkspc=bkspc is not None)
+            _write_info(out_dir, root, tag, meta, dtype, cfg.data.tokenizer, lora_output, bkspc)
             log.info("wrote the LoRA adapter to %s", out_dir)
             return out_dir
         model = model.to(torch_dtype)
@@ -166,36 +167,63 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
     # Non-persistent buffers (rotary frequencies) stay on the meta device: they are not saved,
     # and from_pretrained recomputes them from the config.
     model.config.dtype = torch_dtype
+    bkspc = bkspc_id_of(cfg, meta["vocab_size"])
+    if bkspc is not None:
+        model.config.bkspc_token_id = bkspc
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    _export_tokenizer(cfg.data.tokenizer, out_dir)
-    _write_info(out_dir, root, tag, meta, dtype, cfg.data.tokenizer, lora_output if cfg.lora.r > 0 else None)
+    _export_tokenizer(cfg.data.tokenizer, out_dir, bkspc=bkspc is not None)
+    _write_info(out_dir, root, tag, meta, dtype, cfg.data.tokenizer, lora_output if cfg.lora.r > 0 else None, bkspc)
     log.info("wrote %s", out_dir)
     return out_dir
 
 
-def _write_info(out_dir: Path, root: Path, tag: str, meta: dict, dtype: str, tokenizer: str, lora: str | None) -> None:
+def bkspc_id_of(cfg: Any, vocab_size: int) -> int | None:
+    """The `<bkspc>` id of a SequenceMatch run (None for other objectives): the id its tokenizer gets
+    from `add_bkspc`, which must be a row of the checkpoint's `vocab_size` rows."""
+    if cfg.train.objective != "sequencematch":
+        return None
+    from hetsp.data.tokenizer import add_bkspc, load_tokenizer
+
+    try:
+        bkspc = add_bkspc(load_tokenizer(cfg.data.tokenizer)).bkspc_token_id
+    except ValueError as e:
+        raise ExportError(f"the run trained with <bkspc> but its tokenizer cannot be loaded to add it: {e}") from None
+    if not 0 <= bkspc < vocab_size:
+        raise ExportError(f"the run's <bkspc> id {bkspc} is not one of the checkpoint's {vocab_size} rows")
+    return bkspc
+
+
+def _write_info(out_dir: Path, root: Path, tag: str, meta: dict, dtype: str, tokenizer: str, lora: str | None,
+                bkspc: int | None = None) -> None:
     """hetsp_export.json: where the folder came from; "tokenizer" is "bytes" when there are no tokenizer
-    files (so data.tokenizer = "model" resolves to the byte tokenizer when fine-tuning it)."""
+    files (so data.tokenizer = "model" resolves to the byte tokenizer when fine-tuning it);
+    "bkspc_token_id" for a SequenceMatch run (also in config.json)."""
     info = {"source": str(root.resolve()), "tag": tag, "meta": meta, "dtype": dtype,
             "tokenizer": "bytes" if tokenizer == "bytes" else "files"}
     if lora is not None:
         info["lora"] = lora
+    if bkspc is not None:
+        info["bkspc_token_id"] = bkspc
     (out_dir / "hetsp_export.json").write_text(json.dumps(info, indent=1))
 
 
-def _export_tokenizer(tokenizer: str, out_dir: Path) -> None:
-    """Copy a transformers tokenizer folder next to the model; the built-in byte tokenizer has no files."""
+def _export_tokenizer(tokenizer: str, out_dir: Path, bkspc: bool = False) -> None:
+    """Copy a transformers tokenizer folder next to the model (with `<bkspc>` added as a special token
+    when `bkspc`); the built-in byte tokenizer has no files (its `<bkspc>` is id 259)."""
     if tokenizer == "bytes":
         log.info("data.tokenizer is the built-in byte-level tokenizer: no tokenizer files are written")
         return
     if not Path(tokenizer).is_dir():
         log.warning("data.tokenizer %r is not a local folder: no tokenizer files are written", tokenizer)
         return
-    from transformers import AutoTokenizer
+    from hetsp.data.tokenizer import add_bkspc, load_tokenizer
 
-    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out_dir)
-    log.info("copied the tokenizer from %s", tokenizer)
+    tok = load_tokenizer(tokenizer)
+    if bkspc:
+        add_bkspc(tok)
+    tok.hf.save_pretrained(out_dir)
+    log.info("copied the tokenizer from %s%s", tokenizer, " with <bkspc>" if bkspc else "")
 
 
 def main(argv: list[str] | None = None) -> int:
