@@ -20,6 +20,9 @@ Three parts are kept apart, as the cost model adds them:
 - points: the time a sequence of s tokens adds beyond both;
 - step_s: what a step costs once whatever its plan (the gradient reduction at the
   last micro-batch, the optimizer step, the loss reduction).
+Every sequence is cut from the job's own training text (`job_tokens`), not drawn at
+random: SeqBoat's router activates tokens by content, and random bytes are not what
+the run reads.
 The result is a `profile` cost model file (solver/costs/profile.py) stamped
 with the hardware (CPU model, cores, torch version, device), host and time.
 """
@@ -74,6 +77,19 @@ def train_first_steps(engine: Any, data: Any, objective: Any, device: Any, kerne
     return done
 
 
+def job_tokens(data: Any, objective: Any, first_step: int, min_tokens: int) -> list[int]:
+    """The token ids of the job's training batches from `first_step` on, concatenated until at least
+    `min_tokens` (every rank gets the same: batches derive from (seed, step)). The profiler cuts its
+    sequences from them: a model's cost can depend on what it reads (SeqBoat activates tokens by content)."""
+    out: list[int] = []
+    step = first_step
+    while len(out) < min_tokens and step < first_step + 1000:
+        for seq in data.train_batch(step):
+            out += list(objective.tokens(seq))
+        step += 1
+    return out
+
+
 def length_grid(max_len: int, smallest: int = 128) -> list[int]:
     """Powers of two from `smallest` up to `max_len`, with `max_len` itself last."""
     grid = []
@@ -106,13 +122,21 @@ def measure(
     degrees: list[int],
     max_len: int,
     tokens_per_rank: int,
-    repeats: int = 2,
+    repeats: int = 3,
+    data: Any = None,
 ) -> tuple[list[dict[str, Any]], float, dict[int, float], float]:
     """Median fwd+bwd times: (points beyond the fixed costs, fixed cost of a micro-batch, fixed cost of a group
-    by size, fixed cost of a step); see the module docstring (the caller trains the first steps)."""
+    by size, fixed cost of a step); see the module docstring (the caller trains the first steps). Sequences
+    are cut from the training text of `data` (the job's data module, `job_tokens`), or drawn uniformly from
+    the vocabulary without it."""
     world = dist.get_world_size()
     rng = random.Random(0)
     cases = [(d, s) for d in degrees for s in length_grid(min(max_len, tokens_per_rank * d))]
+    most = max(max(1, world // d) * s for d, s in cases)  # tokens of the largest case
+    text = job_tokens(data, objective, WARMUP_STEPS, 2 * most) if data is not None else None
+    if text is not None and len(text) < most:
+        raise ValueError(f"the job's training batches hold {len(text)} tokens, fewer than the {most} a profile case "
+                         "needs; profile with more data (data.tokens_per_batch, a larger dataset)")
     show = dist.get_rank() == 0
     if show:
         from tqdm import tqdm
@@ -140,7 +164,11 @@ def measure(
         """One micro-batch of world // d groups of d ranks, each holding a sequence of s tokens (beyond an
         idle micro-batch)."""
         k = max(1, world // d)
-        seqs = [[rng.randrange(vocab_size) for _ in range(s)] for _ in range(k)] + tiny
+        if text is not None:
+            start = rng.randrange(len(text) - k * s + 1)
+            seqs = [list(text[start + j * s : start + (j + 1) * s]) for j in range(k)] + tiny
+        else:
+            seqs = [[rng.randrange(vocab_size) for _ in range(s)] for _ in range(k)] + tiny
         groups = MicroBatch(tuple(Group(j * d, d, (j,)) for j in range(k)))
         plan = Plan(tuple(s for _ in range(k)) + (2,), (groups, MicroBatch((Group(0, 1, (k,)),))))
         return median_time(plan, seqs) - two_idle

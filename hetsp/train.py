@@ -115,7 +115,7 @@ def profile(cfg: Config, out: Path) -> None:
     # the model as training runs it: after the job's first updates (hetsp.profiler)
     trained = train_first_steps(rt.engine, rt.data, rt.objective, rt.device, cfg.attention.kernel, cfg.cluster.tokens_per_rank)
     points, fixed_s, overhead, step_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel,
-                                        degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank)
+                                        degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank, data=rt.data)
     if dist.get_rank() == 0:
         hardware = hardware_here(device_name(rt.device) or "cpu")
         where = f"{hardware['cpu']} ({hardware['cores']} cores), {world} ranks, {cfg.model.family} model"
