@@ -1,11 +1,15 @@
 """Measure the planner's cost table on the machine itself: `hetsp-launch ... --profile OUT.json`.
 
-First the model trains the job's first `WARMUP_STEPS` batches as training does
-(`train_first_steps`): a model's cost can depend on its weights, and the table must
-describe the model as the run trains it, not as initialised. The hybrid model's
-SeqBoat layer attends over the tokens its router activates: about 80% of them at
-initialisation, none after three updates of the default job, which made a table
-measured on the initial model predict steps about 25% too slow.
+First the model trains the job's first batches as training does (`train_first_steps`,
+`warmup_steps`: half the job's steps, at most `MAX_WARMUP_STEPS`): a model's cost
+can depend on its weights, and the table must describe the model as the run trains
+it, not as initialised. The hybrid model's SeqBoat layer attends over the tokens its
+router activates: on the default job 60 to 80% of them at initialisation, almost
+none after four updates, 6 to 15% after 60 to 90; a table measured on the initial
+model predicted step times about 25% too long, one measured after four updates
+those of the second half of the run about 15% too short. Training with any plan gives the same
+weights (a plan changes speed, never math), so after k steps the profiled model is
+the run's model at step k.
 
 Then, for every group size d and a grid of sequence lengths s, every rank runs the
 real step executor on a micro-batch as training fills one: world // d groups of
@@ -42,11 +46,17 @@ from hetsp.plan import Group, MicroBatch, Plan
 
 log = logging.getLogger("hetsp.profiler")
 
-WARMUP_STEPS = 4  # training steps before measuring (module docstring)
+MAX_WARMUP_STEPS = 50  # most training steps before measuring (module docstring)
+
+
+def warmup_steps(train_steps: int) -> int:
+    """Training steps before measuring a job of `train_steps` steps: the middle of its run, at most
+    `MAX_WARMUP_STEPS`."""
+    return max(0, min(MAX_WARMUP_STEPS, train_steps // 2))
 
 
 def train_first_steps(engine: Any, data: Any, objective: Any, device: Any, kernel: str, tokens_per_rank: int,
-                      steps: int = WARMUP_STEPS) -> int:
+                      steps: int) -> int:
     """Train the job's batches 0 .. steps-1 as training does (every sequence, or bundle of sequences that
     must share a micro-batch, on a group of all ranks, packed into micro-batches by `solver.static`); what
     is longer than the ranks hold is left out. Returns the steps trained (a batch with nothing that fits
@@ -133,7 +143,7 @@ def measure(
     rng = random.Random(0)
     cases = [(d, s) for d in degrees for s in length_grid(min(max_len, tokens_per_rank * d))]
     most = max(max(1, world // d) * s for d, s in cases)  # tokens of the largest case
-    text = job_tokens(data, objective, WARMUP_STEPS, 2 * most) if data is not None else None
+    text = job_tokens(data, objective, 0, 2 * most) if data is not None else None
     if text is not None and len(text) < most:
         raise ValueError(f"the job's training batches hold {len(text)} tokens, fewer than the {most} a profile case "
                          "needs; profile with more data (data.tokens_per_batch, a larger dataset)")
