@@ -18,6 +18,16 @@ With the environment variable ``COST_MODEL_PROFILE=OUT.json`` it first measures 
 planner's cost table in the same processes (as ``hetsp-launch --profile OUT.json``
 does) and plans with it, so the table and the steps it predicts are measured under
 the same load.
+
+Afterwards, any profile against the recorded micro-batches (no ranks):
+
+    python bench/cost_model.py --report RUN/micro_batches.jsonl --profile P.json [--skip 3]
+
+prints the median and worst relative error of the predicted step time (steps before
+--skip left out) and, per kind of micro-batch (the sizes of its groups), the median
+signed error, for the micro-batch time of the profile (`ProfileCostModel.micro_batch_time`:
+cores shared among the busy ranks when the profile records them) and for the slowest
+group's table time alone.
 """
 
 from __future__ import annotations
@@ -34,15 +44,52 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if sys.path[0] != str(ROOT):  # before bench/, whose solver.py would hide the solver package
     sys.path.insert(0, str(ROOT))
+
+
+def report(records: list[dict], profile: str, skip: int) -> str:
+    """Predicted against measured, per step and per kind of micro-batch (module docstring), as Markdown."""
+    from solver.costs.base import CostModel
+    from solver.costs.profile import ProfileCostModel
+
+    cm = ProfileCostModel.load(profile)
+    models = {"shared cores": cm.micro_batch_time, "slowest group": lambda gs: CostModel.micro_batch_time(cm, gs)}
+    lines = [f"{len(records[skip:])} steps (from step {skip}), profile `{profile}`", "",
+             "| micro-batch time | step error median | worst | by kind of micro-batch: count, median signed error |",
+             "|---|---|---|---|"]
+    for name, time_of in models.items():
+        errors, kinds = [], {}
+        for rec in records[skip:]:
+            total = cm.step_s
+            for mb in rec["micro_batches"]:
+                groups = [(g["size"], g["lengths"]) for g in mb["groups"]]
+                t = time_of(groups)
+                total += t
+                kind = " + ".join(sorted((str(d) for d, _ in groups), reverse=True))
+                kinds.setdefault(kind, []).append((t - mb["span_s"]) / mb["span_s"])
+            errors.append(abs(total - rec["step_time_s"]) / rec["step_time_s"])
+        by = "; ".join(f"{k}: {len(v)}, {100 * statistics.median(v):+.0f}%" for k, v in sorted(kinds.items()))
+        lines.append(f"| {name} | {100 * statistics.median(errors):.0f}% | {100 * max(errors):.0f}% | {by} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config")
+    p.add_argument("config", nargs="?")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--report", default="", help="micro_batches.jsonl of an earlier run (no ranks)")
+    p.add_argument("--profile", default="", help="with --report: the profile to predict with")
+    p.add_argument("--skip", type=int, default=1, help="with --report: steps left out at the start")
     args, _ = p.parse_known_args(argv)
+    if args.report:
+        if not args.profile:
+            p.error("--report needs --profile")
+        records = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
+        print(report(records, args.profile, args.skip))
+        return 0
+    if not args.config:
+        p.error("give the job's config (rank program), or --report FILE --profile P.json")
 
     from hetsp.attention.kernels import kernel_for_config
     from hetsp.config import load_config

@@ -88,6 +88,12 @@ def _group_tokens(plans: Path) -> str:
     return ", ".join(f"{d}: {100 * t / total:.0f}%" for d, t in sorted(by.items()))
 
 
+def _load() -> list[str]:
+    """The machine's load average over 1, 5 and 15 minutes."""
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
@@ -107,6 +113,7 @@ def main() -> int:
     for d in sizes:
         planners[f"static d={d}"] = ["planner.name='static'", f"planner.group_size={d}"]
     names = args.planners or list(planners)
+    load_at_start = _load()
     rows = []
     for name in names:
         if name not in planners:
@@ -114,12 +121,11 @@ def main() -> int:
         print(f"running {name} ...", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
             rows.append((name, run(args.config, args.ranks, args.steps, planners[name] + args.overrides, Path(tmp))))
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
+    load = _load()
     lines = [
         f"`{args.config}` on {args.ranks} simulated ranks, {args.steps} steps, the same batches for every planner "
         f"(longest sequence {longest:,} tokens: static sizes {sizes} can hold it); first step left out of the times; "
-        f"load average at the end {' / '.join(load)}.",
+        f"load average (1 / 5 / 15 min) at the start {' / '.join(load_at_start)}, at the end {' / '.join(load)}.",
         "",
         "| planner | tokens/s | s/step | micro-batches | loss after last step | predicted s/step (median) | "
         "prediction error median / worst | blocked in exchanges | tokens by group size |",

@@ -1,11 +1,15 @@
 """Measure the planner's cost table on the machine itself: `hetsp-launch ... --profile OUT.json`.
 
-First the model trains the job's first `WARMUP_STEPS` batches as training does
-(`train_first_steps`): a model's cost can depend on its weights, and the table must
-describe the model as the run trains it, not as initialised. The hybrid model's
-SeqBoat layer attends over the tokens its router activates: about 80% of them at
-initialisation, none after three updates of the default job, which made a table
-measured on the initial model predict steps about 25% too slow.
+First the model trains the job's first batches as training does (`train_first_steps`,
+`warmup_steps`: half the job's steps, at most `MAX_WARMUP_STEPS`): a model's cost
+can depend on its weights, and the table must describe the model as the run trains
+it, not as initialised. The hybrid model's SeqBoat layer attends over the tokens its
+router activates: on the default job 60 to 80% of them at initialisation, almost
+none after four updates, 6 to 15% after 60 to 90; a table measured on the initial
+model predicted step times about 25% too long, one measured after four updates
+those of the second half of the run about 15% too short. Training with any plan gives the same
+weights (a plan changes speed, never math), so after k steps the profiled model is
+the run's model at step k.
 
 Then, for every group size d and a grid of sequence lengths s, every rank runs the
 real step executor on a micro-batch as training fills one: world // d groups of
@@ -20,6 +24,9 @@ Three parts are kept apart, as the cost model adds them:
 - points: the time a sequence of s tokens adds beyond both;
 - step_s: what a step costs once whatever its plan (the gradient reduction at the
   last micro-batch, the optimizer step, the loss reduction).
+Every sequence is cut from the job's own training text (`job_tokens`), not drawn at
+random: SeqBoat's router activates tokens by content, and random bytes are not what
+the run reads.
 The result is a `profile` cost model file (solver/costs/profile.py) stamped
 with the hardware (CPU model, cores, torch version, device), host and time.
 """
@@ -39,11 +46,17 @@ from hetsp.plan import Group, MicroBatch, Plan
 
 log = logging.getLogger("hetsp.profiler")
 
-WARMUP_STEPS = 4  # training steps before measuring (module docstring)
+MAX_WARMUP_STEPS = 50  # most training steps before measuring (module docstring)
+
+
+def warmup_steps(train_steps: int) -> int:
+    """Training steps before measuring a job of `train_steps` steps: the middle of its run, at most
+    `MAX_WARMUP_STEPS`."""
+    return max(0, min(MAX_WARMUP_STEPS, train_steps // 2))
 
 
 def train_first_steps(engine: Any, data: Any, objective: Any, device: Any, kernel: str, tokens_per_rank: int,
-                      steps: int = WARMUP_STEPS) -> int:
+                      steps: int) -> int:
     """Train the job's batches 0 .. steps-1 as training does (every sequence, or bundle of sequences that
     must share a micro-batch, on a group of all ranks, packed into micro-batches by `solver.static`); what
     is longer than the ranks hold is left out. Returns the steps trained (a batch with nothing that fits
@@ -72,6 +85,19 @@ def train_first_steps(engine: Any, data: Any, objective: Any, device: Any, kerne
     if rank == 0:
         log.info("profiling the model after %d training step(s) of the job", done)
     return done
+
+
+def job_tokens(data: Any, objective: Any, first_step: int, min_tokens: int) -> list[int]:
+    """The token ids of the job's training batches from `first_step` on, concatenated until at least
+    `min_tokens` (every rank gets the same: batches derive from (seed, step)). The profiler cuts its
+    sequences from them: a model's cost can depend on what it reads (SeqBoat activates tokens by content)."""
+    out: list[int] = []
+    step = first_step
+    while len(out) < min_tokens and step < first_step + 1000:
+        for seq in data.train_batch(step):
+            out += list(objective.tokens(seq))
+        step += 1
+    return out
 
 
 def length_grid(max_len: int, smallest: int = 128) -> list[int]:
@@ -106,13 +132,21 @@ def measure(
     degrees: list[int],
     max_len: int,
     tokens_per_rank: int,
-    repeats: int = 2,
+    repeats: int = 3,
+    data: Any = None,
 ) -> tuple[list[dict[str, Any]], float, dict[int, float], float]:
     """Median fwd+bwd times: (points beyond the fixed costs, fixed cost of a micro-batch, fixed cost of a group
-    by size, fixed cost of a step); see the module docstring (the caller trains the first steps)."""
+    by size, fixed cost of a step); see the module docstring (the caller trains the first steps). Sequences
+    are cut from the training text of `data` (the job's data module, `job_tokens`), or drawn uniformly from
+    the vocabulary without it."""
     world = dist.get_world_size()
     rng = random.Random(0)
     cases = [(d, s) for d in degrees for s in length_grid(min(max_len, tokens_per_rank * d))]
+    most = max(max(1, world // d) * s for d, s in cases)  # tokens of the largest case
+    text = job_tokens(data, objective, 0, 2 * most) if data is not None else None
+    if text is not None and len(text) < most:
+        raise ValueError(f"the job's training batches hold {len(text)} tokens, fewer than the {most} a profile case "
+                         "needs; profile with more data (data.tokens_per_batch, a larger dataset)")
     show = dist.get_rank() == 0
     if show:
         from tqdm import tqdm
@@ -140,7 +174,11 @@ def measure(
         """One micro-batch of world // d groups of d ranks, each holding a sequence of s tokens (beyond an
         idle micro-batch)."""
         k = max(1, world // d)
-        seqs = [[rng.randrange(vocab_size) for _ in range(s)] for _ in range(k)] + tiny
+        if text is not None:
+            start = rng.randrange(len(text) - k * s + 1)
+            seqs = [list(text[start + j * s : start + (j + 1) * s]) for j in range(k)] + tiny
+        else:
+            seqs = [[rng.randrange(vocab_size) for _ in range(s)] for _ in range(k)] + tiny
         groups = MicroBatch(tuple(Group(j * d, d, (j,)) for j in range(k)))
         plan = Plan(tuple(s for _ in range(k)) + (2,), (groups, MicroBatch((Group(0, 1, (k,)),))))
         return median_time(plan, seqs) - two_idle

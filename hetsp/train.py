@@ -104,7 +104,7 @@ def profile(cfg: Config, out: Path) -> None:
     import torch.distributed as dist
 
     from hetsp.metrics.device import device_name
-    from hetsp.profiler import measure, train_first_steps
+    from hetsp.profiler import measure, train_first_steps, warmup_steps
     from solver.costs.profile import hardware_here, save_profile
 
     from hetsp.loading import resolve_config
@@ -113,9 +113,10 @@ def profile(cfg: Config, out: Path) -> None:
     world = dist.get_world_size()
     degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
     # the model as training runs it: after the job's first updates (hetsp.profiler)
-    trained = train_first_steps(rt.engine, rt.data, rt.objective, rt.device, cfg.attention.kernel, cfg.cluster.tokens_per_rank)
+    trained = train_first_steps(rt.engine, rt.data, rt.objective, rt.device, cfg.attention.kernel, cfg.cluster.tokens_per_rank,
+                                warmup_steps(cfg.train.steps))
     points, fixed_s, overhead, step_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel,
-                                        degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank)
+                                        degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank, data=rt.data)
     if dist.get_rank() == 0:
         hardware = hardware_here(device_name(rt.device) or "cpu")
         where = f"{hardware['cpu']} ({hardware['cores']} cores), {world} ranks, {cfg.model.family} model"

@@ -94,3 +94,6 @@ def test_executor_refuses_a_model_that_was_not_parallelized():
     # once parallelized it runs (SSM layers only: no attention implementation needed)
     result = run_plan(PlainEngine(parallelize(model)), plan, seqs, 0, 1, torch.device("cpu"), LanguageModeling(), train=False)
     assert result.num_units == 4
+    # per micro-batch: when it started and ended on this rank, and its thread's CPU seconds (bench/cost_model.py)
+    (start, end), = result.micro_batch_s
+    assert 0 <= start <= end and len(result.micro_batch_cpu_s) == 1 and result.micro_batch_cpu_s[0] >= 0

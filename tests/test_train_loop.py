@@ -78,6 +78,23 @@ def test_a_torchrun_restart_resumes_by_itself(rank_pool, tmp_path):
     assert ckpts == ["step00000002"]  # written at the early stop; checkpoint_every = 0 writes no other
 
 
+def test_profile_cuts_its_sequences_from_the_jobs_batches():
+    """The profiler's sequences are the job's own tokens (a model's cost can depend on what it reads):
+    the batches from `first_step` on, concatenated, until there are enough."""
+    from hetsp.profiler import job_tokens
+
+    class Data:
+        def train_batch(self, step):
+            return [[step, 10 * step], [100 + step]]
+
+    class Objective:
+        @staticmethod
+        def tokens(seq):
+            return seq
+
+    assert job_tokens(Data(), Objective(), 4, 5) == [4, 40, 104, 5, 50, 105]
+
+
 def test_profile_writes_a_cost_table_the_planner_uses(rank_pool, tmp_path):
     from hetsp.config import config_from_dict
     from hetsp.planning import make_planner
@@ -94,9 +111,9 @@ def test_profile_writes_a_cost_table_the_planner_uses(rank_pool, tmp_path):
     assert data.get("step_s", 0.0) >= 0 and data["max_seq_len"] == 96
     assert {"cpu", "cores", "torch", "device"} <= set(data["hardware"])
     # the ranks it was measured with (the cores they shared), and the model measured after the job's first steps
-    from hetsp.profiler import WARMUP_STEPS
+    from hetsp.profiler import warmup_steps
 
-    assert data["world"] == 2 and data["trained_steps"] == WARMUP_STEPS
+    assert data["world"] == 2 and data["trained_steps"] == warmup_steps(cfg["train"]["steps"]) > 0
     cfg["planner"].update(cost_model="profile", profile_path=str(out))
     planner = make_planner(config_from_dict(cfg), 259)
     plan = planner.plan([90, 3, 40, 7], 2)
