@@ -1,12 +1,13 @@
 """Cost of `<bkspc>` sequences: tokens/s of forward+backward per mixer kind (prints a table; not a test).
 
 For each mixer kind, one layer (mixer + SwiGLU MLP) of `HybridForCausalLM` runs the hetsp
-training path on a group of one rank (ring attention with the torch CPU kernel, model
-kernels for the SSM mixers) on a sequence of L tokens of which about 10% of positions are
-inserted (token, `<bkspc>`) pairs, and on the same sequence without the pairs (today's path:
-no structure in the shard context). Tokens/s counts the tokens fed.
+training path on a group of `--group` ranks (gloo on CPU; ring attention with the torch CPU
+kernel, the SSM mixers parallelised by `hetsp.ssm_parallel.parallelize`) on a sequence of L
+tokens of which about 10% of positions are inserted (token, `<bkspc>`) pairs, and on the same
+sequence without the pairs (today's path: no structure in the shard context). Tokens/s counts
+the tokens fed (the whole sequence per step, the slowest rank's time).
 
-    python bench/backspace.py [--lengths 512 2048] [--hidden 64] [--repeats 3] [--threads 1] [--out bench/results/backspace.md]
+    python bench/backspace.py [--lengths 512 2048] [--group 1] [--hidden 64] [--repeats 3] [--threads 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ VOCAB = 64
 BK = VOCAB - 1
 METHOD = {
     "attention": "ring attention, torch CPU flash op with an additive lifetime mask per block",
-    "s4d": "tree scan: masked convolution over in-chunk ancestors + anchor states, chunk 32",
-    "ema": "tree scan: masked convolution over in-chunk ancestors + anchor states, chunk 32",
-    "mamba2": "conv over ancestors (K gathers) + tree scan: SSD quadratic form with the ancestor mask, chunk 32",
-    "seqboat": "EMA tree scan + GAU over activated ancestors, dense M x M mask",
+    "s4d": "tree scan per segment (masked convolution over in-chunk ancestors + anchor states, chunk 32); anchors' states passed across shards",
+    "ema": "tree scan per segment (masked convolution over in-chunk ancestors + anchor states, chunk 32); anchors' states passed across shards",
+    "mamba2": "conv over ancestors (K gathers, other shards' rows exchanged) + tree SSD scan per segment; anchors' states passed across shards",
+    "seqboat": "EMA tree scan with state passing + GAU over activated ancestors (dense mask), anchors' last W activated passed across shards",
 }
 
 
@@ -67,18 +68,42 @@ def _with_pairs(length: int, frac: float, seed: int = 0) -> tuple[list[int], lis
     return ids, plain
 
 
-def _time(model, ids, structure, repeats):
-    ctx = make_shard_context([len(ids)], 0, 1, 0, "cpu", kernel="torch_cpu", structure=structure)
-    x = torch.tensor([ids])
+def _time(model, ids, structure, repeats, group=1):
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if group > 1 else 0
+    ctx = make_shard_context([len(ids)], 0, group, rank, "cpu", kernel="torch_cpu", structure=structure)
+    x = torch.tensor([ids])[:, list(ctx.layout.token_index)]
     times = []
     for i in range(repeats + 1):
         model.zero_grad(set_to_none=True)
+        if group > 1:
+            dist.barrier()
         t0 = time.perf_counter()
         out = model(input_ids=x, position_ids=ctx.positions[None], hetsp_shard=ctx).logits
         out.square().mean().backward()
+        if group > 1:
+            dist.barrier()
         if i:  # the first run warms up
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _rows(lengths, hidden, frac, repeats, threads, group=1):
+    """(kind, L, pops, plain tokens, tokens, plain seconds, seconds) per kind and length (run on every rank)."""
+    from hetsp.ssm_parallel import parallelize
+
+    torch.set_num_threads(threads)
+    out = []
+    for kind in KINDS:
+        model = parallelize(_layer(kind, hidden))
+        for length in lengths:
+            ids, plain = _with_pairs(length, frac)
+            structure = stack_structure(ids, BK, VOCAB)
+            t_plain = _time(model, plain, None, repeats, group)
+            t_tree = _time(model, ids, structure, repeats, group)
+            out.append((kind, length, structure.num_pops, len(plain), len(ids), t_plain, t_tree))
+    return out
 
 
 def decode_table(hidden: int, steps: int = 64) -> list[str]:
@@ -117,6 +142,7 @@ def decode_table(hidden: int, steps: int = 64) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--group", type=int, default=1, help="ranks of the group (gloo processes on this host)")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--frac", type=float, default=0.1, help="fraction of positions in inserted pairs")
     ap.add_argument("--repeats", type=int, default=3)
@@ -133,22 +159,26 @@ def main(argv=None):
         "| mixer | L | pairs (positions) | plain tok/s | with pairs tok/s | time ratio | method |",
         "|---|---|---|---|---|---|---|",
     ]
-    for kind in KINDS:
-        model = _layer(kind, args.hidden)
-        for length in args.lengths:
-            ids, plain = _with_pairs(length, args.frac)
-            structure = stack_structure(ids, BK, VOCAB)
-            t_plain = _time(model, plain, None, args.repeats)
-            t_tree = _time(model, ids, structure, args.repeats)
-            lines.append(
-                f"| {kind} | {length} | {structure.num_pops} ({2 * structure.num_pops / length:.0%}) | "
-                f"{len(plain) / t_plain:,.0f} | {len(ids) / t_tree:,.0f} | {t_tree / t_plain:.2f} | {METHOD[kind]} |"
-            )
-            print(lines[-1], flush=True)
+    bench_args = (args.lengths, args.hidden, args.frac, args.repeats, args.threads)
+    if args.group == 1:
+        rows = _rows(*bench_args)
+    else:
+        from hetsp.testing import RankPool
+
+        pool = RankPool(args.group, start_timeout=900)
+        per_rank = pool.run(_rows, *bench_args, args.group, timeout=3600)
+        pool.close()
+        # The step of a group lasts as long as its slowest rank.
+        rows = [r[:5] + (max(x[i][5] for x in per_rank), max(x[i][6] for x in per_rank)) for i, r in enumerate(per_rank[0])]
+    for kind, length, pops, n_plain, n_ids, t_plain, t_tree in rows:
+        lines.append(
+            f"| {kind} | {length} | {pops} ({2 * pops / length:.0%}) | "
+            f"{n_plain / t_plain:,.0f} | {n_ids / t_tree:,.0f} | {t_tree / t_plain:.2f} | {METHOD[kind]} |"
+        )
     head = [
-        "# Cost of <bkspc> sequences (forward+backward, one layer, group of one rank)",
+        f"# Cost of <bkspc> sequences (forward+backward, one layer, group of {args.group} rank(s))",
         "",
-        f"Command: `python bench/backspace.py --lengths {' '.join(map(str, args.lengths))} --hidden {args.hidden} "
+        f"Command: `python bench/backspace.py --lengths {' '.join(map(str, args.lengths))} --group {args.group} --hidden {args.hidden} "
         f"--frac {args.frac} --repeats {args.repeats} --threads {args.threads}`",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} thread(s); load average at start {load[0]:.1f} (the machine was shared with other jobs: "

@@ -107,7 +107,7 @@ def per_context_reference(sequences, structures, family, model_kwargs, objective
     from hetsp.objectives.lm import LanguageModeling
 
     # transformers' eager attention takes its softmax in fp32; sdpa stays in fp64 (the hybrid's eager is fp64)
-    model = _model(family, model_kwargs, "sdpa" if family == "llama" else "eager")
+    model = _model(family, model_kwargs, "eager" if family == "hybrid" else "sdpa")
     lm = LanguageModeling()
     units = lm.num_units([len(s) for s in sequences]) if objective is None else objective.num_units(sequences)
     total = 0.0

@@ -1,6 +1,10 @@
 """Whole plans through the executor on `<bkspc>` sequences: groups of 1 to 4 and mixed plans, the hybrid
-model with all five mixer kinds and a stock Llama, loss and every gradient against the per-context
-reference (one process, fp64). Tolerance rel 1e-9 / abs 1e-12: fp64 rounding of different summation orders."""
+model with each mixer kind and with all five, a stock Llama, Bamba and GraniteMoeHybrid; loss and every
+gradient against the per-context reference (one process, fp64). The batch holds a run of pops whose
+later tokens branch from a parent two or more shards back and pops at chunk boundaries (`deep_pop_ids`),
+random isolated pops and runs, and a plain sequence. SSM mixers pass states across shards on the tree
+(hetsp/ssm_parallel/tree_state.py). Tolerance rel 1e-9 / abs 1e-12: fp64 rounding of different
+summation orders; the transformers Mamba-2 hybrids: rel 1e-5 / abs 1e-7, their stock scan and A are fp32."""
 
 from __future__ import annotations
 
@@ -13,10 +17,16 @@ from hetsp.plan import Group, MicroBatch, Plan
 
 from . import backspace_fns
 from .backspace_fns import BK, deep_pop_ids, random_backspace_ids
-from .test_ssm_parallel import ALL_FIVE
+from .test_hf_clients import TINY as HF_TINY
+from .test_ssm_parallel import ALL_FIVE, _hybrid
 
 LLAMA = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
 TOL = dict(rtol=1e-9, atol=1e-12)
+HF_TOL = dict(rtol=1e-5, atol=1e-7)
+MODELS = [("hybrid", _hybrid(kind), TOL) for kind in ("s4d", "ema", "mamba2", "seqboat")] + [
+    ("hybrid", ALL_FIVE, TOL), ("llama", LLAMA, TOL), ("bamba", HF_TINY, HF_TOL), ("granitemoehybrid", HF_TINY, HF_TOL),
+]
+MODEL_IDS = ["s4d", "ema", "mamba2", "seqboat", "hybrid-all-five", "llama", "bamba", "granitemoehybrid"]
 
 
 def _batch(seed):
@@ -43,12 +53,85 @@ def _plans(lengths):
     ]
 
 
-@pytest.mark.parametrize("family,model_kwargs", [("hybrid", ALL_FIVE), ("llama", LLAMA)], ids=["hybrid-all-five", "llama"])
-def test_plans_match_per_context_reference(rank_pool, family, model_kwargs):
+@pytest.mark.parametrize("family,model_kwargs,tol", MODELS, ids=MODEL_IDS)
+def test_plans_match_per_context_reference(rank_pool, family, model_kwargs, tol):
     seqs, structures = _batch(4)
     lengths = [len(s) for s in seqs]
     plans = _plans(lengths)
     cases = [(seqs, structures, p.to_json()) for p in plans]
     results = rank_pool(4).run(backspace_fns.plan_steps, cases, family, model_kwargs, "torch_cpu")
     ref_loss, ref_grads = backspace_fns.per_context_reference(seqs, structures, family, model_kwargs)
-    backspace_fns.assert_plans_match(results, len(plans), ref_loss, ref_grads, TOL)
+    backspace_fns.assert_plans_match(results, len(plans), ref_loss, ref_grads, tol)
+
+
+def _random_structures(seed):
+    rng = random.Random(seed)
+    out = [stack_structure(deep_pop_ids(30), BK, 61, 7)]
+    for n in (1, 5, 19, 26):
+        prompt = min(2, n)
+        out.append(stack_structure(random_backspace_ids(rng, n, prompt, p_pop=rng.choice([0.2, 0.5])), BK, 61, prompt))
+    out.append(stack_structure([1, 2, 3, 4, 5, BK, BK, BK, BK, BK, 6, 7], BK, 61, 0))  # pops back to an empty stack
+    return out
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3, 4])
+def test_tree_plan_state_passing_is_exact(group_size):
+    """The static plan of state passing, simulated in plain Python for every rank of a group with a scalar
+    recurrence h_t = a_t h_parent(t) + b_t: local scans from zero, the exported slots of all ranks, the
+    fold and the correction give the sequential tree recurrence; conv taps read the right ancestors.
+    Tolerance rel 1e-12: fp64 rounding of products of at most 30 factors."""
+    from hetsp.backspace import pack_structures
+    from hetsp.layout import group_layouts
+    from hetsp.ssm_parallel.segments import local_segments
+    from hetsp.ssm_parallel.tree_state import build_conv_plan, build_tree_plan
+
+    structure = pack_structures(_random_structures(group_size))
+    lengths = [len(s) for s in _random_structures(group_size)]
+    layouts = group_layouts(lengths, group_size)
+    rng = random.Random(5)
+    n = len(structure)
+    a = [rng.uniform(0.5, 1.0) for _ in range(n)]
+    b = [rng.uniform(-1.0, 1.0) for _ in range(n)]
+    want = []
+    for g in range(n):
+        p = structure.parents[g]
+        want.append(a[g] * (want[p] if p >= 0 else 0.0) + b[g])
+    plans = [build_tree_plan(structure, layouts, r) for r in range(group_size)]
+    num_segments = local_segments(tuple(lengths), group_size, 0).num_segments
+    slots = [(0.0, 0.0)] * (group_size * num_segments * plans[0].num_slots)
+    local = []
+    for r, (plan, lay) in enumerate(zip(plans, layouts)):
+        h, dec = [], []
+        for i, g in enumerate(lay.token_index):
+            p = plan.local_parents[i]
+            h.append(a[g] * (h[p] if p >= 0 else 0.0) + b[g])
+            dec.append(a[g] * (dec[p] if p >= 0 else 1.0))
+        local.append((h, dec))
+        base = r * num_segments * plan.num_slots
+        for s, x in enumerate(plan.export_pick):
+            if x >= 0:
+                i = plan.exported[x]
+                slots[base + s] = (dec[i], h[i])
+    assert all(p.fold_slot == plans[0].fold_slot and p.fold_anchor == plans[0].fold_anchor for p in plans)
+    table = [0.0]
+    for s, row in zip(plans[0].fold_slot, plans[0].fold_anchor):
+        assert row < len(table), "an exported token's anchor is folded before it"
+        table.append(slots[s][1] + slots[s][0] * table[row])
+    k = 4
+    for r, (plan, lay) in enumerate(zip(plans, layouts)):
+        h, dec = local[r]
+        got = [h[i] + dec[i] * table[plan.anchor_row[i]] for i in range(lay.num_tokens)]
+        torch_want = [want[g] for g in lay.token_index]
+        for x, y in zip(got, torch_want):
+            assert abs(x - y) <= 1e-12 * abs(y) + 1e-14
+    convs = [build_conv_plan(structure, layouts, r, k) for r in range(group_size)]
+    # The packed token each row of the gathered conv rows holds (-1: empty slot).
+    gathered = [lay.token_index[i] if i >= 0 else -1 for conv, lay in zip(convs, layouts) for i in conv.export_local]
+    for conv, lay in zip(convs, layouts):
+        rows = list(lay.token_index) + gathered + [-1]  # the table [local rows; gathered rows; zero row]
+        for tap, src in enumerate(conv.sources):
+            for i, g in enumerate(lay.token_index):
+                anc = g
+                for _ in range(k - 1 - tap):
+                    anc = structure.parents[anc] if anc >= 0 else -1
+                assert rows[src[i]] == anc, (lay.rank, tap, i)

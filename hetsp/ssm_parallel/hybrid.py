@@ -21,20 +21,19 @@ Groups of one rank, and forwards without ``hetsp_shard``, run the model's own
 kernels untouched.
 
 Sequences with a `<bkspc>` action (``hetsp_shard.tree``) on a group of more than one
-rank: the s4d, ema and mamba2 mixers pass states across shards on the tree
-(`tree_state.py`, `tree_kernels.py`): each segment is scanned from zero as a tree, the
-(decay, state) of the tokens other segments branch from are exchanged, and each token
-adds its anchor's state; the convolution reads its K-1 ancestors from other segments'
-exported rows. SeqBoat gathers the group's rows and runs whole (`tree_gather.py`): its GAU
-window counts activated ancestors, which depends on the router's data, so no fixed-size
-summary bounds what a later shard reads. Sequences without `<bkspc>` never take these paths.
+rank: every mixer passes states across shards on the tree (`tree_state.py`,
+`tree_kernels.py`): each segment is scanned from zero as a tree, the (decay, state) of
+the tokens other segments branch from (their anchors) are exchanged, and each token adds
+its anchor's state; the convolution reads its K-1 ancestors from other segments' exported
+rows; SeqBoat's GAU gets, per anchor, its last W activated ancestors (`seqboat_tree.py`).
+Sequences without `<bkspc>` never take these paths.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hetsp.ssm_parallel import tree_gather, tree_kernels
+from hetsp.ssm_parallel import seqboat_tree, tree_kernels
 from hetsp.ssm_parallel.tree_state import local_tree
 from hetsp.ssm_parallel.comm import GroupSpec, halo_exchange
 from hetsp.ssm_parallel.lti import lti_state_response
@@ -51,9 +50,7 @@ _KERNELS_BY_KIND = {
     "seqboat": ("ema_scan", "local_attention"),
 }
 _ACTIVE = "_hetsp_sp_active"  # (Segments, GroupSpec) during a sequence-parallel forward of the mixer
-_TREE = "_hetsp_sp_tree"  # (ShardContext, GroupSpec) during a forward on <bkspc> sequences with state passing
-# Mixers that pass states across shards on <bkspc> sequences; the others gather (tree_gather.py).
-TREE_STATE_KINDS = ("s4d", "ema", "mamba2")
+_TREE = "_hetsp_sp_tree"  # (ShardContext, GroupSpec) during a forward on <bkspc> sequences
 
 
 def _active(mixer):
@@ -166,12 +163,26 @@ def _conv(inner, mixer):
     return causal_conv1d
 
 
+def _local_attention(inner, mixer):
+    group_fn = local_attention_group(inner, lambda: _active(mixer))
+
+    def local_attention(q, k, v, seg, window, scale, prefix_k=None, *args, tree=None, tree_index=None, **kw):
+        tree_act = _tree_active(mixer)
+        if tree_act is None:
+            tree_kw = {} if tree is None else {"tree": tree, "tree_index": tree_index}
+            return group_fn(q, k, v, seg, window, scale, prefix_k, *args, **tree_kw, **kw)
+        _no_cache("local_attention", prefix_k)
+        return seqboat_tree.local_attention_tree(inner, q, k, v, window, scale, tree_index, *tree_act)
+
+    return local_attention
+
+
 _FACTORIES = {
     "s4d_scan": lambda inner, mixer: _lti_scan("s4d_scan", inner, mixer),
     "ema_scan": lambda inner, mixer: _lti_scan("ema_scan", inner, mixer),
     "ssd_scan": _ssd_scan,
     "causal_conv1d": _conv,
-    "local_attention": lambda inner, mixer: local_attention_group(inner, lambda: _active(mixer)),
+    "local_attention": _local_attention,
 }
 
 
@@ -232,8 +243,6 @@ def _pre_hook(mixer, args, kwargs):
     if shard is None or int(shard.group_size) == 1:
         return None
     tree = getattr(shard, "tree", None) is not None
-    if tree and mixer.kind not in TREE_STATE_KINDS:
-        return tree_gather.pre_hook(mixer, args, kwargs, shard)
     for name in _KERNELS_BY_KIND[mixer.kind]:
         if not getattr(mixer.kernels.get(name), "_hetsp_sp", False):
             raise ValueError(
@@ -254,7 +263,7 @@ def _pre_hook(mixer, args, kwargs):
 def _post_hook(mixer, args, kwargs, output):
     setattr(mixer, _ACTIVE, None)
     setattr(mixer, _TREE, None)
-    return tree_gather.post_hook(mixer, output)
+    return None
 
 
 def is_hybrid_mixer(module) -> bool:
