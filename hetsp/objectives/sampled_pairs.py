@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 
-def build_pairs(cfg: Any, num_prompts: int, seed: int, log=print) -> list[dict[str, Any]]:
+def build_pairs(cfg: Any, num_prompts: int, seed: int, log: Any = print) -> list[dict[str, Any]]:
     """`num_prompts` scored rows (real completion, one sample) from `cfg`'s dataset and model."""
     from hetsp.data.tokenizer import load_tokenizer
     from hetsp.generate import generate, load_for_generation
@@ -64,8 +64,8 @@ def build_pairs(cfg: Any, num_prompts: int, seed: int, log=print) -> list[dict[s
         chosen, rejected = score_completions(fn, section.reward_fn, prompt, [real, sample], f"training row {i}")
         out.append({"prompt": prompt, "chosen": real, "rejected": sample, "score_chosen": chosen,
                     "score_rejected": rejected})
-        if len(out) % 16 == 0:
-            log(f"{len(out)}/{num_prompts} pairs ({time.perf_counter() - t0:.0f} s)")
+        if len(out) % 8 == 0:
+            log(f"{len(out)}/{num_prompts} pairs ({time.perf_counter() - t0:.0f} s)", flush=True)
     if len(out) < num_prompts:
         raise ValueError(f"only {len(out)} usable prompts for {num_prompts} pairs; lower --prompts")
     return out
