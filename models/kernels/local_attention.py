@@ -66,7 +66,7 @@ def _one_block(q, k, v, seg, window, scale):
 
 def local_attention(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, prefix_seg=None, tree=None, tree_index=None):
     """Blocked version: query block b (W queries) reads key blocks b-1 and b, O(M W); a row of at
-    most W slots without prefix is one (M, M) block.
+    most W slots is one (M, M) block, or one (M, W + M) block with a prefix.
 
     tree, tree_index: stack-structured rows (models.kernels.tree); None takes today's path."""
     if tree is not None:
@@ -74,6 +74,9 @@ def local_attention(q, k, v, seg, window, scale, prefix_k=None, prefix_v=None, p
     batch, m, _ = q.shape
     if prefix_k is None and m <= window:
         return _one_block(q, k, v, seg, window, scale)
+    if m <= window:
+        # A prefix and few slots (a decoding step): one (M, W + M) block, not a padded (W, 2W) one.
+        return local_attention_ref(q, k, v, seg, window, scale, prefix_k, prefix_v, prefix_seg)
     w = window
     kx, vx, sx = _with_prefix(k, v, seg, prefix_k, prefix_v, prefix_seg, w)
     nb = max((m + w - 1) // w, 1)
