@@ -161,6 +161,9 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
         model = model.to(torch_dtype)
     else:
         model = build_model(cfg.model, meta["vocab_size"], device="meta")
+        if bkspc_id_of(cfg, meta["vocab_size"]) is not None and model.config.vocab_size < meta["vocab_size"]:
+            # a SequenceMatch run from model.init_from: the run added the <bkspc> row to the checkpoint's shape
+            model.resize_token_embeddings(meta["vocab_size"], mean_resizing=False)
         state = match_keys(state, set(model.state_dict()))
         state = {k: v.to(torch_dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)

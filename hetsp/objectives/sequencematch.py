@@ -217,6 +217,9 @@ class SequenceMatch(Objective):
         if c.w_data < 1 and not c.sample_every:
             raise ValueError(f"objective.w_data = {c.w_data} puts {1 - c.w_data:g} of the value term on model-generated "
                              "trajectories, but objective.sample_every = 0 samples none; set sample_every > 0, or w_data = 1")
+        if cfg.lora.r > 0:
+            raise NotImplementedError("sequencematch with LoRA is not implemented: the <bkspc> rows would stay frozen at their "
+                                      "initialisation and hetsp-export could not rebuild them; use lora.r = 0")
         data = build_data(cfg.data, seed)
         tok = add_bkspc(data.tokenizer)
         data.tokenizer, data.vocab_size = tok, tok.vocab_size
