@@ -141,8 +141,9 @@ def test_heldout_evaluation_of_online_copg_on_the_hybrid_model(rank_pool, tmp_pa
     copy as reference): held-out prompts are sampled before the first update and after the last;
     before, the policy is its reference, so the KL estimate is exactly 0 (groups of 2 ranks: a copy
     whose SSM kernels acted on the policy's layers would differ)."""
+    # a reward that differs between the samples of a bundle, so the updates move the policy
     cfg = copg_config(tmp_path, "heldout", data="", online_every=1, samples_per_prompt=2, max_new_tokens=4,
-                      reward_fn="hetsp.rewards.funcbody:funcbody_reward", reference="live", bundles_per_batch=2,
+                      reward_fn="tests.copg_fns:char_sum_reward", reference="live", bundles_per_batch=2,
                       max_prompt_tokens=200, eval_prompts=2)
     cfg["data"] = {"dataset": "funcbody", "format": "prompt_completion", "max_documents": 40,
                    "validation_fraction": 0.25}
@@ -160,7 +161,7 @@ def test_heldout_evaluation_of_online_copg_on_the_hybrid_model(rank_pool, tmp_pa
         assert r["heldout_completions"] == 4  # 2 prompts x 2 samples
         assert 0.0 <= r["heldout_reward"] <= 1.0
     assert held[0]["heldout_kl"] == 0.0  # the same parameters, the same plan: bit for bit
-    assert held[1]["heldout_kl"] != 0.0  # two updates at lr 1e-3 moved the policy
+    assert held[1]["heldout_kl"] != 0.0  # two updates at lr 1e-3 moved the policy away from its reference
     summary = json.loads((tmp_path / "runs" / "heldout" / "summary.json").read_text())
     assert summary["heldout_reward_before"] == held[0]["heldout_reward"]
     assert summary["heldout_reward_after"] == held[1]["heldout_reward"]
