@@ -135,3 +135,49 @@ def test_tree_plan_state_passing_is_exact(group_size):
                 for _ in range(k - 1 - tap):
                     anc = structure.parents[anc] if anc >= 0 else -1
                 assert rows[src[i]] == anc, (lay.rank, tap, i)
+
+
+def test_group_kernels_on_one_rank_match_tree_kernels():
+    """The group versions (tree_kernels.py, seqboat_tree.py) on a group of one rank, which holds two zigzag
+    chunks per sequence and so exchanges the anchors' states with itself, against the single-process tree
+    kernels on the whole packed rows; fp64, rel 1e-10 / abs 1e-12 (rounding of summation orders)."""
+    import torch
+
+    from hetsp.attention import make_shard_context
+    from hetsp.backspace import pack_structures
+    from hetsp.ssm_parallel import seqboat_tree, tree_kernels
+    from hetsp.ssm_parallel.comm import GroupSpec
+    from models.kernels.conv import causal_conv1d
+    from models.kernels.local_attention import local_attention
+    from models.kernels.tree import StackTree, tree_lti_scan, tree_ssd_scan
+
+    structures = _random_structures(0)
+    structure = pack_structures(structures)
+    n = len(structure)
+    shard = make_shard_context([len(s) for s in structures], 0, 1, 0, "cpu", kernel="reference", structure=structure)
+    group = GroupSpec.of(shard)
+    idx = torch.tensor(shard.layout.token_index)
+    full = StackTree(torch.tensor(structure.parents)[None])
+    g = torch.Generator().manual_seed(0)
+    f64 = dict(generator=g, dtype=torch.float64)
+    tol = dict(rtol=1e-10, atol=1e-12)
+    A = torch.complex(torch.rand(3, 4, **f64) * 0.9, torch.randn(3, 4, **f64) * 0.3)
+    B, C = torch.randn(3, 4, generator=g, dtype=torch.complex128), torch.randn(3, 4, generator=g, dtype=torch.complex128)
+    u = torch.randn(n, 3, **f64)
+    torch.testing.assert_close(tree_kernels.lti_scan_tree(u[idx], A, B, C, shard, group), tree_lti_scan(u, A, B, C, full, [n - 1])[0][idx], **tol)
+    x, dt, a = torch.randn(n, 2, 3, **f64), torch.rand(n, 2, **f64), -torch.rand(2, **f64)
+    Bs, Cs = torch.randn(n, 1, 5, **f64), torch.randn(n, 1, 5, **f64)
+    want = tree_ssd_scan(dt * a, dt[..., None] * x, Bs.expand(n, 2, 5), Cs.expand(n, 2, 5), full, [n - 1])[0]
+    torch.testing.assert_close(tree_kernels.ssd_scan_tree(x[idx], dt[idx], a, Bs[idx], Cs[idx], shard, group), want[idx], **tol)
+    xc, w, b = torch.randn(1, n, 6, **f64), torch.randn(6, 4, **f64), torch.randn(6, **f64)
+    torch.testing.assert_close(tree_kernels.conv_tree(xc[0, idx], w, b, shard, group), causal_conv1d(xc, w, b, tree=full)[0, idx], **tol)
+    q, k, v = torch.randn(n, 4, **f64), torch.randn(n, 4, **f64), torch.randn(n, 5, **f64)
+    active = torch.rand(n, generator=g) < 0.6
+    for window in (1, 3):
+        act = active.nonzero()[:, 0]
+        want = torch.zeros(n, 5, dtype=torch.float64)
+        want[act] = local_attention(q[act][None], k[act][None], v[act][None], None, window, 0.5, tree=full, tree_index=act[None])[0]
+        mine = active[idx].nonzero()[:, 0]  # local slots of the activated tokens
+        rows = idx[mine]
+        got = seqboat_tree.local_attention_tree(local_attention, q[rows][None], k[rows][None], v[rows][None], window, 0.5, mine[None], shard, group)
+        torch.testing.assert_close(got[0], want[rows], **tol)

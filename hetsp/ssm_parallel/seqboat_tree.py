@@ -41,17 +41,18 @@ def build_extended_row(plan, segments, window: int) -> ExtendedRow:
     """The extended row of one rank (pure): W virtual slots before each run of tokens with an anchor."""
     seg_of = [k for k, n in enumerate(segments.length) for _ in range(n)]
     ext_of_local, run_rows, virtual, parents = [], [], [], []
-    prev = None
+    prev, tail = None, -1
     for t, (k, row) in enumerate(zip(seg_of, plan.anchor_row)):
         if row and (k, row) != prev:
             run_rows.append(row)
             for j in range(window):
                 virtual.append(len(parents))
                 parents.append(len(parents) - 1 if j else -1)
+            tail = len(parents) - 1  # the run's tokens whose parent is the anchor hang below its last slot
         prev = (k, row)
         ext_of_local.append(len(parents))
         p = plan.local_parents[t]
-        parents.append(ext_of_local[p] if p >= 0 else (len(parents) - 1 if row else -1))
+        parents.append(ext_of_local[p] if p >= 0 else (tail if row else -1))
     return ExtendedRow(tuple(ext_of_local), tuple(run_rows), tuple(virtual), tuple(parents))
 
 
