@@ -94,8 +94,8 @@ def _load() -> list[str]:
         return f.read().split()[:3]
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
+def _pct(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def main() -> int:
@@ -137,7 +137,7 @@ def main() -> int:
             continue
         est = "n/a" if res["est_s"] is None else f"{res['est_s']:.2f}"
         lines.append(f"| {name} | {res['tok_s']:,.0f} | {res['step_s']:.2f} | {res['mbs']:.2f} | {res['loss']:.4f} | "
-                     f"{est} | {_pct(res['median_err'])} / {_pct(res['worst_err'])} | {_pct(res['comm_share'])} | "
+                     f"{est} | {_pct(res['median_err'], 1)} / {_pct(res['worst_err'], 1)} | {_pct(res['comm_share'])} | "
                      f"{res['groups']} |")
     ok = {n: r for n, r in rows if not isinstance(r, str)}
     statics = {n: r for n, r in ok.items() if n.startswith("static")}
