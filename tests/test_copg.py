@@ -273,3 +273,15 @@ def test_live_frozen_copy_of_the_hybrid_model_is_exact(rank_pool, tmp_path):
         assert kl == 0.0
 
 
+
+
+def test_heldout_evaluation_options_are_checked():
+    with pytest.raises(ValueError, match="objective.eval_prompts must be >= 0"):
+        CoPGObjectiveConfig(eval_prompts=-1).check()
+    with pytest.raises(ValueError, match="name objective.reward_fn"):
+        CoPGObjectiveConfig(eval_prompts=4).check()
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        CoPGObjectiveConfig(eval_prompts=4, reward_fn="m:f", samples_per_prompt=1).check()
+    with pytest.raises(ValueError, match="temperature > 0"):
+        CoPGObjectiveConfig(eval_prompts=4, reward_fn="m:f", temperature=0.0).check()
+    CoPGObjectiveConfig(eval_prompts=4, reward_fn="m:f").check()  # offline CoPG with a held-out evaluation
