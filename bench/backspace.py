@@ -108,7 +108,8 @@ def _rows(lengths, hidden, frac, repeats, threads, group=1):
 
 def decode_table(hidden: int, steps: int = 64) -> list[str]:
     """ms per decoding step of a five-layer model (one layer of each kind): pushes, and pops (which
-    restore the parent's states and also run the <bkspc> token)."""
+    restore the parent's states and also run the <bkspc> token), against recomputing the full
+    forward of the structure at every action."""
     from models.backspace_decoding import BackspaceDecoder
 
     torch.manual_seed(0)
@@ -120,22 +121,39 @@ def decode_table(hidden: int, steps: int = 64) -> list[str]:
     )
     model = HybridForCausalLM(cfg).eval()
     dec = BackspaceDecoder(model, BK)
-    push, pop = [], []
+    prompt = list(range(16))
+    push, pop, recompute = [], [], []
+    actions: list[int] = []
+
+    def full_forward() -> None:
+        """What a decoder without states does per action: the whole structure's forward (last logits)."""
+        ids = prompt + actions
+        s = stack_structure(ids, BK, VOCAB, prompt_length=len(prompt))
+        t0 = time.perf_counter()
+        model(input_ids=torch.tensor([ids]), parents=torch.tensor([s.parents]))
+        recompute.append(time.perf_counter() - t0)
+
     with torch.no_grad():
-        dec.prefill(list(range(16)))
+        dec.prefill(prompt)
         for i in range(steps):
             t0 = time.perf_counter()
             dec.step(i % (VOCAB - 1))
             push.append(time.perf_counter() - t0)
+            actions.append(i % (VOCAB - 1))
+            full_forward()
             if i % 2:
                 t0 = time.perf_counter()
                 dec.step(BK)
                 pop.append(time.perf_counter() - t0)
+                actions.append(BK)
+                full_forward()
     return [
         "| decoding step (5 layers, one of each kind) | ms (median) |",
         "|---|---|",
         f"| push a token | {1e3 * statistics.median(push):.2f} |",
         f"| pop (<bkspc>: restore parent states, run the <bkspc>, restore again) | {1e3 * statistics.median(pop):.2f} |",
+        f"| recompute instead: full forward of the structure so far ({len(prompt)} to {len(prompt) + len(actions)} tokens) | "
+        f"{1e3 * statistics.median(recompute):.2f} |",
     ]
 
 

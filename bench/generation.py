@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     by_rank = [prompts[r::args.ranks] for r in range(args.ranks)]
     fn = importlib.import_module("bench.generation").rank_round
     load = os.getloadavg()
-    pool = RankPool(args.ranks)
+    pool = RankPool(args.ranks, start_timeout=1200)
     rows, outs = {}, {}
     try:
         for mode in args.modes:

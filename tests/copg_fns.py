@@ -37,23 +37,11 @@ def reference_paths(examples, batches, plan_seed, live_plan_json, run_dir):
 
 def lockstep_sampling(prompts_by_rank, k, max_new, zero_stage):
     """Each rank samples for its own prompts inside a DeepSpeed engine (ZeRO-`zero_stage`)."""
-    import os
-
     from hetsp.attention import register_attention
-    from hetsp.config import TrainConfig
-    from hetsp.engine import build_engine
-    from hetsp.generation.sampling import sample_in_lockstep
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    os.environ.setdefault("LOCAL_RANK", str(rank))
-    train = TrainConfig(steps=1, zero_stage=zero_stage, dtype="fp32")
-    engine = build_engine(step_fns.tiny_model(register_attention(), torch.float32), train, world, torch.device("cpu"))
-    engine.eval()
-    gen = torch.Generator().manual_seed(100 + rank)
-    out = sample_in_lockstep(engine.module, prompts_by_rank[rank], k, max_new, gen, rank, torch.device("cpu"),
-                             temperature=0.9, top_p=0.9, eos_token_id=3, kernel="reference")
-    engine.destroy()
-    return out
+    from .generation_fns import sample_in_engine
+
+    return sample_in_engine(step_fns.tiny_model(register_attention(), torch.float32), prompts_by_rank, k, max_new, zero_stage)
 
 
 def length_reward(prompt, completion):

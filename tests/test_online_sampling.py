@@ -6,7 +6,7 @@ import torch
 
 from hetsp.generation.sampling import load_reward_fn, sample_in_lockstep, score_completions
 
-from . import copg_fns, step_fns
+from . import copg_fns, generation_fns, step_fns
 
 
 def test_zero3_sampling_with_uneven_work_finishes_and_matches_one_process(rank_pool):
@@ -23,6 +23,17 @@ def test_zero3_sampling_with_uneven_work_finishes_and_matches_one_process(rank_p
         assert got == want
         for comps in got:
             assert all(1 <= len(c) <= 6 and (len(c) == 6 or c[-1] == 3) for c in comps)
+
+
+def test_zero3_cached_sampling_of_the_hybrid_model_matches_one_process(rank_pool):
+    # every mixer kind's cache under ZeRO-3 gathers, uneven work (rank 1 idle from the start)
+    prompts = [[[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], []]
+    outs = rank_pool(2).run(generation_fns.hybrid_zero3_sampling, prompts, 2, 5)
+    model = generation_fns.hybrid_model()
+    for rank, got in enumerate(outs):
+        want = sample_in_lockstep(model, prompts[rank], 2, 5, torch.Generator().manual_seed(100 + rank), 0, "cpu",
+                                  0.9, 0.9, 3, "reference")
+        assert got == want
 
 
 def good_reward(prompt, completion):
