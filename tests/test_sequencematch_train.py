@@ -67,8 +67,9 @@ def test_sequencematch_training_loop_resume_and_export(rank_pool, tmp_path):
     assert [r["model_trajectories"] for r in steps] == [0, 0, 3, 0, 3]
     assert [m for _, _, m in seen] == [0, 0, 3, 0, 3]
     for r in steps:
-        # the logged terms add up to the step loss (sums of the same token losses: rounding only)
-        assert sum(r[k] for k in PARTS) == pytest.approx(r["loss"], rel=1e-9, abs=1e-12)
+        # the logged terms add up to the step loss: the same fp32 token terms summed in another order
+        # (a few hundred tokens per rank: fp32 rounding, rel 1e-5)
+        assert sum(r[k] for k in PARTS) == pytest.approx(r["loss"], rel=1e-5, abs=1e-6)
         assert 0.05 < r["noise_frac"] < 0.4  # p = 0.2 per target, a few hundred targets per step
         if r["sm_weight"] == 0:
             assert r["sm_reward"] == r["sm_chi2"] == r["sm_value_data"] == 0.0
@@ -177,21 +178,25 @@ def test_lockstep_sampler_matches_the_cached_decoder():
 
     from .backspace_fns import BK as TEST_BK, _model
     from .test_sequencematch import EOS
-    from .test_ssm_parallel import ALL_FIVE
 
-    ring = parallelize(_model("hybrid", ALL_FIVE, register_attention()))
-    eager = _model("hybrid", ALL_FIVE, "eager")
+    kinds = _hybrid("attention,mamba2")
+    ring = parallelize(_model("hybrid", kinds, register_attention()))
+    eager = _model("hybrid", kinds, "eager")
+    favour = torch.zeros(ring.config.vocab_size, dtype=torch.float64)
+    favour[TEST_BK] = 3.0  # the random model's logits are near 0: <bkspc> gets about 1/4 of the mass
+    for m in (ring, eager):
+        m.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out + favour)
     # several prompts in one packed forward per round
-    got = sample_backspace_in_lockstep(ring, [[1, 2, 3], [4, 5], [6]], 10, torch.Generator().manual_seed(5), TEST_BK,
-                                       EOS, kernel="torch_cpu", temperature=1e3)
-    assert [len(a) for a in got] and all(1 <= len(a) <= 10 for a in got)
+    got = sample_backspace_in_lockstep(ring, [[1, 2, 3], [4, 5], [6]], 6, torch.Generator().manual_seed(5), TEST_BK,
+                                       EOS, kernel="torch_cpu")
+    assert all(1 <= len(a) <= 6 for a in got)
     # one prompt at a time: the same draws as the cached decoder from the same generator
     compared = []
-    for seed in range(6):
-        p = [1 + seed % 5, 2, 3]
-        want = sample_trajectory(eager, p, TEST_BK, EOS, 12, torch.Generator().manual_seed(seed), temperature=1e3)
-        mine = sample_backspace_in_lockstep(ring, [p], 12, torch.Generator().manual_seed(seed), TEST_BK, EOS,
-                                            kernel="torch_cpu", temperature=1e3)[0]
+    for seed in range(3):
+        p = [1 + seed, 2, 3]
+        want = sample_trajectory(eager, p, TEST_BK, EOS, 8, torch.Generator().manual_seed(seed))
+        mine = sample_backspace_in_lockstep(ring, [p], 8, torch.Generator().manual_seed(seed), TEST_BK, EOS,
+                                            kernel="torch_cpu")[0]
         assert list(want) == p + mine
         compared.append(mine)
-    assert any(TEST_BK in a for a in compared)  # near-uniform sampling: pops happen (seeded)
+    assert sum(a.count(TEST_BK) for a in compared) >= 2  # pops happen (seeded), and are drawn alike
