@@ -81,6 +81,7 @@ def plain_model(cfg_dict: dict, dtype=torch.float64, attn: str | None = None):
 
     class _Data:
         vocab_size = vocab
+        tokenizer = None  # no <bkspc> row to add
 
     torch.manual_seed(7)
     model = build_training_model(cfg, _Data, 1, torch.device("cpu"), attn or register_attention())
