@@ -71,11 +71,13 @@ def test_offline_copg_trains_with_bundles_and_reuses_the_reference_on_resume(ran
     assert losses == pytest.approx([r["loss"] for r in steps], rel=1e-6, abs=1e-7)
 
 
-def test_online_copg_samples_from_the_policy_every_n_steps(rank_pool, tmp_path):
+@pytest.mark.parametrize("decoding", ["sample", "diverse_beam"])
+def test_online_copg_samples_from_the_policy_every_n_steps(rank_pool, tmp_path, decoding):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f(x):", "def g(a, b):", "x = 1", "if y:"]))
     cfg = copg_config(tmp_path, "online", data=str(prompts), online_every=2, samples_per_prompt=2, max_new_tokens=5,
-                      reward_fn="tests.copg_fns:length_reward", reference="live", bundles_per_batch=2)
+                      reward_fn="tests.copg_fns:length_reward", reference="live", bundles_per_batch=2,
+                      decoding=decoding)
     _, records = [r for r in rank_pool(2).run(train_fns.run_train, cfg) if r][0]
     steps = [r for r in records if r.get("kind", "train") == "train" and "loss" in r]
     assert len(steps) == 4
@@ -99,6 +101,37 @@ def test_online_copg_config_is_checked():
         config_from_dict(base)
     base["objective"]["reference"] = "live"
     config_from_dict(base)
+    with pytest.raises(ConfigError, match="diversity applies to decoding = 'diverse_beam'"):
+        config_from_dict({**base, "objective": {**base["objective"], "diversity": 1.0}})
+    dbs = {**base["objective"], "decoding": "diverse_beam", "diversity": 1.0}
+    config_from_dict({**base, "objective": dbs})
+    with pytest.raises(ConfigError, match="Diverse Beam Search is deterministic"):
+        config_from_dict({**base, "objective": {**dbs, "temperature": 0.7}})
+    config_from_dict({**base, "objective": {**dbs, "temperature": 0.7, "eval_prompts": 2}})  # held-out sampling uses it
+    with pytest.raises(ConfigError, match="diversity must be >= 0"):
+        config_from_dict({**base, "objective": {**dbs, "diversity": -0.1}})
+    with pytest.raises(ConfigError, match="online_every > 0"):
+        config_from_dict({**base, "objective": {**dbs, "online_every": 0}})
+
+
+def test_diverse_beam_completions_are_each_groups_best_beam_and_refused_under_zero3():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetsp.generation.diverse_beam import diverse_beam_search
+    from hetsp.objectives.online import diverse_beam_completions
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    prompts = [[1, 5, 7], [2, 3]]
+    comps = diverse_beam_completions(model, prompts, 3, 2.0, 4, None, "cpu", "auto")
+    for p, cs in zip(prompts, comps):
+        groups = diverse_beam_search(model, p, 3, 3, 2.0, 4, None, "cpu", "auto")
+        assert cs == [g[0].tokens for g in groups] and all(len(c) == 4 for c in cs)
+    next(model.parameters()).ds_id = 0  # as a ZeRO-3 partitioned parameter
+    with pytest.raises(NotImplementedError, match="under ZeRO-3"):
+        diverse_beam_completions(model, prompts, 3, 2.0, 4, None, "cpu", "auto")
 
 
 def test_online_prompts_from_the_finetuning_dataset():

@@ -52,6 +52,12 @@ class CoPGObjectiveConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    # How the k completions of an online round are drawn: "sample" (temperature, top_p) or
+    # "diverse_beam" (Diverse Beam Search, REFERENCE.md section 6: k groups of one beam, Hamming
+    # diversity `diversity`; each group's best beam is one completion; deterministic). Held-out
+    # evaluation always samples (it measures the reward of sampled completions).
+    decoding: Literal["sample", "diverse_beam"] = "sample"
+    diversity: float = 0.5
     # Held-out evaluation (0: none): before the first update and after the last, sample
     # `samples_per_prompt` completions of each of the first `eval_prompts` validation prompts of
     # the [data] fine-tuning dataset (same sampling options, same random stream each time), and
@@ -84,6 +90,18 @@ class CoPGObjectiveConfig:
                                  "completions sampled during training)")
             if self.samples_per_prompt < 2:
                 raise ValueError(f"objective.samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        if not self.diversity >= 0:
+            raise ValueError(f"objective.diversity must be >= 0, got {self.diversity}")
+        if self.decoding == "diverse_beam":
+            if not self.online_every:
+                raise ValueError("objective.decoding = 'diverse_beam' draws the completions of online rounds: set "
+                                 "online_every > 0, or remove decoding")
+            if not self.eval_prompts and (self.temperature != 1.0 or self.top_p != 1.0):
+                raise ValueError("objective.temperature / top_p apply to sampling, and Diverse Beam Search is "
+                                 "deterministic: remove them, use decoding = 'sample', or set eval_prompts (held-out "
+                                 "evaluation samples with them)")
+        elif self.diversity != 0.5:
+            raise ValueError("objective.diversity applies to decoding = 'diverse_beam' only: remove it or set decoding")
         if self.online_every or self.eval_prompts:
             if self.max_new_tokens < 1 or not self.temperature > 0 or not 0 < self.top_p <= 1:
                 raise ValueError("objective: max_new_tokens >= 1, temperature > 0 and top_p in (0, 1] for online sampling")

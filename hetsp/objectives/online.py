@@ -117,11 +117,28 @@ def heldout_prompts(cfg: Any, section: Any) -> tuple[list[list[int]], list[str]]
     return prompts[: section.eval_prompts], texts[: section.eval_prompts]
 
 
+def diverse_beam_completions(model: Any, prompts: Sequence[Sequence[int]], k: int, diversity: float,
+                             max_new_tokens: int, eos_token_id: int | None, device: Any, kernel: str) -> list[list[list[int]]]:
+    """k completions of each prompt by Diverse Beam Search (k groups of one beam; each group's
+    best beam). Each rank decodes its own prompts without collectives, so the ranks' forward counts
+    differ: refused under ZeRO-3, whose forwards gather parameters across ranks."""
+    from hetsp.generation.diverse_beam import diverse_beam_search
+
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise NotImplementedError("objective.decoding = 'diverse_beam' under ZeRO-3 would hang (each rank runs its own "
+                                  "number of forwards, each gathering parameters): use decoding = 'sample' or "
+                                  "train.zero_stage = 1 or 2")
+    return [[g[0].tokens for g in diverse_beam_search(model, p, k, k, diversity, max_new_tokens, eos_token_id,
+                                                      device, kernel)]
+            for p in prompts]
+
+
 def sample_scored(objective: Any, ctx: Any, prompts: Sequence[Sequence[int]], texts: Sequence[str], seed: Any,
-                  names: Sequence[Any] | None = None) -> list[ScoredCompletion]:
-    """`samples_per_prompt` completions of each prompt from the current policy, scored by
-    `reward_fn`, the same list on every rank (bundle id = position of the prompt). Rank r samples
-    prompts r, r + world, ...; `names[b]` names prompt b in errors (default its position)."""
+                  names: Sequence[Any] | None = None, decoding: str = "sample") -> list[ScoredCompletion]:
+    """`samples_per_prompt` completions of each prompt from the current policy (`decoding`:
+    "sample" or "diverse_beam"), scored by `reward_fn`, the same list on every rank (bundle id =
+    position of the prompt). Rank r takes prompts r, r + world, ...; `names[b]` names prompt b in
+    errors (default its position)."""
     import torch
     import torch.distributed as dist
 
@@ -134,9 +151,13 @@ def sample_scored(objective: Any, ctx: Any, prompts: Sequence[Sequence[int]], te
     was_training = model.training
     model.eval()
     try:
-        comps = sample_in_lockstep(model, [prompts[b] for b in mine], cfg.samples_per_prompt,
-                                   cfg.max_new_tokens, gen, ctx.rank, ctx.device, cfg.temperature, cfg.top_p,
-                                   tok.eos_token_id, ctx.kernel)
+        if decoding == "diverse_beam":
+            comps = diverse_beam_completions(model, [prompts[b] for b in mine], cfg.samples_per_prompt, cfg.diversity,
+                                             cfg.max_new_tokens, tok.eos_token_id, ctx.device, ctx.kernel)
+        else:
+            comps = sample_in_lockstep(model, [prompts[b] for b in mine], cfg.samples_per_prompt,
+                                       cfg.max_new_tokens, gen, ctx.rank, ctx.device, cfg.temperature, cfg.top_p,
+                                       tok.eos_token_id, ctx.kernel)
     finally:
         model.train(was_training)
     fn = load_reward_fn(cfg.reward_fn)
@@ -159,7 +180,7 @@ def sample_round(objective: Any, ctx: Any, rnd: int) -> list[ScoredCompletion]:
     data = ctx.data
     chosen = data.round_prompts(rnd)
     return sample_scored(objective, ctx, [data.prompts[p] for p in chosen], [data.texts[p] for p in chosen],
-                         (data.seed, rnd), names=chosen)
+                         (data.seed, rnd), names=chosen, decoding=objective.cfg.decoding)
 
 
 def heldout_metrics(objective: Any, ctx: Any, prompts: Sequence[Sequence[int]], texts: Sequence[str],
