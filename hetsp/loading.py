@@ -17,6 +17,11 @@ Weights are copied in tensor by tensor with ``safetensors.safe_open``:
   ever holds more than the model's partitions plus one full tensor.
 * ZeRO 1/2 and single processes: every rank builds the whole model and copies
   one tensor at a time into it: one copy per rank plus the tensor being read.
+
+A SequenceMatch run from a checkpoint without the `<bkspc>` row builds the model
+one token row larger and appends the mean row to each vocabulary tensor as it is
+read (``load_pretrained(vocab_size=...)``), so under ZeRO-3 too the row exists
+before anything is partitioned.
 """
 
 from __future__ import annotations
@@ -376,7 +381,9 @@ def check_vocab(model: Any, tokenizer_vocab: int, tokenizer: str) -> None:
 
 
 def build_training_model(cfg: Config, data: Any, world_size: int, device: Any, attn_implementation: str) -> Any:
-    """The model a run trains: random or loaded from `model.init_from`, LoRA applied, SSM layers parallelized."""
+    """The model a run trains: random or loaded from `model.init_from` (with the `<bkspc>` row added when
+    the run's tokenizer has it and the checkpoint does not), LoRA applied (the `<bkspc>` rows trainable
+    beside the adapters), SSM layers parallelized."""
     from hetsp.lora import apply_lora, train_bkspc_rows
     from hetsp.model_registry import build_model
     from hetsp.ssm_parallel import parallelize
@@ -386,7 +393,7 @@ def build_training_model(cfg: Config, data: Any, world_size: int, device: Any, a
         from hetsp.objectives.sequencematch import bkspc_vocab_size
 
         # a checkpoint without the <bkspc> row gets it while loading (before ZeRO-3 partitions it)
-        vocab = bkspc_vocab_size(data.tokenizer, checkpoint_hf_config(cfg.model).vocab_size)
+        vocab = None if bkspc is None else bkspc_vocab_size(data.tokenizer, checkpoint_hf_config(cfg.model).vocab_size)
         net = load_pretrained(cfg.model, cfg.train, world_size, device, attn_implementation, vocab_size=vocab)
         check_vocab(net, data.vocab_size, cfg.data.tokenizer)
     else:

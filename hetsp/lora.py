@@ -4,7 +4,14 @@ The adapted model keeps the base model's modules (peft wraps the targeted
 linear layers in place), so ring attention (the attention implementation in
 the model's config) and SSM state passing (`hetsp.ssm_parallel.parallelize`,
 applied after this) find their layers as before. Only adapter parameters
-require gradients; the optimizer and checkpoints see only them.
+require gradients (and, for SequenceMatch, the `<bkspc>` rows: `train_bkspc_rows`);
+the optimizer and checkpoints see only them.
+
+Why not peft's own ``trainable_token_indices`` in training: its ZeRO-3 set-up
+gathers the rows on a CUDA device only, and its forward reads the partitioned
+embedding weight outside the embedding's own forward, where ZeRO-3 does not
+gather it. `train_bkspc_rows` keeps each row a parameter of its own layer,
+gathered with it; the export converts the rows to peft's format for adapters.
 """
 
 from __future__ import annotations

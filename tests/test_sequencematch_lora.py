@@ -83,7 +83,7 @@ def _logits(model, ids) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("family,zero_stage", [("hybrid", 1), ("llama", 3)])
+@pytest.mark.parametrize("family,zero_stage", [("hybrid", 1), ("llama", 3), ("hybrid", 3)])
 def test_lora_sequencematch_trains_rows_adapters_resumes_and_exports(rank_pool, tmp_path, family, zero_stage):
     pool = rank_pool(2)
     cfg = _config(tmp_path, "lora_sm", family, zero_stage)
@@ -158,3 +158,36 @@ def test_zero3_adds_the_bkspc_row_before_partitioning(rank_pool, tmp_path):
         assert len(runs[stage]) == 3 and all(math.isfinite(r["loss"]) for r in runs[stage])
     # the same weights and batch: the step-0 loss differs only by the order of fp32 sums over ranks
     assert runs[3][0]["loss"] == pytest.approx(runs[2][0]["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_lora_without_bkspc_adds_no_rows_and_the_reference_is_the_base(tmp_path):
+    """An objective without `<bkspc>` (CoPG, whose reference is the base with adapters disabled): LoRA
+    alone trains, no row is added, and `adapters_disabled` gives the base model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from hetsp.config import config_from_dict
+    from hetsp.data.tokenizer import ByteTokenizer
+    from hetsp.loading import build_training_model, resolve_config
+    from hetsp.objectives.reference import adapters_disabled
+
+    start = _start_model(tmp_path / "start_llama", "llama")
+    cfg = resolve_config(config_from_dict({"model": {"init_from": str(start)}, "data": {"tokenizer": "bytes"},
+                                           "lora": {"r": 4, "alpha": 8.0, "target_modules": TARGETS["llama"]}}))
+
+    class Data:
+        tokenizer = ByteTokenizer()
+        vocab_size = tokenizer.vocab_size
+
+    model = build_training_model(cfg, Data, 1, torch.device("cpu"), "sdpa").eval()
+    assert model.config.vocab_size == 259
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ids = [72, 101, 108, 108, 111]
+    base = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation="sdpa")
+    with adapters_disabled(model):
+        # the same layers with the adapters off: the same fp32 operations
+        torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
+    assert (_logits(model, ids) - _logits(base, ids)).abs().max() > 1e-3  # the adapters are on again
