@@ -158,6 +158,13 @@ def test_zero3_adds_the_bkspc_row_before_partitioning(rank_pool, tmp_path):
         assert len(runs[stage]) == 3 and all(math.isfinite(r["loss"]) for r in runs[stage])
     # the same weights and batch: the step-0 loss differs only by the order of fp32 sums over ranks
     assert runs[3][0]["loss"] == pytest.approx(runs[2][0]["loss"], rel=1e-6, abs=1e-7)
+    # the ZeRO-3 checkpoint exports with the row
+    from transformers import AutoModelForCausalLM
+
+    from hetsp.export import export
+
+    out = AutoModelForCausalLM.from_pretrained(export(tmp_path / "runs" / "zero3" / "checkpoints", tmp_path / "export"))
+    assert out.config.bkspc_token_id == BK and out.get_input_embeddings().weight.shape[0] == BK + 1
 
 
 def test_lora_without_bkspc_adds_no_rows_and_the_reference_is_the_base(tmp_path):
@@ -191,3 +198,14 @@ def test_lora_without_bkspc_adds_no_rows_and_the_reference_is_the_base(tmp_path)
         # the same layers with the adapters off: the same fp32 operations
         torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
     assert (_logits(model, ids) - _logits(base, ids)).abs().max() > 1e-3  # the adapters are on again
+
+
+def test_lora_on_the_output_layer_is_refused_with_bkspc(tmp_path):
+    """A LoRA-adapted output layer would add its own delta to the <bkspc> logit: refused."""
+    from hetsp.config import LoraConfig
+    from hetsp.lora import apply_lora, train_bkspc_rows
+
+    model = apply_lora(_grown_start(str(_start_model(tmp_path / "start_llama", "llama"))),
+                       LoraConfig(r=2, alpha=4.0, target_modules=("q_proj", "lm_head")))
+    with pytest.raises(NotImplementedError, match="lora.target_modules"):
+        train_bkspc_rows(model, BK)
