@@ -149,11 +149,12 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
     if cfg.lora.r > 0:
         from hetsp.lora import lora_model_for_export
 
-        model = lora_model_for_export(cfg, state, merge=lora_output == "merged")
+        bkspc = bkspc_id_of(cfg, meta["vocab_size"])
+        model = lora_model_for_export(cfg, state, merge=lora_output == "merged", vocab_size=meta["vocab_size"], bkspc=bkspc)
         if lora_output == "adapter":
             out_dir.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(out_dir, safe_serialization=True)
-            bkspc = bkspc_id_of(cfg, meta["vocab_size"])
+            # a SequenceMatch adapter carries its <bkspc> rows as trainable tokens, not the whole embedding
+            model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
             _export_tokenizer(cfg.data.tokenizer, out_dir, bkspc=bkspc is not None)
             _write_info(out_dir, root, tag, meta, dtype, cfg.data.tokenizer, lora_output, bkspc)
             log.info("wrote the LoRA adapter to %s", out_dir)

@@ -62,7 +62,12 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
         from peft import PeftModel
 
         base = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
-        model = PeftModel.from_pretrained(_from_pretrained(base), str(path)).merge_and_unload()
+        model = _from_pretrained(base)
+        info = path / "hetsp_export.json"
+        vocab = json.loads(info.read_text())["meta"]["vocab_size"] if info.is_file() else 0
+        if vocab > model.config.vocab_size:  # a SequenceMatch adapter: its <bkspc> rows are trainable tokens
+            model.resize_token_embeddings(vocab, mean_resizing=False)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
         tokenizer = _tokenizer_for(path, base)
     elif (path / "config.json").is_file():
         model, tokenizer = _from_pretrained(path), _tokenizer_for(path)

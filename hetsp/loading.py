@@ -17,6 +17,11 @@ Weights are copied in tensor by tensor with ``safetensors.safe_open``:
   ever holds more than the model's partitions plus one full tensor.
 * ZeRO 1/2 and single processes: every rank builds the whole model and copies
   one tensor at a time into it: one copy per rank plus the tensor being read.
+
+A SequenceMatch run from a checkpoint without the `<bkspc>` row builds the model
+one token row larger and appends the mean row to each vocabulary tensor as it is
+read (``load_pretrained(vocab_size=...)``), so under ZeRO-3 too the row exists
+before anything is partitioned.
 """
 
 from __future__ import annotations
@@ -249,11 +254,21 @@ def num_parameters(model: Any) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def load_weights(model: Any, init_from: str, zero3: bool = False) -> None:
+def vocabulary_rows(model: Any) -> set[int]:
+    """ids of the parameters that hold one row per token: the input embedding, the output layer
+    and its bias (the rows `hetsp.objectives.sequencematch.add_bkspc_rows` grows)."""
+    out = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return {id(t) for m in out if m is not None for t in (m.weight, getattr(m, "bias", None)) if t is not None}
+
+
+def load_weights(model: Any, init_from: str, zero3: bool = False, grow_rows: bool = False) -> None:
     """Copy the folder's safetensors into `model`, one tensor at a time (collective under ZeRO-3).
 
     Every parameter and persistent buffer must be filled (tied weights once); a tensor of a
-    different shape or a name the model lacks is an error.
+    different shape or a name the model lacks is an error. With `grow_rows`, the model has one
+    token row more than the checkpoint (the `<bkspc>` row of SequenceMatch): each vocabulary tensor
+    (`vocabulary_rows`) is copied with its mean row appended (computed in fp32, as `add_bkspc_rows`
+    does on the fp32 model), on the rank that reads the tensor, before it is scattered.
     """
     import torch
     from safetensors import safe_open
@@ -268,6 +283,7 @@ def load_weights(model: Any, init_from: str, zero3: bool = False) -> None:
     persistent = set(model.state_dict(keep_vars=True)) if not zero3 else None
     buffers = {n: b for n, b in model.named_buffers() if persistent is None or n in persistent}
     filled: set[int] = set()
+    growable = vocabulary_rows(model) if grow_rows else set()
     unexpected = []
     for path in weight_files(init_from):
         with safe_open(str(path), framework="pt") as f:
@@ -282,16 +298,25 @@ def load_weights(model: Any, init_from: str, zero3: bool = False) -> None:
                     continue
                 shape = tuple(getattr(target, "ds_shape", target.shape))
                 file_shape = tuple(f.get_slice(key).get_shape())
-                if shape != file_shape:
+                grow = id(target) in growable and shape == (file_shape[0] + 1, *file_shape[1:])
+                if shape != file_shape and not grow:
                     raise ValueError(f"{path}: tensor {key} has shape {file_shape}, the model expects {shape}")
+
+                def read() -> Any:
+                    t = f.get_tensor(key)
+                    if not grow:
+                        return t
+                    t = t.to(torch.float32)
+                    return torch.cat([t, t.mean(0, keepdim=True)])
+
                 if zero3 and hasattr(target, "ds_id"):
                     with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
                         if rank == 0:
                             with torch.no_grad():
-                                target.copy_(f.get_tensor(key))
+                                target.copy_(read())
                 else:
                     with torch.no_grad():
-                        target.copy_(f.get_tensor(key))
+                        target.copy_(read())
                 filled.add(id(target))
     if unexpected:
         raise ValueError(f"{init_from}: tensors the model does not have: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
@@ -300,13 +325,25 @@ def load_weights(model: Any, init_from: str, zero3: bool = False) -> None:
         raise ValueError(f"{init_from}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def load_pretrained(model: ModelConfig, train: Any, world_size: int, device: Any, attn_implementation: str | None) -> Any:
-    """The checkpoint's model with its weights, built for the ZeRO stage of `train`."""
+def load_pretrained(model: ModelConfig, train: Any, world_size: int, device: Any, attn_implementation: str | None,
+                    vocab_size: int | None = None) -> Any:
+    """The checkpoint's model with its weights, built for the ZeRO stage of `train`.
+
+    `vocab_size` one more than the checkpoint's rows: the model is built with the extra token row
+    (SequenceMatch's `<bkspc>`), filled with the mean of the checkpoint's rows while loading
+    (`load_weights(grow_rows=True)`), so under ZeRO-3 it is added before the embedding is partitioned.
+    """
     from transformers import AutoModelForCausalLM
 
     from hetsp.engine import deepspeed_config, resolve_dtype
 
     hf_cfg = checkpoint_hf_config(model)
+    grow = vocab_size is not None and vocab_size != hf_cfg.vocab_size
+    if grow:
+        if vocab_size != hf_cfg.vocab_size + 1:
+            raise ValueError(f"{model.init_from} has {hf_cfg.vocab_size} token rows: only one row (<bkspc>) can be "
+                             f"added while loading, not {vocab_size - hf_cfg.vocab_size}")
+        hf_cfg.vocab_size = vocab_size
     if attn_implementation is not None:
         hf_cfg._attn_implementation = attn_implementation
     zero3 = train.zero_stage == 3
@@ -327,7 +364,7 @@ def load_pretrained(model: ModelConfig, train: Any, world_size: int, device: Any
             net = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
     else:
         net = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn_implementation)
-    load_weights(net, model.init_from, zero3=zero3)
+    load_weights(net, model.init_from, zero3=zero3, grow_rows=grow)
     log.info("loaded %s (%s, %.2fM parameters) with ZeRO-%d loading", model.init_from, model.family,
              num_parameters(net) / 1e6, train.zero_stage)
     return net
@@ -344,18 +381,24 @@ def check_vocab(model: Any, tokenizer_vocab: int, tokenizer: str) -> None:
 
 
 def build_training_model(cfg: Config, data: Any, world_size: int, device: Any, attn_implementation: str) -> Any:
-    """The model a run trains: random or loaded from `model.init_from`, LoRA applied, SSM layers parallelized."""
-    from hetsp.lora import apply_lora
+    """The model a run trains: random or loaded from `model.init_from` (with the `<bkspc>` row added when
+    the run's tokenizer has it and the checkpoint does not), LoRA applied (the `<bkspc>` rows trainable
+    beside the adapters), SSM layers parallelized."""
+    from hetsp.lora import apply_lora, train_bkspc_rows
     from hetsp.model_registry import build_model
     from hetsp.ssm_parallel import parallelize
 
+    bkspc = getattr(data.tokenizer, "bkspc_token_id", None)  # SequenceMatch
     if cfg.model.init_from:
-        net = load_pretrained(cfg.model, cfg.train, world_size, device, attn_implementation)
-        if getattr(data.tokenizer, "bkspc_token_id", None) is not None:  # SequenceMatch: the <bkspc> row
-            from hetsp.objectives.sequencematch import ensure_bkspc_rows
+        from hetsp.objectives.sequencematch import bkspc_vocab_size
 
-            ensure_bkspc_rows(net, data.tokenizer, zero3=cfg.train.zero_stage == 3)
+        # a checkpoint without the <bkspc> row gets it while loading (before ZeRO-3 partitions it)
+        vocab = None if bkspc is None else bkspc_vocab_size(data.tokenizer, checkpoint_hf_config(cfg.model).vocab_size)
+        net = load_pretrained(cfg.model, cfg.train, world_size, device, attn_implementation, vocab_size=vocab)
         check_vocab(net, data.vocab_size, cfg.data.tokenizer)
     else:
         net = build_model(cfg.model, data.vocab_size, attn_implementation=attn_implementation)
-    return parallelize(apply_lora(net, cfg.lora))
+    net = apply_lora(net, cfg.lora)
+    if bkspc is not None and cfg.lora.r > 0:
+        train_bkspc_rows(net, bkspc)  # the frozen base's <bkspc> rows train beside the adapters
+    return parallelize(net)

@@ -49,15 +49,16 @@ def _ds_env() -> None:
     deepspeed_env_for_pool_rank(29581)
 
 
-def loaded_parameters(folder: str, zero_stage: int):
-    """Every parameter of the checkpoint as loaded for ZeRO-`zero_stage` (gathered on rank 0)."""
+def loaded_parameters(folder: str, zero_stage: int, vocab_size: int | None = None):
+    """Every parameter of the checkpoint as loaded for ZeRO-`zero_stage` (gathered on rank 0), with
+    `vocab_size` rows when given (`load_pretrained`'s added row)."""
     import deepspeed
 
     from hetsp.loading import load_pretrained
 
     _ds_env()
     cfg = config_from_dict({"model": {"init_from": folder}, "train": {"zero_stage": zero_stage, "dtype": "fp32"}})
-    model = load_pretrained(cfg.model, cfg.train, dist.get_world_size(), torch.device("cpu"), None)
+    model = load_pretrained(cfg.model, cfg.train, dist.get_world_size(), torch.device("cpu"), None, vocab_size=vocab_size)
     out = {}
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], enabled=zero_stage == 3):
@@ -114,7 +115,7 @@ def plan_loss_and_grads(cfg_dict: dict, sequences, plan_json: str, dtype=torch.f
     return (loss.item() / res.num_units, grads) if rank == 0 else None
 
 
-def run_training(cfg_dict: dict):
+def run_training(cfg_dict: dict, resume: bool = False):
     """`hetsp.train.train` on every rank; rank 0 returns (metrics records, trainable and frozen parameters)."""
     import json
 
@@ -134,7 +135,7 @@ def run_training(cfg_dict: dict):
 
     train_mod.build_runtime = keep
     try:
-        train_mod.train(cfg, False)
+        train_mod.train(cfg, resume)
     finally:
         train_mod.build_runtime = build
     params = {}

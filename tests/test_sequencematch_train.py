@@ -102,13 +102,13 @@ def test_sequencematch_training_loop_resume_and_export(rank_pool, tmp_path):
     assert json.loads((out / "hetsp_export.json").read_text())["bkspc_token_id"] == BK
     model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
     assert model.get_input_embeddings().weight.shape[0] == 260
-    # a SequenceMatch run starting from the export keeps its rows (nothing to add)
+    # a SequenceMatch run starting from the export keeps its rows (nothing to add); the start model gets one
     from hetsp.data.tokenizer import ByteTokenizer
-    from hetsp.objectives.sequencematch import ensure_bkspc_rows
+    from hetsp.objectives.sequencematch import bkspc_vocab_size
 
-    before = model.get_output_embeddings().weight.detach().clone()
-    ensure_bkspc_rows(model, ByteTokenizer(bkspc=True))
-    torch.testing.assert_close(model.get_output_embeddings().weight, before, rtol=0, atol=0)
+    assert bkspc_vocab_size(ByteTokenizer(bkspc=True), model.config.vocab_size) is None
+    assert bkspc_vocab_size(ByteTokenizer(bkspc=True), 259) == 260
+    assert bkspc_vocab_size(ByteTokenizer(), 259) is None
 
 
 def test_export_tokenizer_gets_bkspc(tmp_path):
@@ -125,19 +125,6 @@ def test_export_tokenizer_gets_bkspc(tmp_path):
     assert again.bkspc_token_id == n and again.vocab_size == n + 1
     _export_tokenizer(str(src), tmp_path / "plain")
     assert load_tokenizer(str(tmp_path / "plain")).bkspc_token_id is None
-
-
-def test_zero3_checkpoint_without_bkspc_row_refused():
-    from hetsp.data.tokenizer import ByteTokenizer
-    from hetsp.objectives.sequencematch import ensure_bkspc_rows
-
-    from .backspace_fns import _model
-    from .test_sequencematch import LLAMA
-
-    model = _model("llama", LLAMA, "eager")
-    model.config.vocab_size = 259  # as if the checkpoint had the byte vocabulary
-    with pytest.raises(NotImplementedError, match="ZeRO-3"):
-        ensure_bkspc_rows(model, ByteTokenizer(bkspc=True), zero3=True)
 
 
 def test_config_section_checked_at_load(tmp_path):

@@ -217,9 +217,6 @@ class SequenceMatch(Objective):
         if c.w_data < 1 and not c.sample_every:
             raise ValueError(f"objective.w_data = {c.w_data} puts {1 - c.w_data:g} of the value term on model-generated "
                              "trajectories, but objective.sample_every = 0 samples none; set sample_every > 0, or w_data = 1")
-        if cfg.lora.r > 0:
-            raise NotImplementedError("sequencematch with LoRA is not implemented: the <bkspc> rows would stay frozen at their "
-                                      "initialisation and hetsp-export could not rebuild them; use lora.r = 0")
         data = build_data(cfg.data, seed)
         tok = add_bkspc(data.tokenizer)
         data.tokenizer, data.vocab_size = tok, tok.vocab_size
@@ -340,20 +337,13 @@ def add_bkspc_rows(model: Any, vocab_size: int) -> Any:
     return model
 
 
-def ensure_bkspc_rows(model: Any, tokenizer: Any, zero3: bool = False) -> Any:
-    """A checkpoint loaded for a run whose tokenizer has `<bkspc>`: add the model's `<bkspc>` row
-    (`add_bkspc_rows`) when the checkpoint lacks it (the id is the first one past its rows). A
-    checkpoint that has the row (an exported SequenceMatch model) is returned as it is."""
+def bkspc_vocab_size(tokenizer: Any, rows: int) -> int | None:
+    """The vocabulary size a checkpoint of `rows` token rows must be loaded with for a run whose
+    tokenizer has `<bkspc>`: rows + 1 when it lacks the row (the id is the first one past its rows;
+    `hetsp.loading.load_pretrained` adds it, mean-initialised as `add_bkspc_rows` does), else None
+    (no `<bkspc>`, or a checkpoint that has the row: an exported SequenceMatch model)."""
     bk = getattr(tokenizer, "bkspc_token_id", None)
-    rows = model.config.vocab_size
-    if bk is None or bk != rows:
-        return model  # nothing to add, or ids the model lacks anyway (hetsp.loading.check_vocab names them)
-    if zero3:
-        raise NotImplementedError(
-            "model.init_from has no <bkspc> row and growing a ZeRO-3 partitioned embedding is not implemented: "
-            "use train.zero_stage = 1 or 2, or start from a checkpoint that has the row (hetsp-export of a "
-            "SequenceMatch run)")
-    return add_bkspc_rows(model, rows + 1)
+    return rows + 1 if bk is not None and bk == rows else None
 
 
 @torch.no_grad()
