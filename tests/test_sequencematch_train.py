@@ -153,13 +153,12 @@ def test_config_section_checked_at_load(tmp_path):
 
 
 def test_run_refuses_what_it_cannot_do(tmp_path):
-    """The value term's model half without sampling, and model-proposed noise in the loop, are refused."""
+    """The value term's model half without sampling is refused."""
     from hetsp.config import config_from_dict
     from hetsp.objectives import get_objective
 
     cfg = config_from_dict(sm_config(tmp_path, "x"))
-    for bad, err, match in (({"w_data": 0.5, "sample_every": 0}, ValueError, "sample_every"),
-                            ({"noise_source": "model"}, NotImplementedError, "noise_source")):
+    for bad, err, match in (({"w_data": 0.5, "sample_every": 0}, ValueError, "sample_every"),):
         section = config_from_dict({**sm_config(tmp_path, "x"), "objective": {**sm_config(tmp_path, "x")["objective"], **bad}}).objective
         with pytest.raises(err, match=match):
             get_objective("sequencematch", section).build_data(cfg, 0)
