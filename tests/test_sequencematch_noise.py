@@ -18,7 +18,7 @@ import torch
 
 from hetsp.data.noise import draw_wrong_tokens, inject_noise
 
-from . import backspace_fns, sm_noise_fns
+from . import backspace_fns, sm_noise_fns, sm_train_fns
 from .test_sequencematch import LLAMA, _objective, _plans
 from .test_sequencematch_train import sm_config
 from .test_ssm_parallel import ALL_FIVE
@@ -104,7 +104,7 @@ def test_training_loop_with_model_noise_and_resume(rank_pool, tmp_path):
     pool = rank_pool(3)
     cfg = sm_config(tmp_path, "straight", steps=4, checkpoint_every=4)
     cfg["objective"].update(noise_source="model", bc_steps=1, sample_every=2)
-    _, records, seen = [r for r in pool.run(sm_noise_fns.run_train_noise, cfg, timeout=900) if r][0]
+    _, records, seen = [r for r in pool.run(sm_train_fns.run_train_noise, cfg, timeout=900) if r][0]
     steps = [r for r in records if r.get("kind") == "train"]
     assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
     for r in steps:
@@ -115,13 +115,9 @@ def test_training_loop_with_model_noise_and_resume(rank_pool, tmp_path):
     assert len(wrong) > 50 and not any(pending for _, pending in seen)
     assert all(w != t and w != 259 and 0 <= w < 256 for w, t in wrong), [p for p in wrong if p[0] == p[1]]
 
-    first = copy.deepcopy(cfg)
-    first["run"]["name"] = "resumed"
-    first["train"]["stop_after"] = 2
-    pool.run(sm_noise_fns.run_train_noise, first, timeout=900)
-    second = copy.deepcopy(first)
-    second["train"]["stop_after"] = 0
-    start, resumed, seen2 = [r for r in pool.run(sm_noise_fns.run_train_noise, second, True, timeout=900) if r][0]
+    resumed_cfg = copy.deepcopy(cfg)
+    resumed_cfg["run"]["name"] = "resumed"
+    start, resumed, seen2 = sm_train_fns.stop_and_resume(pool, sm_train_fns.run_train_noise, resumed_cfg, 2)
     assert start == 2
     # the same noise drawn by the same model, the same sums up to DeepSpeed's reduction order
     # (as tests/test_sequencematch_train.py; the run folder's records hold both parts)
