@@ -49,6 +49,7 @@ class MicroBatchInputs:
     group: Group | None
     # Objectives that need the next position's output (`objective.next_position_outputs`): `NextIndex`.
     exchange: Any = None
+    seq_pos: torch.Tensor | None = None  # (T,) int64: position within its sequence, -1 on filler tokens
 
     @property
     def labels(self) -> torch.Tensor:
@@ -188,12 +189,13 @@ def micro_batch_inputs(
         tokens = {k: _fill_tensor([v], device) for k, v in fill.items()}
         slot = torch.full((1,), -1, dtype=torch.long, device=device)
         exchange = _next_index(plan, mb_index, group, [], device) if objective.next_position_outputs else None
-        return MicroBatchInputs(ids, tokens, slot, shard, 0.0, group, exchange)
+        return MicroBatchInputs(ids, tokens, slot, shard, 0.0, group, exchange, slot.clone())
     lengths = [plan.lengths[s] for s in group.seqs]
     slot_of = {s: j for j, s in enumerate(plan.micro_batches[mb_index].seqs())}
     packed_ids: list[int] = []
     packed: dict[str, list] = {k: [] for k in fill}
     packed_slot: list[int] = []
+    packed_pos: list[int] = []
     for s, n in zip(group.seqs, lengths):
         ids_s = objective.tokens(sequences[s])
         if len(ids_s) != n:
@@ -203,6 +205,7 @@ def micro_batch_inputs(
             packed[k] += per_token[k]
         packed_ids += ids_s
         packed_slot += [slot_of[s]] * n
+        packed_pos += range(n)
     if _needs_filler(lengths, group.size):
         # Some rank would hold no token (sequences shorter than the group): append a filler
         # document of `size` tokens, which the zigzag split gives one token per rank. It is its
@@ -213,15 +216,17 @@ def micro_batch_inputs(
         for k, v in fill.items():
             packed[k] += [v] * group.size
         packed_slot += [-1] * group.size
+        packed_pos += [-1] * group.size
     layout = shard_layout(lengths, group.size, rank - group.start)
     index = torch.tensor(layout.token_index, dtype=torch.long)
     ids = torch.tensor(packed_ids, dtype=torch.long)[index].to(device)[None]
     tokens = {k: _fill_tensor(v, torch.device("cpu"))[index].to(device) for k, v in packed.items()}
     slot = torch.tensor(packed_slot, dtype=torch.long)[index].to(device)
+    pos = torch.tensor(packed_pos, dtype=torch.long)[index].to(device)
     structure = _group_structure(structures, group.seqs, lengths)
     shard = make_shard_context(lengths, group.start, group.size, rank, device, kernel=kernel, structure=structure)
     exchange = _next_index(plan, mb_index, group, layout.token_index, device) if objective.next_position_outputs else None
-    return MicroBatchInputs(ids, tokens, slot, shard, 1.0, group, exchange)
+    return MicroBatchInputs(ids, tokens, slot, shard, 1.0, group, exchange, pos)
 
 
 def forward_logits(model: Callable[..., Any], inputs: MicroBatchInputs) -> torch.Tensor:
@@ -310,6 +315,7 @@ def run_plan(
     train: bool = True,
     structures: Sequence[StackStructure | None] | None = None,
     stats_only: bool = False,
+    read_logits: Callable[[int, MicroBatchInputs, torch.Tensor], None] | None = None,
 ) -> StepResult:
     """Forward (and backward when `train`) of every micro-batch of `plan` on this rank.
 
@@ -320,11 +326,13 @@ def run_plan(
     `set_gradient_accumulation_boundary` are used; the caller calls
     `engine.step()` afterwards), or any callable model for evaluation.
     `structures`: per sequence, its `<bkspc>` stack structure or None (`micro_batch_inputs`).
+    `read_logits(m, inputs, logits)`: a read-only pass (no loss, no backward, no gradient): each
+    micro-batch's logits on this rank go to it (placeholders of idle ranks included, weight 0).
     A model with recurrent or causal-convolution layers must have been through
     `hetsp.ssm_parallel.parallelize` (refused otherwise).
     """
     require_parallelized(getattr(engine, "module", engine))
-    train = train and not stats_only
+    train = train and not stats_only and read_logits is None
     num_units = objective.num_units(sequences)
     if num_units == 0:
         raise ValueError(f"the global batch has no {objective.unit} to train on "
@@ -352,6 +360,12 @@ def run_plan(
         per_mb.append(n_tok)
         mb_seqs = plan.micro_batches[m].seqs()
         examples = [sequences[s] for s in mb_seqs]
+        if read_logits is not None:
+            with torch.no_grad():
+                read_logits(m, inputs, forward_logits(engine, inputs))
+            spans.append((t0 - start, time.perf_counter() - start))
+            cpu.append(time.thread_time() - c0)
+            continue
         if train:
             engine.set_gradient_accumulation_boundary(m == num_mb - 1)
             res = micro_batch_loss(engine, inputs, objective, examples, rank)

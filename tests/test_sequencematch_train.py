@@ -3,7 +3,6 @@ a checkpoint without `<bkspc>` grows its row, noise and structures reach the exe
 schedule switches from behaviour cloning, model-generated trajectories join the batch every N
 steps, the run resumes exactly, and its export reloads with `<bkspc>`."""
 
-import copy
 import json
 import math
 import random
@@ -80,11 +79,8 @@ def test_sequencematch_training_loop_resume_and_export(rank_pool, tmp_path):
     assert all(n_bk > 0 and n_bk == n_pops for n_bk, n_pops, _ in seen), seen
 
     # stop after 3 steps, resume: the same noise, samples and losses
-    first = sm_config(tmp_path, "resumed", stop_after=3)
-    pool.run(sm_train_fns.run_train_recording, first, timeout=900)
-    second = copy.deepcopy(first)
-    second["train"]["stop_after"] = 0
-    start, resumed, _ = [r for r in pool.run(sm_train_fns.run_train_recording, second, True, timeout=900) if r][0]
+    start, resumed, _ = sm_train_fns.stop_and_resume(pool, sm_train_fns.run_train_recording,
+                                                     sm_config(tmp_path, "resumed"), 3)
     assert start == 3
     # the same sums in the same order up to DeepSpeed's reduction order (as tests/test_train_loop.py)
     assert [r["loss"] for r in resumed if "loss" in r] == pytest.approx([r["loss"] for r in steps], rel=1e-6, abs=1e-7)
@@ -140,13 +136,12 @@ def test_config_section_checked_at_load(tmp_path):
 
 
 def test_run_refuses_what_it_cannot_do(tmp_path):
-    """The value term's model half without sampling, and model-proposed noise in the loop, are refused."""
+    """The value term's model half without sampling is refused."""
     from hetsp.config import config_from_dict
     from hetsp.objectives import get_objective
 
     cfg = config_from_dict(sm_config(tmp_path, "x"))
-    for bad, err, match in (({"w_data": 0.5, "sample_every": 0}, ValueError, "sample_every"),
-                            ({"noise_source": "model"}, NotImplementedError, "noise_source")):
+    for bad, err, match in (({"w_data": 0.5, "sample_every": 0}, ValueError, "sample_every"),):
         section = config_from_dict({**sm_config(tmp_path, "x"), "objective": {**sm_config(tmp_path, "x")["objective"], **bad}}).objective
         with pytest.raises(err, match=match):
             get_objective("sequencematch", section).build_data(cfg, 0)

@@ -49,10 +49,12 @@ class Trajectory(list):
 
     noise: per token, True for an injected wrong token (its action is masked out of the loss);
     prompt_length: the first tokens are the prompt (no action scored before the last of them);
-    source: "data" or "model" (a model-generated trajectory: the mixture's other half).
+    source: "data" or "model" (a model-generated trajectory: the mixture's other half);
+    draws: (position, u, target) of each wrong token still to be drawn from the model
+    (`hetsp.data.noise.draw_noise_from_model`; its slot holds a placeholder until then).
     """
 
-    def __init__(self, ids, noise=None, prompt_length: int = 0, source: str = "data") -> None:
+    def __init__(self, ids, noise=None, prompt_length: int = 0, source: str = "data", draws=()) -> None:
         super().__init__(ids)
         self.noise = [False] * len(self) if noise is None else [bool(x) for x in noise]
         if len(self.noise) != len(self):
@@ -61,6 +63,7 @@ class Trajectory(list):
             raise ValueError(f"trajectory source must be 'data' or 'model', got {source!r}")
         self.prompt_length = int(prompt_length)
         self.source = source
+        self.draws = list(draws)
 
 
 class ExchangeValues(torch.autograd.Function):
@@ -181,6 +184,11 @@ class SequenceMatch(Objective):
         return out
 
     def token_inputs(self, seq: Sequence[int]) -> dict[str, list]:
+        if getattr(seq, "draws", None):
+            raise NotImplementedError(
+                "this batch still holds placeholders for wrong tokens to draw from the model (objective.noise_source = "
+                "'model'): SequenceMatch.step_batch draws them under the step's plan before run_plan; a loop that skips "
+                "it (e.g. the profiler's first training steps) must use noise_source = 'uniform' (same lengths and cost)")
         return {"labels": self.labels(seq), "coef": self.token_coefs(seq)}
 
     def num_units(self, examples: Sequence[Any]) -> int:
@@ -211,9 +219,6 @@ class SequenceMatch(Objective):
         from hetsp.data.tokenizer import ByteTokenizer, add_bkspc
 
         c = self.config
-        if c.noise_source == "model" and c.noise_p > 0:
-            raise NotImplementedError("objective.noise_source = 'model' is not implemented in the training loop (it needs the "
-                                      "policy's logits on every clean batch); use noise_source = 'uniform'")
         if c.w_data < 1 and not c.sample_every:
             raise ValueError(f"objective.w_data = {c.w_data} puts {1 - c.w_data:g} of the value term on model-generated "
                              "trajectories, but objective.sample_every = 0 samples none; set sample_every > 0, or w_data = 1")
@@ -222,7 +227,7 @@ class SequenceMatch(Objective):
         data.tokenizer, data.vocab_size = tok, tok.vocab_size
         self.eos_token_id, self.bkspc_token_id, self.vocab_size = tok.eos_token_id, tok.bkspc_token_id, tok.vocab_size
         num_real = 256 if isinstance(tok, ByteTokenizer) else tok.bkspc_token_id  # wrong tokens: bytes / the real vocabulary
-        return NoisyData(data, c.noise_p, tok.bkspc_token_id, num_real)
+        return NoisyData(data, c.noise_p, tok.bkspc_token_id, num_real, c.noise_source)
 
     def sampling_step(self, step: int) -> bool:
         """Whether step `step` samples model-generated trajectories (every `sample_every` steps from
@@ -242,20 +247,33 @@ class SequenceMatch(Objective):
         return batch + sample_round(self, ctx, step, batch)
 
     def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
-        """Starts the step's metric sums (`finish_metrics`)."""
+        """Draws the wrong tokens left to the model (noise_source = "model": one no-grad forward under
+        `plan`, `hetsp.data.noise.draw_noise_from_model`, every rank taking part) and starts the
+        step's metric sums (`finish_metrics`)."""
+        import time
+
+        t0 = time.perf_counter()
+        if any(getattr(s, "draws", None) for s in batch):  # the same batch, hence the same answer, on every rank
+            from hetsp.data.noise import draw_noise_from_model
+
+            batch = draw_noise_from_model(ctx.engine, plan, batch, ctx.rank, ctx.world_size, ctx.device, self, ctx.kernel,
+                                          ctx.data.num_real)
+        draw_s = time.perf_counter() - t0
         self._sums = torch.zeros(len(PARTS), dtype=torch.float64)
         data = [s for s in batch if getattr(s, "source", "data") == "data"]
         model = [s for s in batch if getattr(s, "source", "data") == "model"]
         noise = sum(sum(getattr(s, "noise", ())) for s in data)
         self._info = {"units": float(self.num_units(batch)), "noise_frac": noise / max(1, self.num_units(data)),
                       "model_trajectories": float(len(model)),
-                      "model_pops": float(sum(t == self.bkspc_token_id for s in model for t in s[s.prompt_length:]))}
+                      "model_pops": float(sum(t == self.bkspc_token_id for s in model for t in s[s.prompt_length:])),
+                      "noise_draw_s": draw_s}
         return batch
 
     def finish_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """The step's loss split into its terms per unit (they add up to the loss; one all-reduce, every
         rank calls it), the SequenceMatch weight, the fraction of data actions that are injected noise,
-        and how many model-generated trajectories (and pops in them) the step trained on."""
+        how many model-generated trajectories (and pops in them) the step trained on, and the seconds
+        spent drawing wrong tokens from the model (noise_source = "model"; this rank's)."""
         if getattr(self, "_sums", None) is None:
             return {}
         total = self._sums.clone()
@@ -263,7 +281,8 @@ class SequenceMatch(Objective):
         self._sums = None
         out = {name: float(v) / max(1.0, self._info["units"]) for name, v in zip(PARTS, total.tolist())}
         out.update(sm_weight=self.sm_weight(), noise_frac=self._info["noise_frac"],
-                   model_trajectories=self._info["model_trajectories"], model_pops=self._info["model_pops"])
+                   model_trajectories=self._info["model_trajectories"], model_pops=self._info["model_pops"],
+                   noise_draw_s=self._info["noise_draw_s"])
         return out
 
     def structures(self, batch: Sequence[Any]) -> list | None:
