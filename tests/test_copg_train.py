@@ -169,6 +169,24 @@ def test_online_copg_on_the_funcbody_task_with_its_reward(rank_pool, tmp_path):
         assert r["loss"] == pytest.approx(r["pair_loss"], rel=1e-9)
 
 
+def test_online_copg_raises_a_learnable_reward_on_heldout_prompts(rank_pool, tmp_path):
+    """End to end, online CoPG must improve what it is rewarded for: with a reward a tiny random
+    byte model can learn (the fraction of ASCII characters, about 0.5 at the start), 20 steps of
+    16 sampled completions raise the held-out reward. A mismatch anywhere between completions,
+    their rewards and their log-probs (ranks, bundles, the gather of a sampling round) would leave
+    it flat or lower it. Measured: 0.517 -> 0.710 (beta 0.02, which lets the optimum tilt each
+    byte's odds by about e^6; 16 held-out completions, so the margin asked is well above noise)."""
+    cfg = copg_config(tmp_path, "learns", data="", online_every=1, samples_per_prompt=4, max_new_tokens=8,
+                      reward_fn="tests.copg_fns:ascii_fraction_reward", reference="live", bundles_per_batch=4,
+                      max_prompt_tokens=200, eval_prompts=4, beta=0.02)
+    cfg["data"] = {"dataset": "funcbody", "format": "prompt_completion", "max_documents": 40,
+                   "validation_fraction": 0.25}
+    cfg["train"].update(steps=20, lr=1e-2)
+    _, records = [r for r in rank_pool(2).run(train_fns.run_train, cfg) if r][0]
+    before, after = [r["heldout_reward"] for r in records if r.get("kind") == "heldout"]
+    assert after > before + 0.1
+
+
 def test_heldout_evaluation_of_online_copg_on_the_hybrid_model(rank_pool, tmp_path):
     """configs/copg_stdlib.toml's path on a tiny hybrid model (all five mixer kinds, live frozen
     copy as reference): held-out prompts are sampled before the first update and after the last;
