@@ -243,17 +243,20 @@ class CoPG(Objective):
 def frozen_reference(engine: Any) -> Any:
     """The frozen starting policy for live reference log-probs: the policy itself when it is a
     peft model (adapters disabled at use), else a frozen copy taken before any checkpoint is
-    loaded (so a resumed run gets the same starting policy). The copy's sequence-parallel SSM
-    kernels are bound to the copy's own layers (`hetsp.ssm_parallel.hybrid.GroupKernel`); the
-    Mamba-2 hybrids of transformers read the shard from each call, so they need nothing."""
+    loaded (so a resumed run gets the same starting policy). Under ZeRO-3 the copy is partitioned
+    like the policy and runs in its own DeepSpeed engine (`hetsp.objectives.zero3_reference`).
+    The copy's sequence-parallel SSM kernels are bound to the copy's own layers
+    (`hetsp.ssm_parallel.hybrid.GroupKernel`); the Mamba-2 hybrids of transformers read the shard
+    from each call, so they need nothing."""
     import copy
+
+    from hetsp.objectives.zero3_reference import is_partitioned, partitioned_copy
 
     module = engine.module
     if callable(getattr(module, "disable_adapter", None)):
         return module
-    if any(hasattr(p, "ds_id") for p in module.parameters()):
-        raise NotImplementedError("objective.reference = 'live' without LoRA under ZeRO-3 would hold a second full "
-                                  "copy per rank; use reference = 'precomputed'")
+    if is_partitioned(module):
+        return partitioned_copy(engine)
     frozen = copy.deepcopy(module).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

@@ -7,7 +7,7 @@ Two sources, the same numbers:
   the per-example sums are cached in the run folder under a key made of the
   model's and the data's fingerprints, and reused on resume;
 - live: `live_reference` runs the frozen reference under the step's plan
-  (a frozen copy, refused under ZeRO-3 without LoRA; with a peft LoRA
+  (a frozen copy, ZeRO-3 partitioned under ZeRO-3; with a peft LoRA
   model, the policy itself inside `disable_adapter()`, so no second copy).
 
 Either way the statistic is the objective's own (the completion-token

@@ -285,6 +285,19 @@ def parallelize_mixer(mixer) -> None:
     mixer._hetsp_sp_installed = True
 
 
+def kernel_overrides(mixer) -> dict:
+    """The per-model kernel overrides of `mixer` as they were before `parallelize_mixer`: its group
+    kernels unwrapped, the model-wide ones (`_SharedKernel`) left out. A copy of the model built
+    anew (the ZeRO-3 reference of CoPG) gets these, then its own group kernels."""
+    out = {}
+    for name, k in mixer.kernels.maps[0].items():
+        if isinstance(k, GroupKernel):
+            k = k.inner
+        if not isinstance(k, _SharedKernel):
+            out[name] = k
+    return out
+
+
 def _shared_kernel(mixer, name):
     for m in mixer.kernels.maps[1:]:
         if name in m:
