@@ -181,7 +181,12 @@ class CoPG(Objective):
         from hetsp.objectives.reference import precompute_reference
 
         if self.cfg.reference == "live":
+            from hetsp.objectives.zero3_reference import describe
+
             self._frozen = frozen_reference(ctx.engine)
+            note = describe(self._frozen)
+            if note:
+                ctx.log(note)
             return
         examples, cached = precompute_reference(
             ctx.engine.module, ctx.data.examples, ctx.data.all_batches(),

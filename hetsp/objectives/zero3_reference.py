@@ -88,3 +88,15 @@ def partition_numel(module: Any) -> tuple[int, int]:
     full parameters); tied parameters are counted once."""
     params = list(module.parameters())
     return (sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params))
+
+
+def describe(reference: Any) -> str | None:
+    """One line on the partitioned copy's parameter bytes on this rank, beside the policy's
+    (None when `reference` is not a ZeRO-3 copy)."""
+    module = getattr(reference, "module", reference)
+    if not is_partitioned(module):
+        return None
+    stored = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in module.parameters())
+    full = sum(p.ds_numel * p.ds_tensor.element_size() for p in module.parameters())
+    return (f"live reference: a ZeRO-3 partitioned frozen copy, {stored / 2**20:.2f} MiB of parameters on this rank "
+            f"of {full / 2**20:.2f} MiB")
