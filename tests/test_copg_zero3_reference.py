@@ -56,10 +56,11 @@ def test_live_reference_under_zero3_equals_precomputed_and_one_process(rank_pool
     assert full <= stored  # the two partitions cover the whole copy
 
 
-@pytest.mark.parametrize("origin", ["scratch", "checkpoint"])
+@pytest.mark.parametrize("origin", ["scratch", "checkpoint", "hybrid"])
 def test_offline_copg_under_zero3_with_live_reference_resumes_exactly(rank_pool, tmp_path, origin):
-    """The training loop under ZeRO-3 with reference = "live", from a random initialisation and from
-    a checkpoint (`model.init_from`, loaded with zero.Init): the KL estimate at step 0 is 0, and a run
+    """The training loop under ZeRO-3 with reference = "live", from a random initialisation (the tiny
+    Llama, and the hybrid model with all five mixer kinds, every sequence over both ranks) and from a
+    checkpoint (`model.init_from`, loaded with zero.Init): the KL estimate at step 0 is 0, and a run
     stopped after 2 steps and resumed (the copy is taken again from the starting policy, before the
     checkpoint is loaded) gives the losses of the straight run."""
     from . import checkpoint_fns, train_fns
@@ -75,6 +76,9 @@ def test_offline_copg_under_zero3_with_live_reference_resumes_exactly(rank_pool,
                 checkpoint_fns.save_tiny_tokenizer(folder)
             cfg["model"] = {"init_from": str(folder)}
             cfg["data"] = {"tokenizer": "model"}
+        if origin == "hybrid":
+            cfg["model"] = dict(ALL_FIVE, family="hybrid", max_position_embeddings=512)
+            cfg["planner"] = {"name": "static", "group_size": 2}  # the SSM state passes between the ranks
         return cfg
 
     pool = rank_pool(2)
