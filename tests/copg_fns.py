@@ -55,8 +55,9 @@ def diverse_beams_in_engine(spreads, num_beams, num_groups, diversity, max_new, 
 
 
 def run_train_recording_rounds(cfg_dict: dict):
-    """`hetsp.train.train` on every rank, recording each call of `online.sample_scored` (sampling
-    rounds and held-out evaluations): rank 0 returns the metrics records and, per call, its
+    """`hetsp.train.train` on every rank (under ZeRO-3 every forward gathers every parameter:
+    `generation_fns.every_parameter_gathered`), recording each call of `online.sample_scored`
+    (sampling rounds and held-out evaluations): rank 0 returns the metrics records and, per call, its
     decoding, the policy's parameters at that moment (gathered under ZeRO-3) and the scored
     completions."""
     import json
@@ -68,6 +69,7 @@ def run_train_recording_rounds(cfg_dict: dict):
     from hetsp.objectives import online
 
     from .checkpoint_fns import _ds_env
+    from .generation_fns import every_parameter_gathered
 
     _ds_env()
     cfg = config_from_dict(cfg_dict)
@@ -87,7 +89,8 @@ def run_train_recording_rounds(cfg_dict: dict):
     try:
         from hetsp.train import train
 
-        train(cfg, False)
+        with every_parameter_gathered():
+            train(cfg, False)
     finally:
         online.sample_scored = original
     if dist.get_rank() != 0:

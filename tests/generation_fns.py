@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -21,6 +23,29 @@ def hybrid_model():
     return parallelize(models.HybridForCausalLM(cfg)).eval()
 
 
+@contextlib.contextmanager
+def every_parameter_gathered():
+    """ZeRO-3 with no persistent parameter (`stage3_param_persistence_threshold` 0) while inside:
+    DeepSpeed keeps parameters below 1e5 elements whole on every rank, which would leave a tiny
+    model's forwards without any gather; with none kept, every forward gathers every parameter,
+    as a real model's large ones are, so ranks with different forward counts hang."""
+    from hetsp import engine
+
+    original = engine.deepspeed_config
+
+    def config(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if out["zero_optimization"]["stage"] == 3:
+            out["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        return out
+
+    engine.deepspeed_config = config
+    try:
+        yield
+    finally:
+        engine.deepspeed_config = original
+
+
 def _engine(model, zero_stage):
     """`model` inside a DeepSpeed engine (ZeRO-`zero_stage`, fp32) on this pool rank, in eval mode."""
     import os
@@ -30,7 +55,8 @@ def _engine(model, zero_stage):
 
     rank, world = dist.get_rank(), dist.get_world_size()
     os.environ.setdefault("LOCAL_RANK", str(rank))
-    engine = build_engine(model, TrainConfig(steps=1, zero_stage=zero_stage, dtype="fp32"), world, torch.device("cpu"))
+    with every_parameter_gathered():
+        engine = build_engine(model, TrainConfig(steps=1, zero_stage=zero_stage, dtype="fp32"), world, torch.device("cpu"))
     engine.eval()
     return engine
 
