@@ -44,6 +44,61 @@ def lockstep_sampling(prompts_by_rank, k, max_new, zero_stage):
     return sample_in_engine(step_fns.tiny_model(register_attention(), torch.float32), prompts_by_rank, k, max_new, zero_stage)
 
 
+def diverse_beams_in_engine(spreads, num_beams, num_groups, diversity, max_new, eos, zero_stage):
+    """`generation_fns.diverse_beams_in_engine` with the step tests' tiny Llama (fp32, ring attention)."""
+    from hetsp.attention import register_attention
+
+    from .generation_fns import diverse_beams_in_engine as run
+
+    return run(step_fns.tiny_model(register_attention(), torch.float32), spreads, num_beams, num_groups, diversity,
+               max_new, eos, zero_stage)
+
+
+def run_train_recording_rounds(cfg_dict: dict):
+    """`hetsp.train.train` on every rank (under ZeRO-3 every forward gathers every parameter:
+    `generation_fns.every_parameter_gathered`), recording each call of `online.sample_scored`
+    (sampling rounds and held-out evaluations): rank 0 returns the metrics records and, per call, its
+    decoding, the policy's parameters at that moment (gathered under ZeRO-3) and the scored
+    completions."""
+    import json
+    from pathlib import Path
+
+    import deepspeed
+
+    from hetsp.config import config_from_dict
+    from hetsp.objectives import online
+
+    from .checkpoint_fns import _ds_env
+    from .generation_fns import every_parameter_gathered
+
+    _ds_env()
+    cfg = config_from_dict(cfg_dict)
+    calls = []
+    original = online.sample_scored
+
+    def recording(objective, ctx, prompts, texts, seed, names=None, decoding="sample"):
+        params = {}
+        for name, p in ctx.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=cfg.train.zero_stage == 3):
+                params[name] = p.detach().clone()
+        scored = original(objective, ctx, prompts, texts, seed, names, decoding)
+        calls.append((decoding, params, [(e.tokens, e.prompt_len, e.bundle) for e in scored]))
+        return scored
+
+    online.sample_scored = recording
+    try:
+        from hetsp.train import train
+
+        with every_parameter_gathered():
+            train(cfg, False)
+    finally:
+        online.sample_scored = original
+    if dist.get_rank() != 0:
+        return None
+    path = Path(cfg.run.output_dir) / cfg.run.name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()], calls
+
+
 def length_reward(prompt, completion):
     """A reward for online CoPG tests: longer completions score higher."""
     return len(completion) / 10

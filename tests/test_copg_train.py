@@ -114,7 +114,7 @@ def test_online_copg_config_is_checked():
         config_from_dict({**base, "objective": {**dbs, "online_every": 0}})
 
 
-def test_diverse_beam_completions_are_each_groups_best_beam_and_refused_under_zero3():
+def test_diverse_beam_completions_are_each_groups_best_beam():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -129,9 +129,55 @@ def test_diverse_beam_completions_are_each_groups_best_beam_and_refused_under_ze
     for p, cs in zip(prompts, comps):
         groups = diverse_beam_search(model, p, 3, 3, 2.0, 4, None, "cpu", "auto")
         assert cs == [g[0].tokens for g in groups] and all(len(c) == 4 for c in cs)
-    next(model.parameters()).ds_id = 0  # as a ZeRO-3 partitioned parameter
-    with pytest.raises(NotImplementedError, match="under ZeRO-3"):
-        diverse_beam_completions(model, prompts, 3, 2.0, 4, None, "cpu", "auto")
+
+
+def test_online_copg_with_diverse_beam_rounds_under_zero3(rank_pool, tmp_path, one_thread):
+    """Online CoPG with Diverse Beam Search rounds under ZeRO-3 (LoRA, live reference = its base)
+    on 3 ranks: a round of 2 prompts leaves one rank without a prompt, so the ranks' forward
+    counts differ unless they decode in lockstep (a hang otherwise, caught by the pool's timeout).
+    Every round's completions equal Diverse Beam Search of each prompt in one process with the
+    policy's parameters of that moment (gathered), bit for bit; held-out evaluation still samples."""
+    import torch
+
+    from hetsp.generation.diverse_beam import diverse_beam_search
+
+    from . import copg_fns
+    from .checkpoint_fns import plain_model, save_tiny_llama
+
+    k, max_new, diversity, eos = 2, 4, 0.5, 257  # eos: the byte tokenizer's
+    cfg = copg_config(tmp_path, "dbs_zero3", data="", online_every=1, samples_per_prompt=k, max_new_tokens=max_new,
+                      reward_fn="tests.copg_fns:char_sum_reward", reference="live", bundles_per_batch=2,
+                      max_prompt_tokens=200, eval_prompts=2, decoding="diverse_beam", diversity=diversity)
+    cfg["data"] = {"dataset": "funcbody", "format": "prompt_completion", "max_documents": 40,
+                   "validation_fraction": 0.25}
+    cfg["model"] = {"init_from": str(save_tiny_llama(tmp_path / "start", vocab_size=259, max_position_embeddings=128))}
+    cfg["lora"] = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    cfg["train"].update(steps=3, zero_stage=3, dtype="fp32", lr=1e-2)
+    records, calls = [r for r in rank_pool(3).run(copg_fns.run_train_recording_rounds, cfg, timeout=600) if r][0]
+    steps = [r for r in records if r.get("kind", "train") == "train" and "loss" in r]
+    assert len(steps) == 3
+    assert [r["heldout_completions"] for r in records if r.get("kind") == "heldout"] == [4.0, 4.0]
+    assert [c[0] for c in calls] == ["sample", "diverse_beam", "diverse_beam", "diverse_beam", "sample"]
+
+    # the run's model (LoRA included) built in this process: loaded as ZeRO 1 loads it (ZeRO-3 would
+    # partition it while loading); its parameters are then set to each round's gathered ones
+    model = plain_model({**cfg, "train": {**cfg["train"], "zero_stage": 1}}, torch.float32, attn="sdpa").eval()
+    named = dict(model.named_parameters())
+    moved = 0
+    for decoding, params, scored in calls[1:-1]:
+        assert set(params) == set(named)
+        with torch.no_grad():
+            for n, value in params.items():
+                named[n].copy_(value)
+        moved += any("lora_B" in n and v.abs().max() > 0 for n, v in params.items())
+        bundles = sorted({b for _, _, b in scored})
+        assert bundles == [0, 1]
+        for b in bundles:
+            mine = [(tokens, n) for tokens, n, bb in scored if bb == b]
+            prompt = list(mine[0][0][: mine[0][1]])
+            want = [g[0].tokens for g in diverse_beam_search(model, prompt, k, k, diversity, max_new, eos)]
+            assert [list(t[n:]) for t, n in mine] == want
+    assert moved == 2  # rounds 1 and 2 decode an updated policy (LoRA B starts at zero)
 
 
 def test_online_prompts_from_the_finetuning_dataset():

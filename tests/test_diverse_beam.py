@@ -94,3 +94,5 @@ def test_bad_arguments():
         diverse_beam_search(None, [1], 5, 2)
     with pytest.raises(ValueError, match="prompt"):
         diverse_beam_search(None, [], 4, 2)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        diverse_beam_search(None, [1], 4, 2, max_new_tokens=0)

@@ -1,9 +1,12 @@
-"""Online sampling: every rank stays in ZeRO-3's parameter gathers until all have finished;
-sampling equals the same sampling in one process; reward functions are checked."""
+"""Online sampling and Diverse Beam Search: every rank stays in ZeRO-3's parameter gathers until
+all have finished; sampling equals the same sampling in one process, each prompt's beams equal
+`diverse_beam_search` of it in one process whichever rank decodes it; reward functions are
+checked."""
 
 import pytest
 import torch
 
+from hetsp.generation.diverse_beam import diverse_beam_search
 from hetsp.generation.sampling import load_reward_fn, sample_in_lockstep, score_completions
 
 from . import copg_fns, generation_fns, step_fns
@@ -34,6 +37,50 @@ def test_zero3_cached_sampling_of_the_hybrid_model_matches_one_process(rank_pool
         want = sample_in_lockstep(model, prompts[rank], 2, 5, torch.Generator().manual_seed(100 + rank), 0, "cpu",
                                   0.9, 0.9, 3, "reference")
         assert got == want
+
+
+PROMPTS = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
+
+
+def _one_process_beams(model, prompt, *args):
+    return [[(b.tokens, b.score, b.finished) for b in g] for g in diverse_beam_search(model, prompt, *args, "cpu", "reference")]
+
+
+def _check_spreads(outs, spreads, want):
+    """Every rank's beams of every spread equal the one-process beams of the same prompt: the same
+    tokens and the same scores, bit for bit (the same forwards on the same gathered weights, one
+    intra-op thread in both, as the pool's ranks run)."""
+    for s, spread in enumerate(spreads):
+        for rank, prompts in enumerate(spread):
+            assert len(outs[rank][s]) == len(prompts)
+            for p, got in zip(prompts, outs[rank][s]):
+                assert got == want[PROMPTS.index(p)]
+
+
+def test_zero3_diverse_beam_search_with_uneven_work_matches_one_process(rank_pool, one_thread):
+    # three spreads of the same prompts over 3 ranks, each with a rank that has none: without
+    # lockstep the ranks would leave the parameter gathers at different times and hang
+    P = PROMPTS
+    spreads = [[[P[0], P[1], P[2]], [P[3]], []], [[], [P[2]], [P[3], P[0], P[1]]], [[P[1]], [], [P[0], P[2], P[3]]]]
+    args = (4, 2, 0.7, 6, 3)  # 4 beams in 2 groups, diversity 0.7, 6 new tokens, eos 3
+    outs = rank_pool(3).run(copg_fns.diverse_beams_in_engine, spreads, *args, 3, timeout=300)
+    from hetsp.attention import register_attention
+
+    model = step_fns.tiny_model(register_attention(), torch.float32).eval()
+    want = [_one_process_beams(model, p, *args) for p in P]
+    assert any(b[2] for groups in want for g in groups for b in g)  # eos ends some beams early
+    _check_spreads(outs, spreads, want)
+
+
+def test_zero3_cached_diverse_beam_search_of_the_hybrid_model_matches_one_process(rank_pool, one_thread):
+    # every mixer kind's cache reordered by beam under ZeRO-3 gathers; a rank idle from the start
+    P = PROMPTS
+    spreads = [[[P[2], P[0]], []], [[P[0]], [P[2]]]]
+    args = (3, 3, 0.5, 5, 3)
+    outs = rank_pool(2).run(generation_fns.hybrid_zero3_diverse_beams, spreads, *args, timeout=300)
+    model = generation_fns.hybrid_model()
+    want = {i: _one_process_beams(model, P[i], *args) for i in (0, 2)}
+    _check_spreads(outs, spreads, [want.get(i) for i in range(len(P))])
 
 
 def good_reward(prompt, completion):

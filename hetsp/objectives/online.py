@@ -3,8 +3,9 @@ current policy and scored by `objective.reward_fn`, then trained on for the next
 
 A sampling round covers `online_every * bundles_per_batch` prompts (taken in turn from the
 prompt file, reshuffled every pass from the run seed); rank r samples prompts r, r + world, ...
-of the round with `hetsp.generation.sampling.sample_in_lockstep` (every rank stays in the
-model's collectives until all have finished), scores its own completions, and the scored
+of the round with `hetsp.generation.sampling.sample_in_lockstep`, or with Diverse Beam Search
+(`hetsp.generation.diverse_beam.diverse_beam_in_lockstep`; every rank stays in the model's
+collectives until all have finished), scores its own completions, and the scored
 completions are gathered on every rank. Step s trains on bundles
 `(s mod online_every) * bundles_per_batch ...` of its round. Reference log-probs are live
 (a frozen copy, or the LoRA base): precomputed ones cannot cover samples that do not exist yet.
@@ -119,18 +120,15 @@ def heldout_prompts(cfg: Any, section: Any) -> tuple[list[list[int]], list[str]]
 
 def diverse_beam_completions(model: Any, prompts: Sequence[Sequence[int]], k: int, diversity: float,
                              max_new_tokens: int, eos_token_id: int | None, device: Any, kernel: str) -> list[list[list[int]]]:
-    """k completions of each prompt by Diverse Beam Search (k groups of one beam; each group's
-    best beam). Each rank decodes its own prompts without collectives, so the ranks' forward counts
-    differ: refused under ZeRO-3, whose forwards gather parameters across ranks."""
-    from hetsp.generation.diverse_beam import diverse_beam_search
+    """k completions of each of this rank's prompts by Diverse Beam Search (k groups of one beam;
+    each group's best beam). Every rank must call it: `diverse_beam_in_lockstep` keeps the ranks'
+    forward counts equal (ZeRO-3 gathers parameters inside each forward); each prompt's beams
+    are those of `diverse_beam_search` on it alone."""
+    from hetsp.generation.diverse_beam import diverse_beam_in_lockstep
 
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise NotImplementedError("objective.decoding = 'diverse_beam' under ZeRO-3 would hang (each rank runs its own "
-                                  "number of forwards, each gathering parameters): use decoding = 'sample' or "
-                                  "train.zero_stage = 1 or 2")
-    return [[g[0].tokens for g in diverse_beam_search(model, p, k, k, diversity, max_new_tokens, eos_token_id,
-                                                      device, kernel)]
-            for p in prompts]
+    return [[g[0].tokens for g in groups]
+            for groups in diverse_beam_in_lockstep(model, prompts, k, k, diversity, max_new_tokens, eos_token_id,
+                                                   device, kernel)]
 
 
 def sample_scored(objective: Any, ctx: Any, prompts: Sequence[Sequence[int]], texts: Sequence[str], seed: Any,
