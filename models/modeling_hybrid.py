@@ -25,7 +25,7 @@ from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
 from .kernels import KERNELS, positions_in_segment, segment_ids
 from .kernels.tree import StackTree
-from .layers import RMSNorm, SwiGLU, rotary_cos_sin
+from .layers import RMSNorm, SwiGLU, rotary_cos_sin, zero3_partitioned
 from .mixers import build_mixer
 
 _MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -78,7 +78,9 @@ class HybridPreTrainedModel(PreTrainedModel):
             module.weight.normal_(0.0, std)
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
-        if hasattr(module, "reset_ssm_parameters"):
+        # A mixer partitioned by ZeRO-3 (built inside deepspeed.zero.Init to load a checkpoint)
+        # initialised itself in its constructor, before partitioning.
+        if hasattr(module, "reset_ssm_parameters") and not zero3_partitioned(module):
             module.reset_ssm_parameters()
 
 

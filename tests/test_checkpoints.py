@@ -93,6 +93,29 @@ def test_zero3_loading_equals_zero1_bit_for_bit(rank_pool, tiny):
         assert torch.equal(z1[name], ref[name].detach()), name
 
 
+def test_zero3_loading_of_a_hybrid_with_every_mixer_kind(rank_pool, tmp_path):
+    """Under ZeRO-3 a checkpoint's model is built inside deepspeed.zero.Init, where each mixer is
+    partitioned as soon as it is built: the SSM mixers' shape-dependent initialisation must not run
+    on the partitions (it raised before), and every loaded value equals ZeRO-1's and transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from hetsp.config import ModelConfig
+    from hetsp.model_registry import build_model
+
+    from .test_ssm_parallel import _hybrid
+
+    torch.manual_seed(0)
+    build_model(ModelConfig(family="hybrid", **_hybrid("attention,s4d,ema,mamba2,seqboat")), 50).save_pretrained(
+        tmp_path, safe_serialization=True)
+    z1 = rank_pool(2).run(cf.loaded_parameters, str(tmp_path), 1)[0]
+    z3 = rank_pool(2).run(cf.loaded_parameters, str(tmp_path), 3)[0]
+    ref = dict(AutoModelForCausalLM.from_pretrained(tmp_path).named_parameters())
+    assert set(z1) == set(z3) == set(ref)
+    for name in z1:
+        assert torch.equal(z3[name], z1[name]), name
+        assert torch.equal(z3[name], ref[name].detach()), name
+
+
 def test_prompt_masked_step_matches_completion_only_loss(rank_pool, tiny):
     rng = random.Random(1)
     seqs = _random_sequences(rng, 5, lo=8, hi=35)

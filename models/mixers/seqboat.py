@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kernels.segments import segment_ids
-from ..layers import RMSNorm, apply_rotary, rotary_cos_sin
+from ..layers import RMSNorm, apply_rotary, rotary_cos_sin, zero3_partitioned
 from .ema import DampedEMA
 
 
@@ -61,7 +61,10 @@ class SeqBoatMixer(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        self.ema.reset_ssm_parameters()
+        # Inside deepspeed.zero.Init the EMA child is partitioned by now; it initialised itself
+        # before that (and a checkpoint's weights replace every value anyway).
+        if not zero3_partitioned(self.ema):
+            self.ema.reset_ssm_parameters()
         nn.init.normal_(self.qk_gamma, 1.0, 0.02)
         self.qk_beta.zero_()
         self.log_tau.zero_()
