@@ -55,21 +55,26 @@ def warmup_steps(train_steps: int) -> int:
     return max(0, min(MAX_WARMUP_STEPS, train_steps // 2))
 
 
-def train_first_steps(engine: Any, data: Any, objective: Any, device: Any, kernel: str, tokens_per_rank: int,
-                      steps: int) -> int:
+def train_first_steps(ctx: Any, objective: Any, tokens_per_rank: int, steps: int) -> int:
     """Train the job's batches 0 .. steps-1 as training does (every sequence, or bundle of sequences that
     must share a micro-batch, on a group of all ranks, packed into micro-batches by `solver.static`); what
-    is longer than the ranks hold is left out. Returns the steps trained (a batch with nothing that fits
-    is skipped)."""
+    is longer than the ranks hold is left out. The objective's hooks run as in training (`set_step`,
+    `train_batch` for online samples, `step_batch` for reference log-probs or noise drawn from the
+    model, `structures` for `<bkspc>` sequences); `ctx` is the objective's `RunContext` after
+    `prepare_run`. Returns the steps trained (a batch with nothing that fits is skipped)."""
     from hetsp.executor import run_plan
     from solver.base import expand_bundles
     from solver.static import static_plan
 
+    engine, data = ctx.engine, ctx.data
     world, rank = dist.get_world_size(), dist.get_rank()
     capacity = tokens_per_rank * world
     done = 0
     for step in range(steps):
-        batch, lengths = data.train_batch(step), data.train_batch_lengths(step)
+        objective.set_step(step)
+        made = objective.train_batch(ctx, step)  # online sampling; None: the data module's batch
+        batch = data.train_batch(step) if made is None else made
+        lengths = data.train_batch_lengths(step) if made is None else [len(objective.tokens(s)) for s in batch]
         bundles = [b for b in objective.bundles(batch) if sum(lengths[i] for i in b) <= capacity]
         if not bundles:
             continue
@@ -79,7 +84,9 @@ def train_first_steps(engine: Any, data: Any, objective: Any, device: Any, kerne
         kept_lengths = [lengths[i] for i in kept]
         totals = [sum(kept_lengths[i] for i in b) for b in bundles]
         plan = expand_bundles(static_plan(totals, world, world, capacity), kept_lengths, bundles)
-        run_plan(engine, plan, [batch[i] for i in kept], rank, world, device, objective, kernel)
+        sequences = objective.step_batch(ctx, plan, [batch[i] for i in kept])
+        run_plan(engine, plan, sequences, rank, world, ctx.device, objective, ctx.kernel,
+                 structures=objective.structures(sequences))
         engine.step()
         done += 1
     if rank == 0:
@@ -144,6 +151,7 @@ def measure(
     cases = [(d, s) for d in degrees for s in length_grid(min(max_len, tokens_per_rank * d))]
     most = max(max(1, world // d) * s for d, s in cases)  # tokens of the largest case
     text = job_tokens(data, objective, 0, 2 * most) if data is not None else None
+    objective = objective.timing_objective()  # what times plain token sequences (CoPG: language modelling)
     if text is not None and len(text) < most:
         raise ValueError(f"the job's training batches hold {len(text)} tokens, fewer than the {most} a profile case "
                          "needs; profile with more data (data.tokens_per_batch, a larger dataset)")

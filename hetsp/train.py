@@ -99,6 +99,23 @@ def build_runtime(cfg: Config) -> Runtime:
     return Runtime(device, data, objective, flops, engine)
 
 
+def run_context(cfg: Config, rt: Runtime, run_dir: Path) -> Any:
+    """The objective's `RunContext` on this rank, after `objective.prepare_run` (reference
+    log-probs, frozen copies: taken from the model as it is now, the starting policy)."""
+    import torch.distributed as dist
+
+    from hetsp.attention.kernels import kernel_for_config
+    from hetsp.objectives.base import RunContext
+    from hetsp.planning import Planning
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    ctx = RunContext(rt.engine, rt.data, Planning(cfg, rt.data, world_size, rank), run_dir, rank, world_size,
+                     rt.device, kernel_for_config(cfg.attention, rt.device),
+                     lambda msg: log.info("%s", msg) if rank == 0 else None)
+    rt.objective.prepare_run(ctx)
+    return ctx
+
+
 def profile(cfg: Config, out: Path) -> None:
     """Measure the planner's cost table on this machine and write it as a `profile` cost model file."""
     import torch.distributed as dist
@@ -109,12 +126,18 @@ def profile(cfg: Config, out: Path) -> None:
 
     from hetsp.loading import resolve_config
 
-    rt = build_runtime(resolve_config(cfg))
+    cfg = resolve_config(cfg)
+    rt = build_runtime(cfg)
     world = dist.get_world_size()
     degrees = cfg.planner.allowed_group_sizes or list(range(1, world + 1))
-    # the model as training runs it: after the job's first updates (hetsp.profiler)
-    trained = train_first_steps(rt.engine, rt.data, rt.objective, rt.device, cfg.attention.kernel, cfg.cluster.tokens_per_rank,
-                                warmup_steps(cfg.train.steps))
+    run_dir = run_dir_for(cfg)
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)  # a precomputed CoPG reference is cached there, as in training
+    dist.barrier()
+    # the model as training runs it: after the job's first updates (hetsp.profiler), with the
+    # objective's hooks (reference log-probs, online samples, noise drawn from the model)
+    ctx = run_context(cfg, rt, run_dir)
+    trained = train_first_steps(ctx, rt.objective, cfg.cluster.tokens_per_rank, warmup_steps(cfg.train.steps))
     points, fixed_s, overhead, step_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel,
                                         degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank, data=rt.data)
     if dist.get_rank() == 0:
@@ -133,13 +156,11 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     import torch.distributed as dist
 
     from hetsp import checkpoint
-    from hetsp.attention.kernels import kernel_for_config
     from hetsp.engine import resolve_dtype
     from hetsp.executor import run_plan
     from hetsp.metrics import MetricsLogger
     from hetsp.metrics.device import peak_memory_bytes
     from hetsp.metrics.flops import peak_flops
-    from hetsp.planning import Planning
     from hetsp.preempt import StopRequest
 
     from hetsp.loading import resolve_config
@@ -156,13 +177,8 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
     # MFU uses the device's published peak only (cluster.peak_tflops is the planner's cost-model input).
     peak = peak_flops(device, dtype_name)
 
-    from hetsp.objectives.base import RunContext
-
-    planning = Planning(cfg, data, world_size, rank)
-    kernel = kernel_for_config(cfg.attention, device)
-    ctx = RunContext(engine, data, planning, run_dir, rank, world_size, device, kernel,
-                     lambda msg: log.info("%s", msg) if rank == 0 else None)
-    objective.prepare_run(ctx)  # before any checkpoint is loaded: the model is the starting policy
+    ctx = run_context(cfg, rt, run_dir)  # before any checkpoint is loaded: the model is the starting policy
+    planning, kernel = ctx.planning, ctx.kernel
     start = 0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if resume or cfg.run.resume or restarted:

@@ -121,3 +121,22 @@ def test_profile_writes_a_cost_table_the_planner_uses(rank_pool, tmp_path):
     from hetsp.planning import profile_hardware_note
 
     assert profile_hardware_note(planner, 2) is None  # measured here
+
+
+def test_profile_runs_the_objectives_hooks(rank_pool, tmp_path):
+    """The profiler's first training steps run as training does, objective hooks included: CoPG with a
+    precomputed reference (log-probs attached by `prepare_run`, cached in the run folder as in
+    training) and SequenceMatch with wrong tokens drawn from the model (`step_batch`) both profile."""
+    from .test_copg_train import copg_config
+    from .test_sequencematch_train import sm_config
+
+    copg = copg_config(tmp_path, "copg_profiled", reference="precomputed")
+    sm = sm_config(tmp_path, "sm_profiled", steps=4)
+    sm["objective"].update(noise_source="model", sample_every=0, w_data=1.0)
+    for cfg in (copg, sm):
+        out = tmp_path / f"{cfg['run']['name']}.json"
+        rank_pool(2).run(train_fns.run_profile, cfg, str(out))
+        data = json.loads(out.read_text())
+        assert data["trained_steps"] > 0 and all(p["time_s"] > 0 for p in data["points"])
+    cached = list((tmp_path / "runs" / "copg_profiled" / "reference").glob("*.json"))
+    assert len(cached) == 1  # the reference the training run will read from the cache

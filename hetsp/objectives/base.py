@@ -82,6 +82,11 @@ class Objective:
         module's `train_batch(step)`, planned ahead."""
         return None
 
+    def timing_objective(self) -> "Objective":
+        """The objective the profiler times plain token sequences with (`hetsp.profiler.measure`): this
+        one, unless its examples are more than token lists."""
+        return self
+
     def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
         """The batch as `run_plan` gets it (e.g. with live reference log-probs)."""
         return batch

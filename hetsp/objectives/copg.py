@@ -98,6 +98,13 @@ class CoPG(Objective):
     def token_inputs(self, example: ScoredCompletion) -> dict[str, list]:
         return {"labels": completion_labels(example.tokens, example.prompt_len)}
 
+    def timing_objective(self) -> Objective:
+        """Language modelling: the same forward and backward over every token as the completion
+        log-probs (the pair statistics' one small all-reduce per micro-batch is not in the table)."""
+        from hetsp.objectives.lm import LanguageModeling
+
+        return LanguageModeling()
+
     def bundles(self, examples: Sequence[ScoredCompletion]) -> list[list[int]]:
         groups: dict[int, list[int]] = {}
         for i, ex in enumerate(examples):

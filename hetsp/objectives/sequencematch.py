@@ -187,8 +187,7 @@ class SequenceMatch(Objective):
         if getattr(seq, "draws", None):
             raise NotImplementedError(
                 "this batch still holds placeholders for wrong tokens to draw from the model (objective.noise_source = "
-                "'model'): SequenceMatch.step_batch draws them under the step's plan before run_plan; a loop that skips "
-                "it (e.g. the profiler's first training steps) must use noise_source = 'uniform' (same lengths and cost)")
+                "'model'): call SequenceMatch.step_batch, which draws them under the step's plan, before run_plan")
         return {"labels": self.labels(seq), "coef": self.token_coefs(seq)}
 
     def num_units(self, examples: Sequence[Any]) -> int:
