@@ -178,18 +178,6 @@ def resolve_model_config(model: ModelConfig) -> ModelConfig:
     return resolved
 
 
-def check_sliding_window(config_json: dict[str, Any], max_seq_len: int) -> None:
-    """Ring attention is full causal attention: refuse a sliding window shorter than a sequence."""
-    window = config_json.get("sliding_window")
-    active = config_json.get("use_sliding_window", config_json.get("model_type") == "mistral")
-    if active and window and window < max_seq_len:
-        raise NotImplementedError(
-            f"the checkpoint uses sliding-window attention (sliding_window = {window}) and sequences reach "
-            f"data.max_seq_len = {max_seq_len}; ring attention computes full causal attention. "
-            f"Set data.max_seq_len <= {window}"
-        )
-
-
 def resolve_tokenizer(tokenizer: str, init_from: str) -> str:
     """``data.tokenizer = "model"``: the checkpoint folder's tokenizer ("bytes" for a hetsp export without one)."""
     if tokenizer != "model":
@@ -212,8 +200,6 @@ def resolve_config(cfg: Config) -> Config:
     """The run's config with the checkpoint's model fields and tokenizer filled in (checked before training)."""
     if cfg.data.tokenizer == "model" or cfg.model.init_from or cfg.model.rope_scaling:
         model = resolve_model_config(cfg.model)
-        if model.init_from:
-            check_sliding_window(checkpoint_config(model.init_from), cfg.data.max_seq_len)
         data = dataclasses.replace(cfg.data, tokenizer=resolve_tokenizer(cfg.data.tokenizer, cfg.model.init_from))
         cfg = dataclasses.replace(cfg, model=model, data=data)
     return cfg

@@ -399,13 +399,22 @@ def test_every_family_loads_as_from_pretrained(tmp_path, family):
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_sliding_window_shorter_than_sequences_is_refused(tmp_path):
+def test_loaded_sliding_window_model_step_matches_one_process(rank_pool, tmp_path):
+    """A checkpoint whose sliding window is shorter than its sequences (Mistral, window 16, sequences
+    up to 40 tokens) trains under ring attention's windows: loss and every gradient of a step under
+    groups of 2 and 3 ranks equal one process with transformers' own sliding-window mask (fp64)."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from hetsp.loading import resolve_config
 
-    small = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64)
+    small = dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
+    torch.manual_seed(0)
     AutoModelForCausalLM.from_config(MistralConfig(**small, sliding_window=16)).save_pretrained(tmp_path)
-    with pytest.raises(NotImplementedError, match="sliding_window = 16"):
-        resolve_config(config_from_dict({"model": {"init_from": str(tmp_path)}, "data": {"max_seq_len": 32, "tokens_per_batch": 64}}))
+    cfg = {"model": {"init_from": str(tmp_path)}, "data": {"tokenizer": "bytes", "max_seq_len": 48,
+                                                         "tokens_per_batch": 96}}
+    assert resolve_config(config_from_dict(cfg)).model.family == "mistral"
+    seqs = _random_sequences(random.Random(1), 4, vocab=259, lo=20, hi=40)
+    plan = _plan(seqs, _groups_of_2_and_3)
+    got = rank_pool(4).run(cf.plan_loss_and_grads, cfg, seqs, plan.to_json())[0]
+    _assert_step_matches(got, reference(cfg, seqs))
