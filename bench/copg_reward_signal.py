@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.report import emit  # noqa: E402
 from bench.generation import _model, held_out_prompts  # noqa: E402
 from hetsp.data.tokenizer import ByteTokenizer  # noqa: E402
 from hetsp.generation.sampling import sample_in_lockstep  # noqa: E402
@@ -90,10 +91,7 @@ def main() -> None:
             lines.append(f"| {folder} | {label} | {mean:.4f} | {var:.5f} |")
         lines.append(f"| {folder} | stopped at eos | {stopped:.3f} | |")
         print(f"{folder} done", file=sys.stderr, flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 from hetsp.config import load_config  # noqa: E402
 from hetsp.data import build_data  # noqa: E402
 from hetsp.loading import resolve_config  # noqa: E402
@@ -146,10 +147,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, folder, ce, ce_real, rec, p_rec, false, p_false, sec in rows:
         lines.append(f"| {name} | `{folder}` | {ce:.4f} | {ce_real:.4f} | {rec:.3f} | {p_rec:.4f} | {false:.3f} | {p_false:.4f} | {sec:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import emit  # noqa: E402
 from hetsp.backspace import stack_structure  # noqa: E402
 from hetsp.config import ModelConfig  # noqa: E402
 from hetsp.data.noise import inject_noise  # noqa: E402
@@ -193,10 +194,7 @@ def main(argv=None) -> int:
     lines.append("|---|---|---|---|---|---|")
     for r in rows:
         lines.append(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f} | {r[4]:.3f} | {r[5]:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
     return 0
 
 

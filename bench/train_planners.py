@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
+
 ADAPTIVE = {
     "milp": ["planner.name='milp'"],
     "greedy": ["planner.name='greedy'"],
@@ -147,10 +149,7 @@ def main() -> int:
     losses = {round(r["loss"], 4) for r in ok.values()}
     if len(losses) > 1:
         lines += ["", f"losses differ between planners: {sorted(losses)}"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
     return 0
 
 
