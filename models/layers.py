@@ -66,9 +66,10 @@ def zero_pads(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def zero3_partitioned(module) -> bool:
-    """Whether DeepSpeed ZeRO-3 has partitioned `module`'s own parameters (built inside
-    `deepspeed.zero.Init`: a rank holds a slice or nothing, so shape-dependent initialisation
-    cannot run; hetsp builds models that way only to load a checkpoint over every value)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+def zero3_partitioned(module, recurse: bool = False) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned `module`'s own parameters (with `recurse`, its
+    submodules' too). Built inside `deepspeed.zero.Init`, a rank holds a slice or nothing, so
+    shape-dependent initialisation cannot run; hetsp builds models that way only to load a
+    checkpoint over every value."""
+    return any(hasattr(p, "ds_id") for p in module.parameters(recurse=recurse))
 

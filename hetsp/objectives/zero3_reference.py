@@ -6,10 +6,9 @@ policy parameter (``GatheredParameters``), clones it into the copy's parameter, 
 ``deepspeed.zero.Init(module=...)`` partitions that parameter at once over the policy's
 data-parallel group with the run's DeepSpeed config. No rank holds more than its partitions plus
 one full parameter, and the copy equals the policy bit for bit, whatever the policy's origin (a
-checkpoint or a random initialisation). (Building the model inside the ``zero.Init`` context
-instead would run the model's own init code on already partitioned parameters, which the hybrid
-model's mixers, resetting their children's parameters, do not support.) Buffers, not partitioned,
-are cloned from the policy.
+checkpoint or a random initialisation), without first initialising a second set of values as
+building inside the ``zero.Init`` context would. Buffers, not partitioned, are cloned from the
+policy.
 
 The copy is wrapped in a DeepSpeed engine without an optimizer: DeepSpeed then installs only the
 ZeRO-3 parameter-offload hooks (``DeepSpeedZeRoOffload``), which gather each module's parameters
@@ -29,7 +28,9 @@ import torch
 
 def is_partitioned(module: Any) -> bool:
     """Whether `module`'s parameters are ZeRO-3 partitioned."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
+    from models.layers import zero3_partitioned
+
+    return zero3_partitioned(module, recurse=True)
 
 
 def partitioned_copy(engine: Any) -> Any:
