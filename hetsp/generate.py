@@ -115,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: the whole distribution)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         model, tokenizer = load_for_generation(args.model_or_run)
-        text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+        text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed,
+                        top_p=args.top_p)
     except (ValueError, NotImplementedError) as e:
         print(f"hetsp-generate: error: {e}", file=sys.stderr)
         return 2

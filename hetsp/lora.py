@@ -99,9 +99,10 @@ def _embedding_row(module: Any, args: tuple, output: Any) -> Any:
 def _output_row(module: Any, args: tuple, output: Any) -> Any:
     import torch
 
-    column = torch.nn.functional.linear(args[0], getattr(module, BKSPC_ROW)[None]).to(output.dtype)
-    index = torch.tensor([module.bkspc_token_id], device=output.device)
-    return output.index_copy(output.dim() - 1, index, column)
+    # in place: the logits are (tokens x vocabulary), and linear's backward does not read its output
+    row = getattr(module, BKSPC_ROW)[None]
+    output[..., module.bkspc_token_id] = torch.nn.functional.linear(args[0], row)[..., 0].to(output.dtype)
+    return output
 
 
 def train_bkspc_rows(model: Any, bkspc_id: int) -> Any:

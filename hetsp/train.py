@@ -11,6 +11,7 @@ ahead) and broadcasts the plan; every rank derives the same batch from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -135,9 +136,16 @@ def profile(cfg: Config, out: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)  # a precomputed CoPG reference is cached there, as in training
     dist.barrier()
     # the model as training runs it: after the job's first updates (hetsp.profiler), with the
-    # objective's hooks (reference log-probs, online samples, noise drawn from the model)
-    ctx = run_context(cfg, rt, run_dir)
-    trained = train_first_steps(ctx, rt.objective, cfg.cluster.tokens_per_rank, warmup_steps(cfg.train.steps))
+    # objective's hooks (reference log-probs, online samples, noise drawn from the model). Plans
+    # made there (CoPG's) must not need a cost table, which may be the very file being written: one
+    # group of every rank, as `train_first_steps` plans the steps (a plan changes speed, never math).
+    planner = dataclasses.replace(cfg.planner, name="static", group_size=world, allowed_group_sizes=[], cost_model="ring",
+                                  profile_path="")
+    ctx = run_context(dataclasses.replace(cfg, planner=planner), rt, run_dir)
+    try:
+        trained = train_first_steps(ctx, rt.objective, cfg.cluster.tokens_per_rank, warmup_steps(cfg.train.steps))
+    finally:
+        ctx.planning.close()
     points, fixed_s, overhead, step_s = measure(rt.engine, rt.objective, rt.data.vocab_size, rt.device, cfg.attention.kernel,
                                         degrees, cfg.data.max_seq_len, cfg.cluster.tokens_per_rank, data=rt.data)
     if dist.get_rank() == 0:
@@ -224,7 +232,7 @@ def train(cfg: Config, resume: bool) -> dict[str, int]:
             else:
                 plan = planning.plan_for(step, sequences=batch, bundles=objective.bundles(batch))
             batch = planning.kept(plan, batch)
-            if step + 1 < end and made is None:
+            if step + 1 < end and not objective.makes_batch(step + 1):
                 planning.prefetch(step + 1)
             t_plan = time.perf_counter() - t0 - t_data
             metrics.log_plan(step, plan)

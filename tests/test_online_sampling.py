@@ -48,13 +48,17 @@ def _one_process_beams(model, prompt, *args):
 
 def _check_spreads(outs, spreads, want):
     """Every rank's beams of every spread equal the one-process beams of the same prompt: the same
-    tokens and the same scores, bit for bit (the same forwards on the same gathered weights, one
-    intra-op thread in both, as the pool's ranks run)."""
+    tokens and finished flags, and the same scores up to fp32 rounding (the same forwards on the same
+    gathered weights, one intra-op thread in both, as the pool's ranks run; another process's
+    buffers may still round differently, so scores are compared with rel 1e-5)."""
     for s, spread in enumerate(spreads):
         for rank, prompts in enumerate(spread):
             assert len(outs[rank][s]) == len(prompts)
             for p, got in zip(prompts, outs[rank][s]):
-                assert got == want[PROMPTS.index(p)]
+                ref = want[PROMPTS.index(p)]
+                assert [[(t, f) for t, _, f in g] for g in got] == [[(t, f) for t, _, f in g] for g in ref]
+                for g, r in zip(got, ref):
+                    assert [b[1] for b in g] == pytest.approx([b[1] for b in r], rel=1e-5, abs=1e-6)
 
 
 def test_zero3_diverse_beam_search_with_uneven_work_matches_one_process(rank_pool, one_thread):

@@ -136,15 +136,20 @@ def test_config_section_checked_at_load(tmp_path):
 
 
 def test_run_refuses_what_it_cannot_do(tmp_path):
-    """The value term's model half without sampling is refused."""
+    """Settings the training loop would accept and not use are refused: the value
+    term's model half without sampling, model noise without noise, sampled trajectories that would
+    carry no weight (when the training loop builds its data)."""
     from hetsp.config import config_from_dict
     from hetsp.objectives import get_objective
 
-    cfg = config_from_dict(sm_config(tmp_path, "x"))
-    for bad, err, match in (({"w_data": 0.5, "sample_every": 0}, ValueError, "sample_every"),):
-        section = config_from_dict({**sm_config(tmp_path, "x"), "objective": {**sm_config(tmp_path, "x")["objective"], **bad}}).objective
-        with pytest.raises(err, match=match):
-            get_objective("sequencematch", section).build_data(cfg, 0)
+    base = sm_config(tmp_path, "x")
+    for bad, match in (({"w_data": 0.5, "sample_every": 0}, "sample_every = 0 samples none"),
+                       ({"noise_source": "model", "noise_p": 0.0}, "noise_p = 0 injects none"),
+                       ({"alpha": 0.0}, "no weight"),
+                       ({"chi2": 0.0, "w_data": 1.0}, "no weight")):
+        section = config_from_dict({**base, "objective": {**base["objective"], **bad}}).objective
+        with pytest.raises(ValueError, match=match):
+            get_objective("sequencematch", section).build_data(config_from_dict(base), 0)
 
 
 def test_lockstep_sampler_matches_the_cached_decoder():

@@ -149,17 +149,24 @@ class NoisyData:
         self.bkspc_id = bkspc_id
         self.num_real = num_real
         self.source = source
+        self._recent: dict[int, list[Trajectory]] = {}
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     def train_batch(self, step: int) -> list[Trajectory]:
+        if step in self._recent:  # planned ahead (its lengths), then trained: built once
+            return list(self._recent[step])
         clean = [as_trajectory(s) for s in self.inner.train_batch(step)]
         if self.p == 0.0:
             return clean
         rng = random.Random(f"{self.inner.seed}:noise:{step}")
         later = self.source == "model"
-        return [inject_noise(s, self.p, rng, self.bkspc_id, self.num_real, s.prompt_length, draw_later=later) for s in clean]
+        batch = [inject_noise(s, self.p, rng, self.bkspc_id, self.num_real, s.prompt_length, draw_later=later) for s in clean]
+        self._recent[step] = batch
+        while len(self._recent) > 2:  # the step being trained and the one planned ahead
+            del self._recent[min(self._recent)]
+        return list(batch)
 
     def train_batch_lengths(self, step: int) -> list[int]:
         if self.p == 0.0:

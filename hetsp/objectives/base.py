@@ -87,6 +87,11 @@ class Objective:
         one, unless its examples are more than token lists."""
         return self
 
+    def makes_batch(self, step: int) -> bool:
+        """Whether `train_batch(ctx, step)` makes step `step`'s batch (then the loop plans it at the
+        step instead of ahead)."""
+        return False
+
     def step_batch(self, ctx: Any, plan: Any, batch: list) -> list:
         """The batch as `run_plan` gets it (e.g. with live reference log-probs)."""
         return batch

@@ -133,6 +133,20 @@ class SequenceMatchConfig:
     def __post_init__(self) -> None:
         self.check()
 
+    def check_for_training(self) -> None:
+        """What the training loop refuses on top of `check` (the loss itself, used on given
+        trajectories, takes these): settings it would accept and not use."""
+        if self.noise_source == "model" and self.noise_p == 0.0:
+            raise ValueError("objective.noise_source = 'model' draws the injected wrong tokens, but noise_p = 0 injects "
+                             "none; set noise_p > 0, or remove noise_source")
+        if self.w_data < 1 and not self.sample_every:
+            raise ValueError(f"objective.w_data = {self.w_data} puts {1 - self.w_data:g} of the value term on model-generated "
+                             "trajectories, but objective.sample_every = 0 samples none; set sample_every > 0, or w_data = 1")
+        if self.sample_every and (self.alpha == 0.0 or (self.chi2 == 0.0 and self.w_data == 1.0)):
+            raise ValueError("objective.sample_every > 0 samples trajectories that would carry no weight (they enter only "
+                             "the SequenceMatch term's chi^2 part and 1 - w_data of its value term; here alpha = "
+                             f"{self.alpha}, chi2 = {self.chi2}, w_data = {self.w_data}); set sample_every = 0")
+
     def check(self) -> None:
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"objective.gamma = {self.gamma}: the discount must lie in (0, 1]")

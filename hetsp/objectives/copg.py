@@ -212,6 +212,9 @@ class CoPG(Objective):
 
         return heldout_metrics(self, ctx, *self._heldout, getattr(self, "_frozen", None))
 
+    def makes_batch(self, step: int) -> bool:
+        return bool(self.cfg.online_every)
+
     def train_batch(self, ctx: Any, step: int) -> list | None:
         """Online CoPG: the completions step `step` trains on, sampled every `online_every` steps
         from the current policy (every rank takes part); offline: None (the data module's batch)."""

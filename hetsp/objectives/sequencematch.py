@@ -218,9 +218,7 @@ class SequenceMatch(Objective):
         from hetsp.data.tokenizer import ByteTokenizer, add_bkspc
 
         c = self.config
-        if c.w_data < 1 and not c.sample_every:
-            raise ValueError(f"objective.w_data = {c.w_data} puts {1 - c.w_data:g} of the value term on model-generated "
-                             "trajectories, but objective.sample_every = 0 samples none; set sample_every > 0, or w_data = 1")
+        c.check_for_training()
         data = build_data(cfg.data, seed)
         tok = add_bkspc(data.tokenizer)
         data.tokenizer, data.vocab_size = tok, tok.vocab_size
@@ -233,6 +231,9 @@ class SequenceMatch(Objective):
         the end of behaviour cloning, whose loss would give them no weight)."""
         c = self.config
         return bool(c.sample_every) and step >= c.bc_steps and (step - c.bc_steps) % c.sample_every == 0
+
+    def makes_batch(self, step: int) -> bool:
+        return self.sampling_step(step)
 
     def train_batch(self, ctx: Any, step: int) -> list | None:
         """On a sampling step, the step's (noisy) data batch plus trajectories sampled from the current
@@ -251,13 +252,14 @@ class SequenceMatch(Objective):
         step's metric sums (`finish_metrics`)."""
         import time
 
-        t0 = time.perf_counter()
+        draw_s = 0.0  # seconds drawing wrong tokens from the model (none to draw: 0)
         if any(getattr(s, "draws", None) for s in batch):  # the same batch, hence the same answer, on every rank
             from hetsp.data.noise import draw_noise_from_model
 
+            t0 = time.perf_counter()
             batch = draw_noise_from_model(ctx.engine, plan, batch, ctx.rank, ctx.world_size, ctx.device, self, ctx.kernel,
                                           ctx.data.num_real)
-        draw_s = time.perf_counter() - t0
+            draw_s = time.perf_counter() - t0
         self._sums = torch.zeros(len(PARTS), dtype=torch.float64)
         data = [s for s in batch if getattr(s, "source", "data") == "data"]
         model = [s for s in batch if getattr(s, "source", "data") == "model"]

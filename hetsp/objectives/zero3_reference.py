@@ -97,7 +97,6 @@ def describe(reference: Any) -> str | None:
     module = getattr(reference, "module", reference)
     if not is_partitioned(module):
         return None
-    stored = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in module.parameters())
-    full = sum(p.ds_numel * p.ds_tensor.element_size() for p in module.parameters())
+    stored, full = (n * next(module.parameters()).ds_tensor.element_size() for n in partition_numel(module))
     return (f"live reference: a ZeRO-3 partitioned frozen copy, {stored / 2**20:.2f} MiB of parameters on this rank "
             f"of {full / 2**20:.2f} MiB")

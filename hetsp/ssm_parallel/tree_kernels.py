@@ -15,11 +15,7 @@ from __future__ import annotations
 import torch
 
 from hetsp.ssm_parallel.comm import GroupSpec
-from hetsp.ssm_parallel.tree_state import conv_plan, gather_slots, local_tree, pass_tree_states, tree_plan
-
-
-def _long(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+from hetsp.ssm_parallel.tree_state import _long, conv_plan, gather_slots, local_tree, pass_tree_states, tree_plan
 
 
 def lti_scan_tree(u_TH: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, shard, group: GroupSpec) -> torch.Tensor:
