@@ -146,10 +146,10 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
 
     state = consolidate(root, tag)
     torch_dtype = getattr(torch, dtype)
+    bkspc = bkspc_id_of(cfg, meta["vocab_size"])
     if cfg.lora.r > 0:
         from hetsp.lora import lora_model_for_export
 
-        bkspc = bkspc_id_of(cfg, meta["vocab_size"])
         model = lora_model_for_export(cfg, state, merge=lora_output == "merged", vocab_size=meta["vocab_size"], bkspc=bkspc)
         if lora_output == "adapter":
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
         model = model.to(torch_dtype)
     else:
         model = build_model(cfg.model, meta["vocab_size"], device="meta")
-        if bkspc_id_of(cfg, meta["vocab_size"]) is not None and model.config.vocab_size < meta["vocab_size"]:
+        if bkspc is not None and model.config.vocab_size < meta["vocab_size"]:
             # a SequenceMatch run from model.init_from: the run added the <bkspc> row to the checkpoint's shape
             model.resize_token_embeddings(meta["vocab_size"], mean_resizing=False)
         state = match_keys(state, set(model.state_dict()))
@@ -171,7 +171,6 @@ def export(checkpoint_dir: Path, out_dir: Path, tag: str | None = None, dtype: s
     # Non-persistent buffers (rotary frequencies) stay on the meta device: they are not saved,
     # and from_pretrained recomputes them from the config.
     model.config.dtype = torch_dtype
-    bkspc = bkspc_id_of(cfg, meta["vocab_size"])
     if bkspc is not None:
         model.config.bkspc_token_id = bkspc
     out_dir.mkdir(parents=True, exist_ok=True)
